@@ -1,0 +1,17 @@
+"""Hare: fast sparse Mixture-of-Experts inference on Hopper GPUs.
+
+Two ideas at once: Hierarchical Block N:M expert weights (``sparsify``, ``BlockNM``) and padding-free execution
+over the residual blocked routing layout (``route``). ``moe`` runs the experts of a layer on either.
+"""
+
+from .blocknm import BlockNM, sparsify
+from .checkpoint import load, save
+from .errors import CheckpointError, HareError, InvalidArgumentError, UnsupportedDeviceError
+from .moe import moe
+from .routing import RoutingLayout, route
+
+__all__ = [
+    "BlockNM", "sparsify", "save", "load", "moe", "route", "RoutingLayout",
+    "HareError", "InvalidArgumentError", "CheckpointError", "UnsupportedDeviceError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,269 @@
+"""Hierarchical Block N:M weights: block sparsity along K per 128-row panel, 2:4 inside the kept blocks.
+
+A weight (out × in), or a stack of experts (E × out × in), is cut into panels of ``PANEL = 128`` rows. Along K
+the columns form blocks of ``bw`` columns and the blocks form windows of ``bm`` blocks. In every window each
+panel keeps ``bn`` blocks (the same ones for all its rows); when the block count ``in / bw`` is not a multiple of
+``bm``, the last, partial window of ``r`` blocks keeps ``ceil(r·bn/bm)``. Inside a kept block every row keeps 2
+of every 4 consecutive values, the 2:4 pattern of the sparse tensor cores. Nominal density is bn / (2·bm).
+
+Storage, laid out for the GPU kernels (``kb`` = kept blocks per panel, equal for every panel and expert):
+
+- ``values``    (E, out, kb·bw/2), dtype bf16 by default: for each row, the kept values of its panel's kept
+  blocks in ascending block order; inside a block, 2 values per group of 4 columns, lower column first.
+- ``meta``      (E, out, kb·bw/8), uint8: the 2:4 positions, one 4-bit nibble per group of 4 columns: bits 0-1
+  hold the position (0..3) of the first kept value, bits 2-3 that of the second (first < second). Byte j holds
+  groups 2j (low nibble) and 2j+1 (high nibble), so a little-endian 32-bit word read at byte 4m covers 32 dense
+  columns with the first group in the lowest nibble, the order of the PTX sparse-MMA metadata.
+- ``block_idx`` (E, ceil(out/128), kb), int32: the kept column-block indices of each panel, ascending.
+
+The last panel may hold fewer than 128 rows (``out`` need not be a multiple of 128); ``in`` must be a multiple of
+``bw``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._checks import FLOAT_DTYPES, check_float, values_checkable
+from .errors import InvalidArgumentError
+
+PANEL = 128
+GROUP = 4  # 2:4 sparsity: 2 kept of every 4
+BLOCK_WIDTHS = (16, 32, 64)
+MAX_BM = 64
+
+
+def kept_blocks(num_blocks: int, bn: int, bm: int) -> int:
+    """Blocks one panel keeps out of ``num_blocks``: bn per full window, ceil(r·bn/bm) in a partial one of r."""
+    full, r = divmod(num_blocks, bm)
+    return full * bn + math.ceil(r * bn / bm)
+
+
+def check_ratio(bn, bm, bw) -> None:
+    for name, v in (("bn", bn), ("bm", bm), ("bw", bw)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise InvalidArgumentError(f"{name}: expected an int, got {v!r}")
+    if not 1 <= bm <= MAX_BM:
+        raise InvalidArgumentError(f"bm: expected 1 <= bm <= {MAX_BM}, got {bm}")
+    if not 1 <= bn <= bm:
+        raise InvalidArgumentError(f"bn: expected 1 <= bn <= bm = {bm}, got bn:bm = {bn}:{bm}")
+    if bw not in BLOCK_WIDTHS:
+        raise InvalidArgumentError(f"bw: expected one of {BLOCK_WIDTHS}, got {bw}")
+
+
+class BlockNM:
+    """A Block N:M sparse weight (or stack of expert weights) in the compressed storage described above."""
+
+    def __init__(self, values, meta, block_idx, *, shape, bn: int, bm: int, bw: int):
+        check_ratio(bn, bm, bw)
+        shape = tuple(int(s) for s in shape)
+        if len(shape) not in (2, 3) or min(shape) < 1:
+            raise InvalidArgumentError(f"shape: expected (out, in) or (E, out, in) with positive sizes, got {shape}")
+        experts, out, inp = (1, *shape) if len(shape) == 2 else shape
+        if inp % bw:
+            raise InvalidArgumentError(f"shape: in = {inp} is not a multiple of bw = {bw}")
+        kb = kept_blocks(inp // bw, bn, bm)
+        panels = math.ceil(out / PANEL)
+        expected = {
+            "values": ((experts, out, kb * bw // 2), FLOAT_DTYPES, values),
+            "meta": ((experts, out, kb * bw // 8), (torch.uint8,), meta),
+            "block_idx": ((experts, panels, kb), (torch.int32,), block_idx),
+        }
+        for name, (want_shape, dtypes, t) in expected.items():
+            if not isinstance(t, torch.Tensor):
+                raise InvalidArgumentError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+            if tuple(t.shape) != want_shape:
+                raise InvalidArgumentError(f"{name}: expected shape {want_shape} for {shape} at {bn}:{bm}, bw {bw}; got {tuple(t.shape)}")
+            if t.dtype not in dtypes:
+                raise InvalidArgumentError(f"{name}: expected dtype in {dtypes}, got {t.dtype}")
+        if not (values.device == meta.device == block_idx.device):
+            raise InvalidArgumentError("values, meta and block_idx must be on one device")
+        self.values, self.meta, self.block_idx = values, meta, block_idx
+        self.shape = torch.Size(shape)
+        self.bn, self.bm, self.bw = bn, bm, bw
+
+    # ---- sizes -------------------------------------------------------------------------------------------------
+    @property
+    def stacked(self) -> bool:
+        return len(self.shape) == 3
+
+    @property
+    def num_experts(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[-2]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def kept_blocks(self) -> int:
+        return self.block_idx.shape[-1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def density(self) -> float:
+        """Fraction of the dense weight's entries stored (bn / (2·bm) when ``in`` fills whole windows)."""
+        return self.kept_blocks * self.bw / 2 / self.in_features
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the compressed storage: values, 2:4 metadata and block indices."""
+        return sum(t.numel() * t.element_size() for t in (self.values, self.meta, self.block_idx))
+
+    def __repr__(self) -> str:
+        return (f"BlockNM(shape={tuple(self.shape)}, {self.bn}:{self.bm}, bw={self.bw}, density={self.density:.4f}, "
+                f"dtype={self.dtype}, device={self.device})")
+
+    def to(self, device=None, dtype=None) -> "BlockNM":
+        """Move the storage to ``device`` and/or cast the values to ``dtype`` (metadata and indices keep theirs)."""
+        return BlockNM(self.values.to(device=device, dtype=dtype), self.meta.to(device), self.block_idx.to(device),
+                       shape=self.shape, bn=self.bn, bm=self.bm, bw=self.bw)
+
+    # ---- decoding ----------------------------------------------------------------------------------------------
+    def _kept_groups(self):
+        """Per row: the dense group index (E, out, n) of each kept 4-column group and its two positions (E, out, n, 2)."""
+        per_block = self.bw // GROUP
+        panel_of_row = torch.arange(self.out_features, device=self.device) // PANEL
+        blocks = self.block_idx.long()[:, panel_of_row]  # (E, out, kb)
+        groups = (blocks[..., None] * per_block + torch.arange(per_block, device=self.device)).flatten(-2)
+        nibbles = torch.stack([self.meta & 0xF, self.meta >> 4], dim=-1).flatten(-2).long()  # (E, out, n)
+        pos = torch.stack([nibbles & 3, nibbles >> 2], dim=-1)
+        return groups, pos
+
+    def _scatter(self, src: torch.Tensor) -> torch.Tensor:
+        groups, pos = self._kept_groups()
+        e, out, inp = self.num_experts, self.out_features, self.in_features
+        dense = torch.zeros(e, out, inp // GROUP, GROUP, dtype=src.dtype, device=self.device)
+        rows = dense.gather(2, groups[..., None].expand(-1, -1, -1, GROUP))
+        rows.scatter_(3, pos, src.reshape(e, out, -1, 2))
+        dense.scatter_(2, groups[..., None].expand(-1, -1, -1, GROUP), rows)
+        dense = dense.reshape(e, out, inp)
+        return dense if self.stacked else dense[0]
+
+    def to_dense(self) -> torch.Tensor:
+        """The exact dense weight: stored values in place, zeros elsewhere (values' dtype)."""
+        return self._scatter(self.values)
+
+    def mask(self) -> torch.Tensor:
+        """Boolean mask of the kept entries, of the dense weight's shape."""
+        return self._scatter(torch.ones_like(self.values, dtype=torch.bool))
+
+    def check(self) -> None:
+        """Check the stored indices obey the format (reads values back; used when loading untrusted files)."""
+        if not values_checkable(self.block_idx):
+            return
+        num_blocks = self.in_features // self.bw
+        idx = self.block_idx.long()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_blocks):
+            raise InvalidArgumentError(f"block_idx: indices must lie in [0, {num_blocks})")
+        if bool((idx[..., 1:] <= idx[..., :-1]).any()):
+            raise InvalidArgumentError("block_idx: indices must be strictly ascending within each panel")
+        window = idx // self.bm
+        per_window = torch.zeros(*idx.shape[:-1], math.ceil(num_blocks / self.bm), dtype=torch.long, device=idx.device)
+        per_window.scatter_add_(-1, window, torch.ones_like(window))
+        full, r = divmod(num_blocks, self.bm)
+        allowed = torch.full_like(per_window[0, 0], self.bn)
+        if r:
+            allowed[-1] = math.ceil(r * self.bn / self.bm)
+        if bool((per_window != allowed).any()):
+            raise InvalidArgumentError(f"block_idx: each window of {self.bm} blocks must keep {self.bn} blocks")
+        lo, hi = self.meta & 3, (self.meta >> 2) & 3
+        lo2, hi2 = (self.meta >> 4) & 3, self.meta >> 6
+        if bool(((lo >= hi) | (lo2 >= hi2)).any()):
+            raise InvalidArgumentError("meta: each 2:4 nibble must hold two ascending positions")
+
+
+def _check_sparsify_args(weight, score, bn, bm, bw) -> torch.Tensor:
+    check_float("weight", weight, ndim=(2, 3))
+    check_ratio(bn, bm, bw)
+    if min(weight.shape) < 1:
+        raise InvalidArgumentError(f"weight: expected positive sizes, got shape {tuple(weight.shape)}")
+    if weight.shape[-1] % bw:
+        raise InvalidArgumentError(f"weight: in = {weight.shape[-1]} is not a multiple of bw = {bw}; pad the input dimension")
+    if values_checkable(weight) and not bool(torch.isfinite(weight).all()):
+        raise InvalidArgumentError("weight: contains NaN or Inf")
+    if score is None:
+        return weight.abs()
+    check_float("score", score)
+    if score.shape != weight.shape:
+        raise InvalidArgumentError(f"score: expected the weight's shape {tuple(weight.shape)}, got {tuple(score.shape)}")
+    if score.device != weight.device:
+        raise InvalidArgumentError(f"score: on {score.device}, weight on {weight.device}")
+    if values_checkable(score):
+        if bool(torch.isnan(score).any()):
+            raise InvalidArgumentError("score: contains NaN")
+        if bool((score < 0).any()):
+            raise InvalidArgumentError("score: must be nonnegative")
+    return score
+
+
+def _select_one(score: torch.Tensor, bn: int, bm: int, bw: int):
+    """Optimal mask of one (out, in) score matrix: returns (pos (out, G, 2), block_idx (P, kb))."""
+    out, inp = score.shape
+    groups = score.reshape(out, inp // GROUP, GROUP).float()
+    top2 = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :2]
+    pos = top2.sort(dim=-1).values
+    group_score = groups.gather(-1, top2).sum(-1, dtype=torch.float64)  # best 2:4 score of each group
+    num_blocks = inp // bw
+    block_score = group_score.reshape(out, num_blocks, bw // GROUP).sum(-1)
+    panels = math.ceil(out / PANEL)
+    block_score = torch.nn.functional.pad(block_score, (0, 0, 0, panels * PANEL - out))
+    panel_score = block_score.reshape(panels, PANEL, num_blocks).sum(1)  # (P, num_blocks)
+
+    windows = math.ceil(num_blocks / bm)
+    padded = torch.nn.functional.pad(panel_score, (0, windows * bm - num_blocks), value=-1.0)  # scores are >= 0
+    rank = torch.empty_like(padded, dtype=torch.long).reshape(panels, windows, bm)
+    order = torch.sort(padded.reshape(panels, windows, bm), dim=-1, descending=True, stable=True).indices
+    rank.scatter_(-1, order, torch.arange(bm, device=score.device).expand_as(order))
+    keep = torch.full((windows,), bn, device=score.device)
+    r = num_blocks % bm
+    if r:
+        keep[-1] = math.ceil(r * bn / bm)
+    chosen = (rank < keep[:, None]).reshape(panels, windows * bm)[:, :num_blocks]
+    index = torch.arange(num_blocks, device=score.device).expand(panels, -1)
+    kb = kept_blocks(num_blocks, bn, bm)
+    block_idx = torch.where(chosen, index, num_blocks).sort(dim=-1).values[:, :kb]
+    return pos, block_idx
+
+
+def sparsify(weight: torch.Tensor, *, bn: int, bm: int, bw: int = 16, score: torch.Tensor | None = None,
+             dtype: torch.dtype = torch.bfloat16) -> BlockNM:
+    """Prune ``weight`` (out, in) or (E, out, in) to Block N:M with the mask of highest total ``score``.
+
+    ``score`` (default |weight|) is any nonnegative importance of the weight's shape, e.g. |w|·‖x_col‖ from
+    calibration activations. The mask is optimal: a block is worth the sum over the panel's rows of the best 2:4
+    score inside it, and each window keeps its ``bn`` most valuable blocks (the last, partial window of r blocks
+    keeps ceil(r·bn/bm)). Ties go to the lower index. Values are stored in ``dtype`` (bf16 unless asked).
+    """
+    score = _check_sparsify_args(weight, score, bn, bm, bw)
+    if dtype not in FLOAT_DTYPES:
+        raise InvalidArgumentError(f"dtype: expected a floating dtype, got {dtype}")
+    w3, s3 = (weight, score) if weight.dim() == 3 else (weight[None], score[None])
+    out, inp = w3.shape[-2:]
+    values, metas, indices = [], [], []
+    for w, s in zip(w3, s3):  # one expert at a time bounds the memory of the selection
+        pos, block_idx = _select_one(s, bn, bm, bw)
+        per_block = bw // GROUP
+        panel_of_row = torch.arange(out, device=w.device) // PANEL
+        groups = (block_idx[panel_of_row][..., None] * per_block + torch.arange(per_block, device=w.device)).flatten(-2)
+        kept_pos = pos.gather(1, groups[..., None].expand(-1, -1, 2))  # (out, n, 2)
+        kept = w.reshape(out, inp // GROUP, GROUP).gather(1, groups[..., None].expand(-1, -1, GROUP))
+        values.append(kept.gather(2, kept_pos).reshape(out, -1).to(dtype))
+        nibble = kept_pos[..., 0] | (kept_pos[..., 1] << 2)
+        metas.append((nibble[:, 0::2] | (nibble[:, 1::2] << 4)).to(torch.uint8))
+        indices.append(block_idx.to(torch.int32))
+    return BlockNM(torch.stack(values), torch.stack(metas), torch.stack(indices),
+                   shape=weight.shape, bn=bn, bm=bm, bw=bw)

@@ -1,0 +1,39 @@
+"""Activation statistics for quality-aware pruning.
+
+Magnitude alone ignores how large each input column of an expert is in practice. Running the experts on
+calibration tokens gives, per expert, the L2 norm of every input column it sees (x for gate/up, the activated
+hidden state for down); ``|w| · ‖x_col‖`` is then the pruning score (Wanda's criterion), passed to ``sparsify``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .blocknm import BlockNM
+from .reference import ACTIVATIONS, compute_dtype, dense_weight, grouped_linear
+from .routing import route
+
+
+def _column_norms(rows: torch.Tensor, expert_of_row: torch.Tensor, num_experts: int) -> torch.Tensor:
+    sq = rows.new_zeros(num_experts, rows.shape[1])
+    sq.index_add_(0, expert_of_row, rows.square())
+    return sq.sqrt()
+
+
+def expert_input_norms(x: torch.Tensor, topk_ids: torch.Tensor, w_gate_up, activation: str = "silu"):
+    """Per-expert input-column norms: (E, hidden) seen by gate/up and (E, ffn) seen by down."""
+    num_experts = w_gate_up.shape[0]
+    layout = route(topk_ids, num_experts)
+    cdt = torch.float32 if compute_dtype(x.dtype) == torch.float32 else x.dtype
+    rows = x.to(cdt)[layout.gather_index.long()]
+    expert_of_row = topk_ids.reshape(-1)[layout.row_assignment.long()].long()
+    gate_up = grouped_linear(rows, dense_weight(w_gate_up, cdt), layout)
+    ffn = gate_up.shape[1] // 2
+    hidden = ACTIVATIONS[activation](gate_up[:, :ffn]) * gate_up[:, ffn:]
+    return _column_norms(rows, expert_of_row, num_experts), _column_norms(hidden, expert_of_row, num_experts)
+
+
+def activation_score(weight: torch.Tensor | BlockNM, input_norms: torch.Tensor) -> torch.Tensor:
+    """|w| · ‖x_col‖ for a stacked weight (E, out, in) and its per-expert input-column norms (E, in)."""
+    w = dense_weight(weight, torch.float32) if isinstance(weight, BlockNM) else weight.float()
+    return w.abs() * input_norms.float()[:, None, :]

@@ -1,0 +1,67 @@
+"""``hare.moe``: the MoE experts of a layer, routed rows in, combined tokens out.
+
+Checks every argument first, then runs the fastest path the device allows: the Hopper kernels for bf16 CUDA
+tensors on an sm_90 GPU with nvcc, the reference path (``hare.reference``) everywhere else.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_float, check_int, check_same_device, check_topk_ids
+from .blocknm import BlockNM
+from .errors import InvalidArgumentError
+from .reference import ACTIVATIONS, reference_moe
+
+
+def _check_weight(name: str, w, experts: int | None, rows: int | None, cols: int, x_dtype: torch.dtype):
+    if isinstance(w, BlockNM):
+        if not w.stacked:
+            raise InvalidArgumentError(f"{name}: expected a stacked BlockNM (E, out, in), got shape {tuple(w.shape)}")
+        shape = tuple(w.shape)
+    else:
+        check_float(name, w, ndim=3)
+        if w.dtype != x_dtype:
+            raise InvalidArgumentError(f"{name}: dtype {w.dtype} differs from x's {x_dtype}; cast one of them")
+        shape = tuple(w.shape)
+    want = (experts, rows, cols)
+    if any(v is not None and v != s for v, s in zip(want, shape)):
+        pretty = tuple("?" if v is None else v for v in want)
+        raise InvalidArgumentError(f"{name}: expected shape {pretty}, got {shape}")
+    return shape
+
+
+def check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation) -> None:
+    check_float("x", x, ndim=2)
+    check_int("topk_ids", topk_ids, ndim=2)
+    check_float("topk_weights", topk_weights, ndim=2)
+    if topk_ids.shape[0] != x.shape[0]:
+        raise InvalidArgumentError(f"topk_ids: expected {x.shape[0]} rows (one per token of x), got {tuple(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape:
+        raise InvalidArgumentError(f"topk_weights: expected topk_ids' shape {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}")
+    if activation not in ACTIVATIONS:
+        raise InvalidArgumentError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    hidden = x.shape[1]
+    experts, two_ffn, _ = _check_weight("w_gate_up", w_gate_up, None, None, hidden, x.dtype)
+    if two_ffn % 2:
+        raise InvalidArgumentError(f"w_gate_up: expected an even number of rows (gate and up stacked), got {two_ffn}")
+    _check_weight("w_down", w_down, experts, hidden, two_ffn // 2, x.dtype)
+    tensors = dict(x=x, topk_ids=topk_ids, topk_weights=topk_weights)
+    for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        tensors[name] = w.values if isinstance(w, BlockNM) else w
+    check_same_device(**tensors)
+    if topk_ids.shape[1] > experts:
+        raise InvalidArgumentError(f"topk_ids: top-k = {topk_ids.shape[1]} exceeds the {experts} experts")
+    check_topk_ids(topk_ids, experts)
+
+
+def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_gate_up, w_down,
+        activation: str = "silu") -> torch.Tensor:
+    """MoE experts: out[t] = Σ_j topk_weights[t, j] · W_down[e] (act(W_gate[e] x_t) ⊙ W_up[e] x_t), e = topk_ids[t, j].
+
+    x (T, hidden); topk_ids, topk_weights (T, k); w_gate_up (E, 2·ffn, hidden) with the gate in rows [0:ffn] and
+    the up projection in [ffn:2·ffn]; w_down (E, hidden, ffn). Weights are dense tensors or ``BlockNM``;
+    ``activation`` is "silu" or "gelu" (tanh). Returns (T, hidden) in x's dtype.
+    """
+    check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
+    return reference_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
