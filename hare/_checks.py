@@ -47,7 +47,9 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
 
 
 def values_checkable(t: torch.Tensor) -> bool:
-    """Value checks read data back to the host; skip them while a CUDA graph is being captured."""
+    """Value checks read data back to the host; skip them while tracing for torch.compile or capturing a CUDA graph."""
+    if torch.compiler.is_compiling():
+        return False
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 

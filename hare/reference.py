@@ -56,5 +56,5 @@ def reference_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str 
     ffn = gate_up.shape[1] // 2
     hidden = ACTIVATIONS[activation](gate_up[:, :ffn]) * gate_up[:, ffn:]
     y = grouped_linear(hidden, dense_weight(w_down, cdt), layout)
-    y = y[layout.assignment_row.long()].view(num_tokens, top_k, -1)
+    y = y[layout.assignment_row.long()].view(num_tokens, top_k, x.shape[1])
     return (topk_weights.to(cdt)[..., None] * y).sum(1).to(x.dtype)

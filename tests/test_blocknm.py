@@ -1,0 +1,166 @@
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hare
+from hare.blocknm import PANEL, kept_blocks
+
+RATIOS = [(1, 1), (1, 2), (1, 5), (1, 10), (2, 5)]
+
+
+def check_structure(mask: torch.Tensor, bn: int, bm: int, bw: int):
+    """The mask obeys Hierarchical Block N:M: shared kept blocks per panel, bn per window, 2:4 inside kept blocks."""
+    m = mask if mask.dim() == 3 else mask[None]
+    e, out, inp = m.shape
+    nblk = inp // bw
+    per_group = m.reshape(e, out, inp // 4, 4).sum(-1)
+    per_block = m.reshape(e, out, nblk, bw).sum(-1)
+    for p in range(math.ceil(out / PANEL)):
+        rows = per_block[:, p * PANEL:(p + 1) * PANEL]
+        kept = rows > 0
+        assert (kept == kept[:, :1]).all(), "kept blocks differ between rows of a panel"
+        assert ((rows == bw // 2) | (rows == 0)).all()
+        for w0 in range(0, nblk, bm):
+            r = min(bm, nblk - w0)
+            want = bn if r == bm else math.ceil(r * bn / bm)
+            assert (kept[:, 0, w0:w0 + r].sum(-1) == want).all()
+    assert ((per_group == 0) | (per_group == 2)).all(), "a group is not 2:4"
+
+
+@pytest.mark.parametrize("bn,bm", RATIOS)
+@pytest.mark.parametrize("bw", [16, 32, 64])
+@pytest.mark.parametrize("shape", [(3, 200, 320), (130, 192), (1, 5, 64 * 7)])
+def test_round_trip_and_structure(bn, bm, bw, shape, gen):
+    w = torch.randn(*shape, generator=gen)
+    s = hare.sparsify(w, bn=bn, bm=bm, bw=bw, dtype=torch.float32)
+    mask = s.mask()
+    assert mask.shape == w.shape and s.shape == w.shape
+    assert torch.equal(s.to_dense(), w * mask), "to_dense must be exact"
+    check_structure(mask, bn, bm, bw)
+    nblk = shape[-1] // bw
+    assert s.kept_blocks == kept_blocks(nblk, bn, bm)
+    assert s.density == pytest.approx(mask.float().mean().item())
+    if nblk % bm == 0:
+        assert s.density == pytest.approx(bn / (2 * bm))
+    s.check()
+
+
+def test_bf16_storage_is_default_and_exact(gen):
+    w = torch.randn(2, 128, 64, generator=gen)
+    s = hare.sparsify(w, bn=1, bm=2)
+    assert s.values.dtype == torch.bfloat16
+    assert torch.equal(s.to_dense(), (w * s.mask()).to(torch.bfloat16))
+    s64 = hare.sparsify(w.double(), bn=1, bm=2, dtype=torch.float64)
+    assert torch.equal(s64.to_dense(), w.double() * s64.mask())
+    assert torch.equal(s64.mask(), s.mask())
+
+
+def test_nbytes_counts_values_meta_and_indices(gen):
+    s = hare.sparsify(torch.randn(4, 256, 512, generator=gen), bn=1, bm=2, bw=16)
+    kb = 512 // 16 // 2
+    assert s.nbytes == 4 * 256 * kb * 8 * 2 + 4 * 256 * kb * 2 + 4 * 2 * kb * 4
+    # bf16 at 25%: values 0.5 B + metadata 0.0625 B per dense weight, plus the small block index
+    assert s.nbytes / (4 * 256 * 512 * 2) == pytest.approx(0.5625 / 2, rel=0.01)
+
+
+def best_pair(scores4: torch.Tensor) -> torch.Tensor:
+    return torch.stack([scores4[..., a] + scores4[..., b] for a, b in itertools.combinations(range(4), 2)]).amax(0)
+
+
+def brute_force_best(score: torch.Tensor, bn: int, bm: int, bw: int) -> float:
+    """Exhaustive search over all kept-block sets of every panel; the best 2:4 pair in each group by enumeration."""
+    out, inp = score.shape
+    group_best = best_pair(score.double().reshape(out, inp // 4, 4))
+    block_val = group_best.reshape(out, inp // bw, bw // 4).sum(-1)
+    nblk = inp // bw
+    total = 0.0
+    for p in range(math.ceil(out / PANEL)):
+        vals = block_val[p * PANEL:(p + 1) * PANEL].sum(0)
+        choices = []
+        for w0 in range(0, nblk, bm):
+            r = min(bm, nblk - w0)
+            keep = bn if r == bm else math.ceil(r * bn / bm)
+            choices.append(list(itertools.combinations(range(w0, w0 + r), keep)))
+        total += max(sum(float(vals[list(b)].sum()) for b in combo) for combo in itertools.product(*choices))
+    return total
+
+
+@pytest.mark.parametrize("bn,bm", RATIOS)
+@pytest.mark.parametrize("bw", [16, 32])
+def test_mask_is_optimal(bn, bm, bw, gen):
+    for out in (3, 130):
+        nblk = 11 if bw == 16 else 7
+        score = torch.rand(out, nblk * bw, generator=gen) ** 3
+        s = hare.sparsify(torch.randn(out, nblk * bw, generator=gen), bn=bn, bm=bm, bw=bw, score=score)
+        got = float((score.double() * s.mask()).sum())
+        assert got == pytest.approx(brute_force_best(score, bn, bm, bw), rel=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(e=st.integers(1, 3), out=st.integers(1, 300), nblk=st.integers(1, 24),
+       ratio=st.sampled_from(RATIOS + [(3, 4), (1, 3)]), bw=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**31))
+def test_property_any_shape(e, out, nblk, ratio, bw, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(e, out, nblk * bw, generator=g)
+    bn, bm = ratio
+    s = hare.sparsify(w, bn=bn, bm=bm, bw=bw, dtype=torch.float32)
+    mask = s.mask()
+    check_structure(mask, bn, bm, bw)
+    assert torch.equal(s.to_dense(), w * mask)
+    # magnitude criterion: inside every kept group, the kept pair holds the two largest |w|
+    kept = mask.reshape(e, out, -1, 4).any(-1)
+    mag = w.abs().reshape(e, out, -1, 4)[kept]
+    chosen = (w.abs() * mask).reshape(e, out, -1, 4)[kept].sum(-1)
+    assert torch.allclose(chosen, mag.topk(2, dim=-1).values.sum(-1))
+
+
+def test_score_steers_the_mask(gen):
+    w = torch.randn(128, 64, generator=gen)
+    score = torch.zeros_like(w)
+    score[:, 16:32] = 1.0  # only block 1 matters
+    s = hare.sparsify(w, bn=1, bm=4, bw=16, score=score)
+    assert s.block_idx.flatten().tolist() == [1]
+
+
+def test_to_device_and_dtype(gen):
+    s = hare.sparsify(torch.randn(2, 128, 64, generator=gen), bn=1, bm=2)
+    t = s.to("cpu", torch.float32)
+    assert t.values.dtype == torch.float32 and torch.equal(t.to_dense(), s.to_dense().float())
+    assert "1:2" in repr(s)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(bn=1, bm=2, bw=16, weight=torch.randn(4, 40)), "multiple of bw"),
+    (dict(bn=3, bm=2), "bn"),
+    (dict(bn=0, bm=2), "bn"),
+    (dict(bn=1, bm=0), "bm"),
+    (dict(bn=1, bm=2, bw=8), "bw"),
+    (dict(bn=1.0, bm=2), "bn"),
+    (dict(bn=1, bm=2, weight=torch.ones(4, 64, dtype=torch.int32)), "weight"),
+    (dict(bn=1, bm=2, weight=torch.ones(64)), "weight"),
+    (dict(bn=1, bm=2, weight=torch.full((4, 64), float("nan"))), "NaN"),
+    (dict(bn=1, bm=2, score=-torch.ones(4, 64)), "nonnegative"),
+    (dict(bn=1, bm=2, score=torch.full((4, 64), float("nan"))), "score"),
+    (dict(bn=1, bm=2, score=torch.ones(4, 32)), "score"),
+])
+def test_sparsify_errors(kwargs, match):
+    kwargs.setdefault("weight", torch.randn(4, 64))
+    weight = kwargs.pop("weight")
+    with pytest.raises(hare.InvalidArgumentError, match=match):
+        hare.sparsify(weight, **kwargs)
+
+
+def test_constructor_rejects_inconsistent_parts(gen):
+    s = hare.sparsify(torch.randn(128, 64, generator=gen), bn=1, bm=2)
+    with pytest.raises(hare.InvalidArgumentError, match="values"):
+        hare.BlockNM(s.values[:, :-1], s.meta, s.block_idx, shape=s.shape, bn=1, bm=2, bw=16)
+    with pytest.raises(hare.InvalidArgumentError, match="meta"):
+        hare.BlockNM(s.values, s.meta.int(), s.block_idx, shape=s.shape, bn=1, bm=2, bw=16)
+    bad = s.block_idx.clone()
+    bad[..., 0] = 99
+    with pytest.raises(hare.InvalidArgumentError, match="block_idx"):
+        hare.BlockNM(s.values, s.meta, bad, shape=s.shape, bn=1, bm=2, bw=16).check()

@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import hare
+
+
+@pytest.fixture
+def weight(gen):
+    return hare.sparsify(torch.randn(3, 130, 96, generator=gen), bn=1, bm=2, bw=16)
+
+
+def same(a: hare.BlockNM, b: hare.BlockNM) -> bool:
+    return (a.shape, a.bn, a.bm, a.bw) == (b.shape, b.bn, b.bm, b.bw) and all(
+        torch.equal(getattr(a, p), getattr(b, p)) for p in ("values", "meta", "block_idx"))
+
+
+def test_round_trip_single(tmp_path, weight):
+    hare.save(tmp_path / "w.safetensors", weight)
+    back = hare.load(tmp_path / "w.safetensors")
+    assert isinstance(back, hare.BlockNM) and same(back, weight)
+    assert torch.equal(back.to_dense(), weight.to_dense())
+
+
+def test_round_trip_dict_with_plain_tensors(tmp_path, weight, gen):
+    bias = torch.randn(5, generator=gen)
+    two_d = hare.sparsify(torch.randn(40, 64, generator=gen), bn=1, bm=10, bw=32, dtype=torch.float32)
+    hare.save(tmp_path / "m.safetensors", {"layers.0.w": weight, "bias": bias, "two_d": two_d})
+    back = hare.load(tmp_path / "m.safetensors")
+    assert set(back) == {"layers.0.w", "bias", "two_d"}
+    assert same(back["layers.0.w"], weight) and same(back["two_d"], two_d)
+    assert torch.equal(back["bias"], bias) and back["two_d"].shape == (40, 64)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"], "temporary file left behind"
+
+
+def test_failed_write_keeps_the_old_file(tmp_path, weight):
+    path = tmp_path / "w.safetensors"
+    hare.save(path, weight)
+    before = path.read_bytes()
+    with pytest.raises(hare.InvalidArgumentError):
+        hare.save(path, {"ok": weight, "bad": "not a tensor"})
+    assert path.read_bytes() == before
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def _rewrite(src, dst, change_tensors=None, change_meta=None):
+    tensors = load_file(src)
+    with open(src, "rb") as f:
+        meta = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+    if change_tensors:
+        change_tensors(tensors)
+    if change_meta:
+        change_meta(meta)
+    save_file(tensors, dst, metadata=meta)
+
+
+def _set(d, k, v):
+    d[k] = v
+
+
+@pytest.mark.parametrize("tensors,meta,match", [
+    (None, lambda m: m.pop("format"), "not a Hare file"),
+    (None, lambda m: _set(m, "version", "99"), "version"),
+    (None, lambda m: _set(m, "entries", "{"), "malformed"),
+    (lambda t: t.pop("weight.meta"), None, "missing"),
+    (lambda t: _set(t, "extra", torch.zeros(1)), None, "not described"),
+    (lambda t: _set(t, "weight.block_idx", t["weight.block_idx"] + 50), None, "block_idx"),
+    (lambda t: _set(t, "weight.block_idx", t["weight.block_idx"].flip(-1).contiguous()), None, "ascending"),
+    (lambda t: _set(t, "weight.block_idx", t["weight.block_idx"].long()), None, "dtype"),
+    (lambda t: _set(t, "weight.values", t["weight.values"][:, :, :-2].contiguous()), None, "shape"),
+    (lambda t: _set(t, "weight.meta", torch.zeros_like(t["weight.meta"])), None, "nibble"),
+    (None, lambda m: _set(m, "entries", m["entries"].replace('"bm": 2', '"bm": 0')), "bm"),
+])
+def test_corrupt_files_are_rejected(tmp_path, weight, tensors, meta, match):
+    good, bad = tmp_path / "good.safetensors", tmp_path / "bad.safetensors"
+    hare.save(good, weight)
+    _rewrite(good, bad, tensors, meta)
+    with pytest.raises(hare.CheckpointError, match=match):
+        hare.load(bad)
+
+
+def test_garbage_truncated_and_missing_files(tmp_path, weight):
+    (tmp_path / "junk").write_bytes(b"\x00" * 100)
+    (tmp_path / "text").write_text("hello, this is not a checkpoint at all")
+    hare.save(tmp_path / "w", weight)
+    data = (tmp_path / "w").read_bytes()
+    (tmp_path / "cut").write_bytes(data[: len(data) // 2])
+    for name in ("junk", "text", "cut", "nope"):
+        with pytest.raises(hare.CheckpointError):
+            hare.load(tmp_path / name)
+
+
+def test_foreign_safetensors_file(tmp_path):
+    save_file({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(hare.CheckpointError, match="not a Hare file"):
+        hare.load(tmp_path / "foreign.safetensors")
