@@ -6,12 +6,13 @@ over the residual blocked routing layout (``route``). ``moe`` runs the experts o
 
 from .blocknm import BlockNM, sparsify
 from .checkpoint import load, save
-from .errors import CheckpointError, HareError, InvalidArgumentError, UnsupportedDeviceError
+from .distributed import ep_group, ep_moe, shard_experts
+from .errors import CheckpointError, DistributedError, HareError, InvalidArgumentError, UnsupportedDeviceError
 from .moe import moe
 from .routing import RoutingLayout, route
 
 __all__ = [
-    "BlockNM", "sparsify", "save", "load", "moe", "route", "RoutingLayout",
-    "HareError", "InvalidArgumentError", "CheckpointError", "UnsupportedDeviceError",
+    "BlockNM", "sparsify", "save", "load", "moe", "route", "RoutingLayout", "ep_moe", "ep_group", "shard_experts",
+    "HareError", "InvalidArgumentError", "CheckpointError", "DistributedError", "UnsupportedDeviceError",
 ]
 __version__ = "0.1.0"

@@ -132,6 +132,14 @@ class BlockNM:
         return BlockNM(self.values.to(device=device, dtype=dtype), self.meta.to(device), self.block_idx.to(device),
                        shape=self.shape, bn=self.bn, bm=self.bm, bw=self.bw)
 
+    def select_experts(self, start: int, stop: int) -> "BlockNM":
+        """The stacked experts [start, stop) (views, no copy), e.g. one rank's shard for expert parallelism."""
+        if not self.stacked or not 0 <= start < stop <= self.num_experts:
+            raise InvalidArgumentError(f"select_experts: need a stacked weight and 0 <= start < stop <= {self.num_experts}, "
+                                       f"got [{start}, {stop}) of shape {tuple(self.shape)}")
+        return BlockNM(self.values[start:stop], self.meta[start:stop], self.block_idx[start:stop],
+                       shape=(stop - start, *self.shape[1:]), bn=self.bn, bm=self.bm, bw=self.bw)
+
     # ---- decoding ----------------------------------------------------------------------------------------------
     def _kept_groups(self):
         """Per row: the dense group index (E, out, n) of each kept 4-column group and its two positions (E, out, n, 2)."""

@@ -15,3 +15,7 @@ class CheckpointError(HareError, ValueError):
 
 class UnsupportedDeviceError(HareError, RuntimeError):
     """The fast path cannot run on this device (not Hopper, no nvcc); the reference path still can."""
+
+
+class DistributedError(HareError, RuntimeError):
+    """A collective of expert parallelism failed: a peer died, hung past the timeout, or holds a different shard."""

@@ -1,0 +1,133 @@
+"""`hare bench ep`: time of one expert-parallel MoE step, split into dispatch, local experts and combine.
+
+Run under torchrun, one process per GPU (`hare bench ep --gpus N` starts it): every rank routes its own tokens
+over all experts (uniform top-k), the experts sharded evenly. Per phase the slowest rank's median time is
+reported; the baseline is the same tokens through ``hare.moe`` with all experts on one GPU (one rank's share).
+Records follow the kernel benchmarks' schema with ``"bench": "ep"``; rank 0 writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..distributed import combine, dispatch, run_local_experts, shard_experts
+from ..moe import moe
+
+SHAPES = {  # name: (hidden, ffn, experts, top_k)
+    "mixtral-8x7b": (4096, 14336, 8, 2),
+    "qwen3-30b-a3b": (2048, 768, 128, 8),
+    "deepseek-v2-lite": (2048, 1408, 64, 6),
+    "small": (256, 512, 8, 2),  # the demo's layer: a quick smoke run (e.g. --cpu)
+}
+DEFAULT_SHAPES = ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite")
+TOKENS = (16, 256, 4096)
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _step_phases(x, ids, w, gu, dn, group) -> tuple[float, float, float]:
+    dev = x.device
+    t0 = _now(dev)
+    d = dispatch(x, ids, gu, dn, group)
+    t1 = _now(dev)
+    y = run_local_experts(d, gu, dn)
+    t2 = _now(dev)
+    combine(y, d, w, group)
+    t3 = _now(dev)
+    return (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3
+
+
+def bench_rank(shapes=None, tokens=TOKENS, iters: int = 10, device=None, dtype=torch.bfloat16,
+               group=None) -> list[dict]:
+    """Run on every rank of an initialised process group; returns the records (identical on all ranks)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    device = torch.device(device or "cpu")
+    shapes = shapes or {n: SHAPES[n] for n in DEFAULT_SHAPES}
+    records = []
+    for name, (hidden, ffn, experts, top_k) in shapes.items():
+        if experts % world:
+            continue
+        g = torch.Generator().manual_seed(0)
+        w_gu = (torch.randn(experts, 2 * ffn, hidden, generator=g) / hidden ** 0.5).to(device, dtype)
+        w_dn = (torch.randn(experts, hidden, ffn, generator=g) / ffn ** 0.5).to(device, dtype)
+        gu, dn = shard_experts(w_gu, group), shard_experts(w_dn, group)
+        for t in tokens:
+            gr = torch.Generator().manual_seed(1 + rank)
+            x = torch.randn(t, hidden, generator=gr).to(device, dtype)
+            ids = torch.rand(t, experts, generator=gr).topk(top_k, dim=1).indices.to(device)
+            w = torch.rand(t, top_k, generator=gr).to(device, dtype)
+            phases = []
+            for i in range(iters + 2):
+                dist.barrier(group)
+                if i >= 2:  # two warm-up steps
+                    phases.append(_step_phases(x, ids, w, gu, dn, group))
+            med = torch.tensor([statistics.median(p[j] for p in phases) for j in range(3)], dtype=torch.float64)
+            single = []
+            for i in range(iters + 2):
+                t0 = _now(device)
+                moe(x, ids, w, w_gu, w_dn)
+                if i >= 2:
+                    single.append((_now(device) - t0) * 1e3)
+            local = torch.cat([med, torch.tensor([med.sum(), statistics.median(single)], dtype=torch.float64)])
+            gathered = [torch.zeros_like(local) for _ in range(world)]
+            dist.all_gather(gathered, local.to(device) if device.type == "cuda" else local, group=group)
+            worst = torch.stack([t.cpu() for t in gathered]).amax(0).tolist()
+            records.append({"bench": "ep", "case": f"{name}/ep{world}", "tokens": t, "density": 1.0,
+                            "ours_ms": worst[3], "baseline": "single_gpu_all_experts", "baseline_ms": worst[4],
+                            "dispatch_ms": worst[0], "experts_ms": worst[1], "combine_ms": worst[2],
+                            "world": world, "tokens_per_rank": t})
+        del w_gu, w_dn, gu, dn
+    return records
+
+
+def _print(records: list[dict]) -> None:
+    print(f"{'case':<28}{'tok/rank':>9}{'dispatch':>10}{'experts':>10}{'combine':>10}{'step':>10}{'1-GPU':>10}")
+    for r in records:
+        print(f"{r['case']:<28}{r['tokens']:>9}{r['dispatch_ms']:>10.3f}{r['experts_ms']:>10.3f}"
+              f"{r['combine_ms']:>10.3f}{r['ours_ms']:>10.3f}{r['baseline_ms']:>10.3f}")
+
+
+def main(argv=None) -> None:
+    """Entry point of each torchrun process."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out-json", type=Path, default=None)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--tokens", type=str, default=",".join(map(str, TOKENS)))
+    parser.add_argument("--shapes", type=str, default=",".join(DEFAULT_SHAPES), help=f"from {sorted(SHAPES)}")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=120))
+    try:
+        records = bench_rank(shapes={n: SHAPES[n] for n in args.shapes.split(",")}, tokens=[int(t) for t in args.tokens.split(",")], iters=args.iters,
+                             device="cuda" if cuda else "cpu")
+        if dist.get_rank() == 0:
+            _print(records)
+            if args.out_json:
+                gpu = torch.cuda.get_device_name() if cuda else "cpu"
+                commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+                args.out_json.parent.mkdir(parents=True, exist_ok=True)
+                args.out_json.write_text(json.dumps({"gpu": gpu, "gpus": dist.get_world_size(), "commit": commit,
+                                                     "date": datetime.date.today().isoformat(),
+                                                     "records": records}, indent=1))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
