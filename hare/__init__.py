@@ -9,10 +9,13 @@ from .checkpoint import load, save
 from .distributed import ep_group, ep_moe, shard_experts
 from .errors import CheckpointError, DistributedError, HareError, InvalidArgumentError, UnsupportedDeviceError
 from .moe import moe
+from .models import UnsupportedModelError, calibrate, patch
+from .models.checkpoint import load_model
 from .routing import RoutingLayout, route
 
 __all__ = [
     "BlockNM", "sparsify", "save", "load", "moe", "route", "RoutingLayout", "ep_moe", "ep_group", "shard_experts",
+    "patch", "calibrate", "load_model", "UnsupportedModelError",
     "HareError", "InvalidArgumentError", "CheckpointError", "DistributedError", "UnsupportedDeviceError",
 ]
 __version__ = "0.1.0"

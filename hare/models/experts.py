@@ -1,0 +1,58 @@
+"""``HareExperts``: the drop-in experts module that ``hare.patch`` puts in place of a transformers one.
+
+It takes the call transformers makes, ``experts(hidden_states, top_k_index, top_k_weights)``, and answers with
+``hare.moe``. Dense weights are parameters in Hare's layout; Block N:M weights are buffers (``*_values``,
+``*_meta``, ``*_block_idx``) so that ``model.to(device)`` and ``state_dict`` carry them like any other tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..blocknm import BlockNM
+from ..moe import moe
+
+_PARTS = ("values", "meta", "block_idx")
+
+
+class HareExperts(nn.Module):
+    def __init__(self, w_gate_up: torch.Tensor | BlockNM, w_down: torch.Tensor | BlockNM, activation: str):
+        super().__init__()
+        self.activation = activation
+        self.num_experts, two_ffn, self.hidden_dim = w_gate_up.shape
+        self.intermediate_dim = two_ffn // 2
+        self.sparsity = None
+        for name, w in (("gate_up", w_gate_up), ("down", w_down)):
+            if isinstance(w, BlockNM):
+                self.sparsity = {"bn": w.bn, "bm": w.bm, "bw": w.bw}
+                for part in _PARTS:
+                    self.register_buffer(f"{name}_{part}", getattr(w, part))
+            else:
+                self.register_parameter(f"{name}_proj", nn.Parameter(w.detach(), requires_grad=False))
+
+    @property
+    def sparse(self) -> bool:
+        return self.sparsity is not None
+
+    def weight(self, name: str) -> torch.Tensor | BlockNM:
+        """The ``gate_up`` or ``down`` weight as ``hare.moe`` takes it."""
+        if not self.sparse:
+            return getattr(self, f"{name}_proj")
+        shape = ((self.num_experts, 2 * self.intermediate_dim, self.hidden_dim) if name == "gate_up"
+                 else (self.num_experts, self.hidden_dim, self.intermediate_dim))
+        return BlockNM(*(getattr(self, f"{name}_{p}") for p in _PARTS), shape=shape, **self.sparsity)
+
+    def blocknm_weights(self) -> dict[str, BlockNM]:
+        return {name: self.weight(name) for name in ("gate_up", "down")}
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        x = hidden_states.reshape(-1, self.hidden_dim)
+        out = moe(x, top_k_index.reshape(x.shape[0], -1), top_k_weights.reshape(x.shape[0], -1),
+                  self.weight("gate_up"), self.weight("down"), self.activation)
+        return out.view(hidden_states.shape)
+
+    def extra_repr(self) -> str:
+        kind = "dense" if not self.sparse else "{bn}:{bm} bw{bw}".format(**self.sparsity)
+        return (f"experts={self.num_experts}, hidden={self.hidden_dim}, ffn={self.intermediate_dim}, "
+                f"activation={self.activation}, weights={kind}")

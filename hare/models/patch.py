@@ -1,0 +1,151 @@
+"""``hare.patch``: put Hare's experts into a transformers MoE model, in place, dense or pruned.
+
+Only the experts modules are replaced (see ``architectures``), so the model's own routing stays exactly as it was.
+Pruning goes layer by layer: a layer's dense expert weights are dropped as soon as its Block N:M copy exists, so
+the model is never held twice. ``calibrate`` runs the model on calibration tokens and collects, per experts
+module, the input-column norms that make the pruning activation-aware (Wanda's |w|·‖x_col‖).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..blocknm import BlockNM, sparsify
+from ..calibration import activation_score, expert_input_norms
+from ..errors import InvalidArgumentError
+from .architectures import (UnsupportedModelError, activation_name, architecture_of, check_plain_experts,
+                            unsupported_message)
+from .experts import HareExperts
+
+
+@dataclass
+class Calibration:
+    """Statistics of the experts' inputs on calibration tokens, per experts module (by its name in the model).
+
+    norms:  name -> (E, hidden) and (E, ffn) input-column L2 norms of gate/up and of down.
+    inputs: name -> (x, top_k_index, top_k_weights) the module saw; kept only when asked (to measure errors).
+    """
+
+    tokens: int = 0
+    norms: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    inputs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def dense_experts(module) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(w_gate_up, w_down, activation) of a supported transformers experts module or a dense HareExperts."""
+    if isinstance(module, HareExperts):
+        if module.sparse:
+            raise InvalidArgumentError("hare.patch: this model is already pruned; patch the dense model instead")
+        return module.weight("gate_up"), module.weight("down"), module.activation
+    arch = architecture_of(module)
+    check_plain_experts(module)
+    w_gate_up, w_down = arch.weights(module)
+    return w_gate_up, w_down, activation_name(arch.activation_of(module))
+
+
+def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The experts modules Hare can replace, by name; raises ``UnsupportedModelError`` when there is none."""
+    found = {name: m for name, m in model.named_modules()
+             if isinstance(m, HareExperts) or architecture_of(m) is not None}
+    if not found:
+        raise UnsupportedModelError(unsupported_message(model))
+    return found
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
+def _check_ratio_args(bn, bm, score) -> None:
+    if (bn is None) != (bm is None):
+        raise InvalidArgumentError(f"hare.patch: give both bn and bm (for pruning) or neither (dense); got bn={bn}, bm={bm}")
+    if score is not None and not isinstance(score, Calibration):
+        raise InvalidArgumentError(f"score: expected None (magnitude) or a hare.models.Calibration from "
+                                   f"hare.calibrate(model, ...), got {type(score).__name__}")
+    if score is not None and bn is None:
+        raise InvalidArgumentError("score: calibration statistics only matter when pruning; give bn and bm too")
+
+
+@torch.no_grad()
+def patch(model: nn.Module, bn: int | None = None, bm: int | None = None, bw: int = 16,
+          score: Calibration | None = None, progress: bool = False) -> nn.Module:
+    """Replace, in place, the experts of a transformers MoE model by Hare's; returns the model.
+
+    Without ``bn``/``bm`` the experts stay dense (same logits as before). With them every expert weight is pruned
+    to Block N:M ``bn:bm`` with block width ``bw``: by magnitude, or activation-aware when ``score`` is a
+    ``Calibration`` from ``hare.calibrate``. Values are stored in the model's dtype.
+    """
+    _check_ratio_args(bn, bm, score)
+    modules = experts_modules(model)
+    names = list(modules)
+    if progress:
+        from tqdm.auto import tqdm
+        names = tqdm(names, desc="pruning experts" if bn else "patching experts", unit="layer")
+    for name in names:
+        w_gate_up, w_down, activation = dense_experts(modules[name])
+        if bn is None:
+            new = HareExperts(w_gate_up, w_down, activation)
+        else:
+            norms = score.norms.get(name) if score is not None else None
+            if score is not None and norms is None:
+                raise InvalidArgumentError(f"score: the calibration has no statistics for {name!r}; run "
+                                           "hare.calibrate on this model")
+            scores = ((None, None) if norms is None else
+                      (activation_score(w_gate_up, norms[0].to(w_gate_up.device)),
+                       activation_score(w_down, norms[1].to(w_down.device))))
+            dtype = w_gate_up.dtype
+            sparse = [sparsify(w, bn=bn, bm=bm, bw=bw, score=s, dtype=dtype)
+                      for w, s in ((w_gate_up, scores[0]), (w_down, scores[1]))]
+            new = HareExperts(*sparse, activation)
+        del w_gate_up, w_down
+        _replace(model, name, new)
+        modules[name] = None  # drop our reference so the dense weights can be freed now
+    return model
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, input_ids: torch.Tensor, *, seq_len: int = 512, keep_inputs: bool = False) -> Calibration:
+    """Run ``model`` on ``input_ids`` ((T,) or (B, T), cut into sequences of ``seq_len``) and collect each
+    experts module's input-column norms (and, with ``keep_inputs``, the inputs themselves)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64) or input_ids.numel() == 0:
+        raise InvalidArgumentError("input_ids: expected a non-empty integer tensor of token ids")
+    modules = experts_modules(model)
+    calib = Calibration()
+    squares: dict[str, list[torch.Tensor]] = {}
+
+    def hook_for(name, module):
+        w_gate_up, _, activation = dense_experts(module)
+
+        def hook(_, args):
+            hidden, ids, weights = args[:3]
+            x = hidden.reshape(-1, hidden.shape[-1])
+            ids, weights = ids.reshape(x.shape[0], -1), weights.reshape(x.shape[0], -1)
+            n_in, n_hidden = expert_input_norms(x, ids, w_gate_up, activation)
+            acc = squares.setdefault(name, [torch.zeros_like(n_in, dtype=torch.float32),
+                                            torch.zeros_like(n_hidden, dtype=torch.float32)])
+            acc[0] += n_in.float().square()
+            acc[1] += n_hidden.float().square()
+            if keep_inputs:
+                prev = calib.inputs.get(name)
+                new = (x.detach().clone(), ids.detach().clone(), weights.detach().clone())
+                calib.inputs[name] = new if prev is None else tuple(torch.cat(p) for p in zip(prev, new))
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n, m)) for n, m in modules.items()]
+    try:
+        device = next(model.parameters()).device
+        rows = input_ids.reshape(-1) if input_ids.dim() == 1 else input_ids
+        chunks = rows.split(seq_len) if rows.dim() == 1 else [r.split(seq_len) for r in rows]
+        flat = list(chunks) if rows.dim() == 1 else [c for row in chunks for c in row]
+        for chunk in flat:
+            model(input_ids=chunk[None].to(device), use_cache=False)
+            calib.tokens += chunk.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    calib.norms = {name: (a.sqrt(), b.sqrt()) for name, (a, b) in squares.items()}
+    return calib
