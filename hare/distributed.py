@@ -39,13 +39,18 @@ def ep_group(timeout_s: float = 60.0, backend: str | None = None) -> dist.Proces
 
 
 def shard_experts(weight, group=None):
-    """This rank's contiguous shard of a stacked expert weight (tensor or BlockNM) of E experts over W ranks."""
+    """A copy of this rank's contiguous shard of a stacked expert weight (tensor or BlockNM) of E experts over W
+    ranks (a copy, so that the full weight can be freed)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     experts = weight.shape[0]
     if experts % world:
         raise InvalidArgumentError(f"weight: {experts} experts do not split evenly over {world} ranks")
     start, stop = rank * experts // world, (rank + 1) * experts // world
-    return weight.select_experts(start, stop) if isinstance(weight, BlockNM) else weight[start:stop]
+    if isinstance(weight, BlockNM):
+        part = weight.select_experts(start, stop)
+        return BlockNM(part.values.clone(), part.meta.clone(), part.block_idx.clone(), shape=part.shape,
+                       bn=part.bn, bm=part.bm, bw=part.bw)
+    return weight[start:stop].clone()
 
 
 class _Collectives:

@@ -135,3 +135,17 @@ def bench_tiny(rank, world, queue):
         assert r["dispatch_ms"] > 0 and r["combine_ms"] > 0 and r["baseline_ms"] > 0
         assert abs(phases - r["ours_ms"]) <= 1e-6 * max(1.0, phases) or r["ours_ms"] >= max(
             r["dispatch_ms"], r["experts_ms"], r["combine_ms"])
+
+
+def patched_model_equals_single_process(rank, world, queue):
+    from hare.models import patch
+    from hare.models.configs import tiny_model
+
+    ids = torch.randint(4, 96, (1 + rank, 7 + 3 * rank), generator=torch.Generator().manual_seed(rank))
+    for bn, bm in ((None, None), (1, 2)):
+        reference = patch(tiny_model("qwen3_moe", num_experts=8), bn=bn, bm=bm)
+        sharded = patch(tiny_model("qwen3_moe", num_experts=8), bn=bn, bm=bm, ep_group=dist.group.WORLD)
+        with torch.no_grad():
+            err = rel_error(sharded(ids).logits, reference(ids).logits)
+        assert err < 1e-5, f"bn:bm {bn}:{bm}, rank {rank}: relative logits error {err}"
+        assert all(m.num_experts == 8 // world for n, m in sharded.named_modules() if type(m).__name__ == "HareExperts")

@@ -2,7 +2,8 @@ import re
 
 import pytest
 
-from ep_workers import bench_tiny, equals_single_process, mismatched_shards, peer_dies_or_hangs, run_ranks
+from ep_workers import (bench_tiny, equals_single_process, mismatched_shards, patched_model_equals_single_process,
+                        peer_dies_or_hangs, run_ranks)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -29,4 +30,9 @@ def test_dead_or_hung_peer_fails_within_the_timeout(mode, tmp_path):
 
 def test_ep_bench_runs_on_gloo(tmp_path):
     results = run_ranks(bench_tiny, 2, tmp_path)
+    assert all(v == "ok" for v in results.values()), results
+
+
+def test_patch_with_ep_group_equals_single_process(tmp_path):
+    results = run_ranks(patched_model_equals_single_process, 2, tmp_path)
     assert all(v == "ok" for v in results.values()), results

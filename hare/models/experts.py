@@ -11,15 +11,20 @@ import torch
 from torch import nn
 
 from ..blocknm import BlockNM
+from ..distributed import ep_moe
 from ..moe import moe
 
 _PARTS = ("values", "meta", "block_idx")
 
 
 class HareExperts(nn.Module):
-    def __init__(self, w_gate_up: torch.Tensor | BlockNM, w_down: torch.Tensor | BlockNM, activation: str):
+    """With ``group`` set, the weights are this rank's shard of the experts and ``forward`` runs ``hare.ep_moe``."""
+
+    def __init__(self, w_gate_up: torch.Tensor | BlockNM, w_down: torch.Tensor | BlockNM, activation: str,
+                 group=None):
         super().__init__()
         self.activation = activation
+        self.group = group
         self.num_experts, two_ffn, self.hidden_dim = w_gate_up.shape
         self.intermediate_dim = two_ffn // 2
         self.sparsity = None
@@ -48,11 +53,15 @@ class HareExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         x = hidden_states.reshape(-1, self.hidden_dim)
-        out = moe(x, top_k_index.reshape(x.shape[0], -1), top_k_weights.reshape(x.shape[0], -1),
-                  self.weight("gate_up"), self.weight("down"), self.activation)
+        ids, weights = top_k_index.reshape(x.shape[0], -1), top_k_weights.reshape(x.shape[0], -1)
+        if self.group is not None:
+            out = ep_moe(x, ids, weights, self.weight("gate_up"), self.weight("down"), self.group, self.activation)
+        else:
+            out = moe(x, ids, weights, self.weight("gate_up"), self.weight("down"), self.activation)
         return out.view(hidden_states.shape)
 
     def extra_repr(self) -> str:
         kind = "dense" if not self.sparse else "{bn}:{bm} bw{bw}".format(**self.sparsity)
-        return (f"experts={self.num_experts}, hidden={self.hidden_dim}, ffn={self.intermediate_dim}, "
+        shard = "" if self.group is None else " (this rank's shard)"
+        return (f"experts={self.num_experts}{shard}, hidden={self.hidden_dim}, ffn={self.intermediate_dim}, "
                 f"activation={self.activation}, weights={kind}")

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..blocknm import BlockNM, sparsify
 from ..calibration import activation_score, expert_input_norms
+from ..distributed import shard_experts
 from ..errors import InvalidArgumentError
 from .architectures import (UnsupportedModelError, activation_name, architecture_of, check_plain_experts,
                             unsupported_message)
@@ -37,6 +38,8 @@ class Calibration:
 def dense_experts(module) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(w_gate_up, w_down, activation) of a supported transformers experts module or a dense HareExperts."""
     if isinstance(module, HareExperts):
+        if module.group is not None:
+            raise InvalidArgumentError("hare.patch: this model's experts are already sharded over ranks")
         if module.sparse:
             raise InvalidArgumentError("hare.patch: this model is already pruned; patch the dense model instead")
         return module.weight("gate_up"), module.weight("down"), module.activation
@@ -72,12 +75,16 @@ def _check_ratio_args(bn, bm, score) -> None:
 
 @torch.no_grad()
 def patch(model: nn.Module, bn: int | None = None, bm: int | None = None, bw: int = 16,
-          score: Calibration | None = None, progress: bool = False) -> nn.Module:
+          score: Calibration | None = None, progress: bool = False, ep_group=None) -> nn.Module:
     """Replace, in place, the experts of a transformers MoE model by Hare's; returns the model.
 
     Without ``bn``/``bm`` the experts stay dense (same logits as before). With them every expert weight is pruned
     to Block N:M ``bn:bm`` with block width ``bw``: by magnitude, or activation-aware when ``score`` is a
     ``Calibration`` from ``hare.calibrate``. Values are stored in the model's dtype.
+
+    With ``ep_group`` (a torch.distributed group, e.g. ``hare.ep_group()``), every rank keeps only its contiguous
+    shard of each layer's experts (pruned after sharding, so each rank prunes only its own) and the layers run
+    ``hare.ep_moe``; call it on every rank with the same model, then run each rank's own tokens.
     """
     _check_ratio_args(bn, bm, score)
     modules = experts_modules(model)
@@ -87,20 +94,23 @@ def patch(model: nn.Module, bn: int | None = None, bm: int | None = None, bw: in
         names = tqdm(names, desc="pruning experts" if bn else "patching experts", unit="layer")
     for name in names:
         w_gate_up, w_down, activation = dense_experts(modules[name])
+        norms = score.norms.get(name) if score is not None else None
+        if score is not None and norms is None:
+            raise InvalidArgumentError(f"score: the calibration has no statistics for {name!r}; run "
+                                       "hare.calibrate on this model")
+        if ep_group is not None:
+            w_gate_up, w_down = shard_experts(w_gate_up, ep_group), shard_experts(w_down, ep_group)
+            norms = None if norms is None else tuple(shard_experts(n, ep_group) for n in norms)
         if bn is None:
-            new = HareExperts(w_gate_up, w_down, activation)
+            new = HareExperts(w_gate_up, w_down, activation, group=ep_group)
         else:
-            norms = score.norms.get(name) if score is not None else None
-            if score is not None and norms is None:
-                raise InvalidArgumentError(f"score: the calibration has no statistics for {name!r}; run "
-                                           "hare.calibrate on this model")
             scores = ((None, None) if norms is None else
                       (activation_score(w_gate_up, norms[0].to(w_gate_up.device)),
                        activation_score(w_down, norms[1].to(w_down.device))))
             dtype = w_gate_up.dtype
             sparse = [sparsify(w, bn=bn, bm=bm, bw=bw, score=s, dtype=dtype)
                       for w, s in ((w_gate_up, scores[0]), (w_down, scores[1]))]
-            new = HareExperts(*sparse, activation)
+            new = HareExperts(*sparse, activation, group=ep_group)
         del w_gate_up, w_down
         _replace(model, name, new)
         modules[name] = None  # drop our reference so the dense weights can be freed now
