@@ -54,16 +54,15 @@ def values_checkable(t: torch.Tensor) -> bool:
 
 
 def check_topk_ids(topk_ids: torch.Tensor, num_experts: int, name: str = "topk_ids") -> None:
-    """Ids must lie in [0, num_experts) and be distinct within a token."""
+    """Ids must lie in [0, num_experts) and be distinct within a token (one host sync for all checks)."""
     check_int(name, topk_ids, ndim=2)
     if topk_ids.numel() == 0 or not values_checkable(topk_ids):
         return
-    lo, hi = int(topk_ids.min()), int(topk_ids.max())
+    s = topk_ids.sort(dim=1).values
+    dup = (s[:, 1:] == s[:, :-1]).any(dim=1)
+    first_dup = torch.where(dup, torch.arange(dup.numel(), device=dup.device), dup.numel()).min()
+    lo, hi, t = torch.stack([s[:, 0].min().long(), s[:, -1].max().long(), first_dup]).tolist()
     if lo < 0 or hi >= num_experts:
         raise InvalidArgumentError(f"{name}: expert ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
-    if topk_ids.shape[1] > 1:
-        s = topk_ids.sort(dim=1).values
-        dup = (s[:, 1:] == s[:, :-1]).any(dim=1)
-        if bool(dup.any()):
-            t = int(dup.nonzero()[0, 0])
-            raise InvalidArgumentError(f"{name}: token {t} is routed to the same expert twice: {topk_ids[t].tolist()}")
+    if t < topk_ids.shape[0]:
+        raise InvalidArgumentError(f"{name}: token {t} is routed to the same expert twice: {topk_ids[t].tolist()}")
