@@ -13,7 +13,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch.distributed as dist
 
 from ..distributed import combine, dispatch, run_local_experts, shard_experts
 from ..moe import moe
+from .common import run_info
 
 SHAPES = {  # name: (hidden, ffn, experts, top_k)
     "mixtral-8x7b": (4096, 14336, 8, 2),
@@ -119,11 +119,8 @@ def main(argv=None) -> None:
         if dist.get_rank() == 0:
             _print(records)
             if args.out_json:
-                gpu = torch.cuda.get_device_name() if cuda else "cpu"
-                commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
                 args.out_json.parent.mkdir(parents=True, exist_ok=True)
-                args.out_json.write_text(json.dumps({"gpu": gpu, "gpus": dist.get_world_size(), "commit": commit,
-                                                     "date": datetime.date.today().isoformat(),
+                args.out_json.write_text(json.dumps({**run_info(), "gpus": dist.get_world_size(),
                                                      "records": records}, indent=1))
     finally:
         dist.destroy_process_group()

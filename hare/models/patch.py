@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..blocknm import BlockNM, sparsify
+from ..blocknm import sparsify
 from ..calibration import activation_score, expert_input_norms
 from ..distributed import shard_experts
 from ..errors import InvalidArgumentError
