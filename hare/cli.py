@@ -127,6 +127,18 @@ def bench_model(models: str = typer.Option("all", help="comma-separated names fr
         _fail(e)
 
 
+@bench_app.command(name="kernels", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_kernels(ctx: typer.Context):
+    """Fused MoE kernels vs grouped_mm, a cuBLAS loop and a padded layout on six model shapes (GPU).
+
+    Options go to hare.bench.kernels: --shapes, --tokens, --routing, --out-json, --plot-dir, --log (see --help)."""
+    from .bench.kernels import main as kernels_main
+
+    if not torch_cuda_available():
+        _fail(HareError("hare bench kernels needs a CUDA GPU (sm_90: H100/H200)"))
+    kernels_main(ctx.args)
+
+
 @bench_app.command(name="ep")
 def bench_ep(gpus: int = typer.Option(None, min=1, help="processes, one per GPU (default: all GPUs)"),
              out_json: Path = typer.Option(None, help="JSON records, e.g. bench/results/ep_<gpu>.json"),

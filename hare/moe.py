@@ -1,10 +1,13 @@
 """``hare.moe``: the MoE experts of a layer, routed rows in, combined tokens out.
 
-Checks every argument first, then runs the fastest path the device allows: the Hopper kernels for bf16 CUDA
-tensors on an sm_90 GPU with nvcc, the reference path (``hare.reference``) everywhere else.
+Checks every argument first, then runs the fastest path the device allows: the Hopper kernels (``hare.gpu``) for
+bf16 CUDA tensors with dense weights on an sm_90 GPU with nvcc, the reference path (``hare.reference``) everywhere
+else. On a CUDA device where the kernels cannot run, it says why once (a warning) and runs the reference path.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -55,13 +58,45 @@ def check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation) -> 
     check_topk_ids(topk_ids, experts)
 
 
+_warned: set[str] = set()
+
+
+def backend(x: torch.Tensor, w_gate_up, w_down) -> tuple[str, str]:
+    """("hopper", "") when ``moe`` on these arguments runs the GPU kernels, else ("reference", why not)."""
+    if not x.is_cuda:
+        return "reference", f"tensors on {x.device}"
+    if isinstance(w_gate_up, BlockNM) or isinstance(w_down, BlockNM):
+        return "reference", "the sparse (BlockNM) Hopper kernels are not built yet"
+    if x.dtype != torch.bfloat16:
+        return "reference", f"the Hopper kernels take bf16, got {x.dtype}"
+    from . import gpu
+
+    ok, why = gpu.availability(x.device)
+    if not ok:
+        return "reference", why
+    hidden, ffn = x.shape[1], w_down.shape[2]
+    if hidden % gpu.K_ALIGN or ffn % gpu.K_ALIGN:
+        return "reference", f"hidden {hidden} and ffn {ffn} must be multiples of {gpu.K_ALIGN} for the Hopper kernels"
+    return "hopper", ""
+
+
 def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_gate_up, w_down,
-        activation: str = "silu") -> torch.Tensor:
+        activation: str = "silu", deterministic: bool = True) -> torch.Tensor:
     """MoE experts: out[t] = Σ_j topk_weights[t, j] · W_down[e] (act(W_gate[e] x_t) ⊙ W_up[e] x_t), e = topk_ids[t, j].
 
     x (T, hidden); topk_ids, topk_weights (T, k); w_gate_up (E, 2·ffn, hidden) with the gate in rows [0:ffn] and
     the up projection in [ffn:2·ffn]; w_down (E, hidden, ffn). Weights are dense tensors or ``BlockNM``;
-    ``activation`` is "silu" or "gelu" (tanh). Returns (T, hidden) in x's dtype.
+    ``activation`` is "silu" or "gelu" (tanh). Returns (T, hidden) in x's dtype. ``deterministic`` (GPU only):
+    sum the top-k results in slot order rather than with atomics, for bitwise-reproducible outputs.
     """
     check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
+    path, why = backend(x, w_gate_up, w_down)
+    if path == "hopper":
+        from .gpu import fused_moe
+
+        return fused_moe(x, topk_ids, topk_weights.to(x.dtype), w_gate_up.contiguous(), w_down.contiguous(),
+                         activation, deterministic)
+    if x.is_cuda and why not in _warned:
+        _warned.add(why)
+        warnings.warn(f"hare.moe: using the reference path on {x.device}: {why}", stacklevel=2)
     return reference_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation)

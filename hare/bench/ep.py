@@ -22,13 +22,9 @@ import torch.distributed as dist
 from ..distributed import combine, dispatch, run_local_experts, shard_experts
 from ..moe import moe
 from .common import run_info
+from .shapes import MODEL_SHAPES
 
-SHAPES = {  # name: (hidden, ffn, experts, top_k)
-    "mixtral-8x7b": (4096, 14336, 8, 2),
-    "qwen3-30b-a3b": (2048, 768, 128, 8),
-    "deepseek-v2-lite": (2048, 1408, 64, 6),
-    "small": (256, 512, 8, 2),  # the demo's layer: a quick smoke run (e.g. --cpu)
-}
+SHAPES = {**MODEL_SHAPES, "small": (256, 512, 8, 2)}  # small: the demo's layer, for a smoke run (e.g. --cpu)
 DEFAULT_SHAPES = ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite")
 TOKENS = (16, 256, 4096)
 

@@ -1,0 +1,269 @@
+// layout.cuh: the padding-free routing layout (hare.routing.route) built on the GPU in two launches.
+//
+//   layout_count: one CTA per tile of `tile_items` (token, slot) assignments; 8 warps each count their
+//                 contiguous slice per expert (warp match + popc, no atomics) and the CTA writes its per-expert
+//                 totals. The last CTA to finish (atomic ticket) scans: counts, offsets, per-tile bases,
+//                 row-block arrays (block_expert/start/height for all B slots), num_blocks, and resets the ticket.
+//                 With a single tile (R <= 2048) that CTA also assigns the rows and layout_scatter is skipped.
+//   layout_scatter: one CTA per tile again; recomputes per-warp counts, turns them into bases and gives every
+//                 assignment its stable row: rows keep token order inside an expert, exactly as torch.sort(stable).
+// Shapes depend on (R, E, block) only; no host sync; graph-capturable.
+#pragma once
+#include <cstdint>
+
+namespace hare {
+
+struct LayoutParams {
+  const void* topk_ids;
+  int* counts;          // (E,)
+  int* offsets;         // (E+1,)
+  int* gather_index;    // (R,)
+  int* row_assignment;  // (R,)
+  int* assignment_row;  // (R,)
+  int* block_expert;    // (B,)
+  int* block_start;     // (B,)
+  int* block_height;    // (B,)
+  int* num_blocks;      // (1,)
+  int* tile_base;       // (num_tiles, E) workspace
+  unsigned int* ticket; // (1,) zero at first use; the last CTA resets it
+  int ids_is_64;
+  int num_rows;
+  int top_k;
+  int num_experts;
+  int block;
+  int num_slots;
+  int tile_items;       // kLayoutTileItems (checked)
+  int num_tiles;
+};
+
+constexpr int kLayoutThreads = 256;
+constexpr int kLayoutWarps = kLayoutThreads / 32;
+constexpr int kLayoutItemsPerLane = 8;  // a warp owns 256 consecutive assignments, a CTA 2048
+constexpr int kLayoutTileItems = kLayoutThreads * kLayoutItemsPerLane;
+
+__device__ __forceinline__ int load_id(const LayoutParams& p, int i) {
+  if (p.ids_is_64) return static_cast<int>(static_cast<const long long*>(p.topk_ids)[i]);
+  return static_cast<const int*>(p.topk_ids)[i];
+}
+
+// Loads this warp's slice of expert ids (lane l holds items begin + 32 j + l), -1 past the end.
+__device__ __forceinline__ void layout_load_slice(const LayoutParams& p, int (&e)[kLayoutItemsPerLane], int& begin) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  begin = blockIdx.x * kLayoutTileItems + warp * (32 * kLayoutItemsPerLane);
+#pragma unroll
+  for (int j = 0; j < kLayoutItemsPerLane; ++j) {
+    const int i = begin + 32 * j + lane;
+    e[j] = i < p.num_rows ? load_id(p, i) : -1;
+  }
+}
+
+// hist[w * E + e] = number of assignments of expert e in warp w's slice of this tile.
+__device__ __forceinline__ void layout_warp_histogram(const LayoutParams& p, int* hist,
+                                                      const int (&e)[kLayoutItemsPerLane]) {
+  const int E = p.num_experts;
+  for (int i = threadIdx.x; i < kLayoutWarps * E; i += kLayoutThreads) hist[i] = 0;
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int* h = hist + warp * E;
+#pragma unroll
+  for (int j = 0; j < kLayoutItemsPerLane; ++j) {
+    const unsigned peers = __match_any_sync(0xffffffffu, e[j]);
+    if (e[j] >= 0 && lane == __ffs(peers) - 1) h[e[j]] += __popc(peers);
+    __syncwarp();
+  }
+  __syncthreads();
+}
+
+// In-place exclusive scan of data[0..n) by the whole CTA; returns the total to every thread.
+__device__ __forceinline__ int block_exclusive_scan(int* data, int n, int* scratch /* >= kLayoutWarps + 1 */) {
+  const int per = (n + kLayoutThreads - 1) / kLayoutThreads;
+  const int lo = min(n, threadIdx.x * per), hi = min(n, lo + per);
+  int local = 0;
+  for (int i = lo; i < hi; ++i) local += data[i];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int incl = local;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, incl, d);
+    if (lane >= d) incl += v;
+  }
+  if (lane == 31) scratch[warp] = incl;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int run = 0;
+    for (int w = 0; w < kLayoutWarps; ++w) {
+      const int v = scratch[w];
+      scratch[w] = run;
+      run += v;
+    }
+    scratch[kLayoutWarps] = run;
+  }
+  __syncthreads();
+  int run = scratch[warp] + incl - local;
+  for (int i = lo; i < hi; ++i) {
+    const int v = data[i];
+    data[i] = run;
+    run += v;
+  }
+  const int total = scratch[kLayoutWarps];
+  __syncthreads();
+  return total;
+}
+
+// Gives each assignment of this warp's slice its row: hist[w * E + e] must hold warp w's first row of expert e.
+__device__ __forceinline__ void layout_assign(const LayoutParams& p, int* hist, const int (&ids)[kLayoutItemsPerLane],
+                                              int begin) {
+  const int E = p.num_experts;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int* h = hist + warp * E;
+  const unsigned lt = (1u << lane) - 1u;
+#pragma unroll
+  for (int j = 0; j < kLayoutItemsPerLane; ++j) {
+    const int e = ids[j];
+    const int i = begin + 32 * j + lane;
+    const unsigned peers = __match_any_sync(0xffffffffu, e);
+    int base = 0;
+    if (e >= 0) base = h[e];
+    __syncwarp();
+    if (e >= 0) {
+      const int row = base + __popc(peers & lt);
+      if (lane == __ffs(peers) - 1) h[e] = base + __popc(peers);
+      p.gather_index[row] = i / p.top_k;
+      p.row_assignment[row] = i;
+      p.assignment_row[i] = row;
+    }
+    __syncwarp();
+  }
+}
+
+__device__ __forceinline__ void layout_count(const LayoutParams& p) {
+  extern __shared__ int sh[];
+  __shared__ int is_last;
+  __shared__ int scratch[kLayoutWarps + 1];
+  const int E = p.num_experts;
+  int ids[kLayoutItemsPerLane], begin;
+  layout_load_slice(p, ids, begin);
+  layout_warp_histogram(p, sh, ids);
+  const int T = p.num_tiles;
+  const bool single = T == 1;  // one tile (R <= 2048): no other CTA, no global round trips
+  int* tc = sh + kLayoutWarps * E;  // [T][E] tile counts -> exclusive prefix over tiles (after the histogram)
+  for (int e = threadIdx.x; e < E; e += kLayoutThreads) {
+    int sum = 0;
+#pragma unroll
+    for (int w = 0; w < kLayoutWarps; ++w) sum += sh[w * E + e];
+    if (single) tc[e] = sum;
+    else p.tile_base[blockIdx.x * E + e] = sum;
+  }
+  if (!single) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(p.ticket, 1u) == static_cast<unsigned>(T - 1);
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    // ---- the last CTA: global scan ----
+    // batched loads: 16 in flight per thread (a loop of dependent L2 round trips costs ~0.5 us each)
+    constexpr int kBatch = 16;
+    for (int i0 = threadIdx.x; i0 < T * E; i0 += kLayoutThreads * kBatch) {
+      int v[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int i = i0 + u * kLayoutThreads;
+        v[u] = i < T * E ? __ldcg(p.tile_base + i) : 0;
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int i = i0 + u * kLayoutThreads;
+        if (i < T * E) tc[i] = v[u];
+      }
+    }
+  }
+  __syncthreads();
+  int* cnt = tc + T * E;    // [E] counts -> offsets (exclusive scan)
+  int* nb = cnt + E;        // [E] blocks per expert -> first block (exclusive scan)
+  int* cnt_keep = nb + E;   // [E] counts
+  int* nb_keep = cnt_keep + E;  // [E] blocks per expert
+  for (int e = threadIdx.x; e < E; e += kLayoutThreads) {
+    int run = 0;
+#pragma unroll 8
+    for (int t = 0; t < T; ++t) {
+      const int v = tc[t * E + e];
+      tc[t * E + e] = run;
+      run += v;
+    }
+    cnt[e] = run;
+    cnt_keep[e] = run;
+    const int b = (run + p.block - 1) / p.block;
+    nb[e] = b;
+    nb_keep[e] = b;
+  }
+  __syncthreads();
+  block_exclusive_scan(cnt, E, scratch);
+  const int total_blocks = block_exclusive_scan(nb, E, scratch);
+  for (int e = threadIdx.x; e < E; e += kLayoutThreads) {
+    p.counts[e] = cnt_keep[e];
+    p.offsets[e] = cnt[e];
+  }
+  if (threadIdx.x == 0) {
+    p.offsets[E] = p.num_rows;
+    *p.num_blocks = total_blocks;
+    if (!single) *p.ticket = 0u;
+  }
+  if (!single)
+    for (int i = threadIdx.x; i < T * E; i += kLayoutThreads) p.tile_base[i] = cnt[i % E] + tc[i];
+  for (int slot = threadIdx.x; slot < p.num_slots; slot += kLayoutThreads) {
+    int expert = -1, start = p.num_rows, height = 0;
+    if (slot < total_blocks) {
+      // the expert whose block range [nb[e], nb[e] + nb_keep[e]) holds the slot: last e with nb[e] <= slot
+      // and nb_keep[e] > 0
+      int lo = 0, hi = E - 1;
+      while (lo < hi) {  // first e with nb[e] + nb_keep[e] > slot
+        const int mid = (lo + hi) >> 1;
+        if (nb[mid] + nb_keep[mid] > slot) hi = mid;
+        else lo = mid + 1;
+      }
+      expert = lo;
+      const int local = slot - nb[lo];
+      start = cnt[lo] + local * p.block;
+      height = min(p.block, cnt_keep[lo] - local * p.block);
+    }
+    p.block_expert[slot] = expert;
+    p.block_start[slot] = start;
+    p.block_height[slot] = height;
+  }
+  if (single) {  // finish here, no layout_scatter launch
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += kLayoutThreads) {
+      int run = cnt[e];
+#pragma unroll
+      for (int w = 0; w < kLayoutWarps; ++w) {
+        const int v = sh[w * E + e];
+        sh[w * E + e] = run;
+        run += v;
+      }
+    }
+    __syncthreads();
+    layout_assign(p, sh, ids, begin);
+  }
+}
+
+__device__ __forceinline__ void layout_scatter(const LayoutParams& p) {
+  extern __shared__ int sh[];
+  const int E = p.num_experts;
+  int ids[kLayoutItemsPerLane], begin;
+  layout_load_slice(p, ids, begin);
+  layout_warp_histogram(p, sh, ids);
+  for (int e = threadIdx.x; e < E; e += kLayoutThreads) {
+    int run = p.tile_base[blockIdx.x * E + e];
+#pragma unroll
+    for (int w = 0; w < kLayoutWarps; ++w) {
+      const int v = sh[w * E + e];
+      sh[w * E + e] = run;
+      run += v;
+    }
+  }
+  __syncthreads();
+  layout_assign(p, sh, ids, begin);
+}
+
+}  // namespace hare

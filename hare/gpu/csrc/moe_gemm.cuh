@@ -1,0 +1,272 @@
+// moe_gemm.cuh: the persistent, warp-specialized expert GEMM shared by the gate/up and down kernels.
+//
+// Swap-AB: the weights are the wgmma A operand (64 out-dim rows per wgmma, K-major, loaded by TMA), the routed
+// token rows are B (BN = 16..128 rows of one row block = wgmma N, K-major, gathered with cp.async). A CTA
+// computes a 256 x BN tile of out^T: two 128-row weight boxes, each consumer warpgroup takes 64 rows of each box.
+//   gate/up: box 0 = gate rows [128 m, +128) of expert e, box 1 = the matching up rows (F + 128 m); warpgroup w
+//            holds gate and up for the same 64 ffn columns, so the epilogue fuses act(gate) * up.
+//   down:    box 0 / box 1 = rows [256 m, +128) / [256 m + 128, +128) of W_down[e] (H x F).
+// Warpgroups 0-1 (threads 0-255) are the consumers, warpgroup 2 (threads 256-383) the producer: one thread
+// issues TMA, all 128 gather B rows. setmaxnreg moves registers from the producer (56) to the consumers (224).
+// Pipeline: STAGES shared-memory stages, full/empty mbarriers. A stage is full when TMA's bytes landed
+// (expect_tx) and all 32 producer threads arrived; a producer thread arrives for stage i after its cp.async
+// group i completed (cp.async.wait_group LAG, issued LAG stages later) and a proxy fence, so wgmma (async
+// proxy) sees the gathered rows.
+#pragma once
+#include <cstdint>
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include "common.cuh"
+#include "tma.cuh"
+#include "wgmma.cuh"
+#include "gather.cuh"
+#include "scheduler.cuh"
+#include "epilogue.cuh"
+
+namespace hare {
+
+enum GemmKind : int { kGateUpSilu = 0, kGateUpGelu = 1, kDownDet = 2, kDownFast = 3 };
+
+// Kernel arguments (mirrored by a ctypes.Structure in hare/gpu/_launch.py: keep the order and types).
+struct GemmParams {
+  const __nv_bfloat16* b_src;   // gate/up: x (T, H); down: intermediate (R, F)
+  void* out;                    // gate/up: intermediate (R, F) bf16, or fp32 partials (splits, R, 2F) when split;
+                                // down det: Y (splits, R, H) bf16 or out (T, H);
+                                // down fast: fp32 accumulator (T, H)
+  const int* gather_index;      // (R,) source token of each sorted row
+  const int* row_assignment;    // (R,) flat t*k+j of each sorted row
+  const float* topk_weights;    // (T*k,) routing weights (down)
+  const int* block_expert;
+  const int* block_start;
+  const int* block_height;
+  const int* num_blocks;
+  long long out_split_stride;   // elements between K-split slices of `out` (split gate/up, down det)
+  int K;                        // reduction length: H (gate/up) or F (down)
+  int M;                        // valid out-dim: F (gate/up) or H (down); also the row stride of `out`
+  int a_rows_per_expert;        // rows of one expert in the 2-D weight tensor map: 2F or H
+  int a_box1_offset;            // row offset of box 1: F (gate/up) or 128 (down)
+  int m_tile;                   // out-dim rows per M tile: 128 (gate/up) or 256 (down)
+  int num_m;                    // M tiles per expert
+  int splits;                   // K splits (decode: too few tiles to fill the GPU otherwise)
+  int k_blocks_per_split;       // 64-wide K blocks per split
+  int top_k;
+  int num_rows;                 // R = T*k
+  int group;                    // M tiles per rasterization group (scheduler.cuh)
+};
+
+constexpr int kSmemLimit = 232448;  // 227 KB opt-in per block on sm_90
+constexpr int kProducerThreads = 128;
+constexpr int kGemmThreads = 256 + kProducerThreads;
+
+template <int BN>
+struct GemmConfig {
+  static constexpr int kBK = 64;
+  static constexpr int kABytes = 256 * kBK * 2;  // two 128 x 64 boxes
+  static constexpr int kBBytes = BN * kBK * 2;
+  static constexpr int kStageBytes = kABytes + kBBytes;
+  static constexpr int kEpiBytes = 2 * BN * 128;  // two warpgroups x [BN][64] bf16
+  static constexpr int kAuxBytes = 2 * BN * 8;    // two warpgroups x (weight f32, dest i32) per row
+  static constexpr int kBarBytes = 256;
+  static constexpr int kFitStages = (kSmemLimit - kEpiBytes - kAuxBytes - kBarBytes) / kStageBytes;
+  static constexpr int kStages = kFitStages > 6 ? 6 : kFitStages;
+  static constexpr int kLag = kStages - 2 > 0 ? kStages - 2 : 1;
+  static constexpr int kSmemBytes = kStages * kStageBytes + kEpiBytes + kAuxBytes + kBarBytes;
+  static_assert(kStages >= 3, "too few stages");
+  static_assert(kSmemBytes <= kSmemLimit, "shared memory");
+  static_assert(BN % 16 == 0 && BN >= 16 && BN <= 128, "BN");
+};
+
+template <int BN, int KIND>
+__device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const GemmParams& p) {
+  using Cfg = GemmConfig<BN>;
+  constexpr int STAGES = Cfg::kStages;
+  constexpr int LAG = Cfg::kLag;
+  constexpr bool kGateUp = KIND == kGateUpSilu || KIND == kGateUpGelu;
+  constexpr int ACT = KIND == kGateUpGelu ? kGelu : kSilu;
+
+  extern __shared__ __align__(1024) uint8_t smem[];
+  uint8_t* epi_base = smem + STAGES * Cfg::kStageBytes;
+  uint8_t* aux_base = epi_base + Cfg::kEpiBytes;
+  uint64_t* full = reinterpret_cast<uint64_t*>(aux_base + Cfg::kAuxBytes);
+  uint64_t* empty = full + STAGES;
+
+  const int wg = threadIdx.x / 128;  // 0, 1: consumers; 2: the producer warp
+  if (threadIdx.x == 0) {
+    uint32_t dyn;
+    asm volatile("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(dyn));
+    if ((smem_u32(smem) & 1023) != 0 || dyn < static_cast<uint32_t>(Cfg::kSmemBytes)) __trap();
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&full[s], 1 + kProducerThreads);
+      mbar_init(&empty[s], 8);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  const TileScheduler sched(*p.num_blocks, p.num_m, p.splits, p.group);
+  const int nk_total = p.K / 64;
+
+  if (wg == 2) {
+    // ---------------- producer ----------------
+    setmaxnreg_dec<56>();
+    const int tid = threadIdx.x - 256;
+    if (tid == 0) tma_prefetch_desc(tmap_a);
+    int it = 0;
+    for (int tile = blockIdx.x; tile < sched.total; tile += gridDim.x) {
+      int b, m, s;
+      sched.get(tile, b, m, s);
+      const int e = p.block_expert[b], start = p.block_start[b], height = p.block_height[b];
+      RowGather<BN, kProducerThreads> g;
+      if constexpr (kGateUp) {
+        g.setup(height, tid, [&](int r) { return p.gather_index[start + r]; });
+      } else {
+        g.setup(height, tid, [&](int r) { return start + r; });
+      }
+      const int kb0 = s * p.k_blocks_per_split;
+      const int kb1 = min(nk_total, kb0 + p.k_blocks_per_split);
+      const int row0 = e * p.a_rows_per_expert + m * p.m_tile;
+      const int row1 = row0 + p.a_box1_offset;
+      for (int kb = kb0; kb < kb1; ++kb, ++it) {
+        const int st = it % STAGES;
+        mbar_wait(&empty[st], ((it / STAGES) & 1) ^ 1);
+        uint8_t* a = smem + st * Cfg::kStageBytes;
+        if (tid == 0) {
+          mbar_arrive_expect_tx(&full[st], Cfg::kABytes);
+          tma_load_2d(a, tmap_a, &full[st], kb * 64, row0);
+          tma_load_2d(a + Cfg::kABytes / 2, tmap_a, &full[st], kb * 64, row1);
+        }
+        g.load(smem_u32(a + Cfg::kABytes), p.b_src, p.K, kb * 64);
+        cp_async_commit();
+        if (it >= LAG) {
+          cp_async_wait<LAG>();
+          fence_proxy_async_smem();
+          mbar_arrive(&full[(it - LAG) % STAGES]);
+        }
+      }
+    }
+    cp_async_wait<0>();
+    fence_proxy_async_smem();
+    for (int j = it - LAG < 0 ? 0 : it - LAG; j < it; ++j) mbar_arrive(&full[j % STAGES]);
+  } else {
+    // ---------------- consumers ----------------
+    setmaxnreg_inc<224>();
+    const int cw = wg;
+    const int t = threadIdx.x - 128 * wg;
+    const int warp = t >> 5, lane = t & 31;
+    uint8_t* epi = epi_base + cw * BN * 128;
+    float* aux_w = reinterpret_cast<float*>(aux_base + cw * BN * 8);
+    int* aux_d = reinterpret_cast<int*>(aux_w + BN);
+    float acc0[BN / 2], acc1[BN / 2];
+    int it = 0;
+    for (int tile = blockIdx.x; tile < sched.total; tile += gridDim.x) {
+      int b, m, s;
+      sched.get(tile, b, m, s);
+      const int kb0 = s * p.k_blocks_per_split;
+      const int kb1 = min(nk_total, kb0 + p.k_blocks_per_split);
+      // wgmma groups of consecutive K blocks overlap: after issuing block kb, wait until only that group is in
+      // flight, then release the previous block's stage.
+      int prev_st = -1;
+      for (int kb = kb0; kb < kb1; ++kb, ++it) {
+        const int st = it % STAGES;
+        mbar_wait(&full[st], (it / STAGES) & 1);
+        const uint8_t* a = smem + st * Cfg::kStageBytes;
+        const uint64_t da0 = make_desc_sw128(a + cw * 64 * 128);
+        const uint64_t da1 = make_desc_sw128(a + Cfg::kABytes / 2 + cw * 64 * 128);
+        const uint64_t db = make_desc_sw128(a + Cfg::kABytes);
+        fence_operand(acc0);
+        fence_operand(acc1);
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int scale_d = (kb > kb0 || k > 0) ? 1 : 0;
+          Wgmma<BN>::mma(acc0, da0 + 2 * k, db + 2 * k, scale_d);
+          Wgmma<BN>::mma(acc1, da1 + 2 * k, db + 2 * k, scale_d);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_operand(acc0);
+        fence_operand(acc1);
+        if (prev_st >= 0 && lane == 0) mbar_arrive(&empty[prev_st]);
+        prev_st = st;
+      }
+      wgmma_wait<0>();
+      fence_operand(acc0);
+      fence_operand(acc1);
+      if (prev_st >= 0 && lane == 0) mbar_arrive(&empty[prev_st]);
+
+      // ---------------- epilogue ----------------
+      const int start = p.block_start[b], height = p.block_height[b];
+      named_barrier(1 + cw, 128);  // the previous tile's staging reads are done
+      if constexpr (kGateUp) {
+        if (p.splits > 1) {
+          // split-K (decode): fp32 partial gate/up sums to (splits, R, 2F); hare_glu_combine finishes
+          float* part = static_cast<float*>(p.out) + s * p.out_split_stride;
+          const int f0 = m * 128 + cw * 64;
+#pragma unroll
+          for (int i = 0; i < BN / 2; ++i) {
+            const int f = f0 + warp * 16 + (lane >> 2) + ((i & 2) ? 8 : 0);
+            const int n = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
+            if (n < height && f < p.M) {
+              float* row = part + static_cast<long long>(start + n) * (2 * p.M);
+              row[f] = acc0[i];
+              row[p.M + f] = acc1[i];
+            }
+          }
+          continue;
+        }
+        stage_glu<BN, ACT>(epi, acc0, acc1, warp, lane);
+        named_barrier(1 + cw, 128);
+        const int col0 = m * 128 + cw * 64;
+        if (col0 < p.M) {
+          __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+          for (int q = t; q < BN * 8; q += 128) {
+            const int n = q >> 3, c = q & 7;
+            if (n < height) {
+              const uint4 v = *reinterpret_cast<const uint4*>(epi + stage_chunk_offset(n, c));
+              *reinterpret_cast<uint4*>(out + static_cast<long long>(start + n) * p.M + col0 + c * 8) = v;
+            }
+          }
+        }
+      } else {
+        for (int n = t; n < BN; n += 128) {
+          float w = 0.0f;
+          int d = 0;
+          if (n < height) {
+            const int ra = p.row_assignment[start + n];
+            w = p.topk_weights[ra];
+            d = KIND == kDownFast ? ra / p.top_k : ra;
+          }
+          aux_w[n] = w;
+          aux_d[n] = d;
+        }
+        named_barrier(1 + cw, 128);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          if (half == 0) stage_scaled<BN>(epi, acc0, aux_w, warp, lane);
+          else stage_scaled<BN>(epi, acc1, aux_w, warp, lane);
+          named_barrier(1 + cw, 128);
+          const int col0 = m * 256 + half * 128 + cw * 64;
+          if (col0 < p.M) {
+            for (int q = t; q < BN * 8; q += 128) {
+              const int n = q >> 3, c = q & 7;
+              if (n < height) {
+                const uint4 v = *reinterpret_cast<const uint4*>(epi + stage_chunk_offset(n, c));
+                const long long off = static_cast<long long>(aux_d[n]) * p.M + col0 + c * 8;
+                if constexpr (KIND == kDownFast) {
+                  atomic_add_bf16x8_to_f32(static_cast<float*>(p.out) + off, v);
+                } else {
+                  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + s * p.out_split_stride;
+                  *reinterpret_cast<uint4*>(out + off) = v;
+                }
+              }
+            }
+          }
+          if (half == 0) named_barrier(1 + cw, 128);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace hare

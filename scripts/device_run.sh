@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The one command that runs on the device (an H100/H200): GPU tests, compute-sanitizer memcheck on a small case,
+# the kernel benchmark (bench/results/<name>.json), the demo on the GPU and the end-to-end model benchmark
+# (bench/results/model_<gpu>.json). Logs go to $OUT (default ./device_out).
+#
+#   scripts/device_run.sh [--tests] [--sanitize] [--bench] [--demo] [--model] [--name NAME] [-- extra bench args]
+# With no selection flags all run. Example: scripts/device_run.sh --bench -- --shapes qwen3-30b-a3b
+# Set HARE_COMMIT to the commit under test where the tree travels without .git.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/device_out}
+mkdir -p "$OUT" bench/results
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+export HARE_CACHE_DIR=${HARE_CACHE_DIR:-/tmp/hare_cache}
+PY=${PYTHON:-python3}
+DO_TESTS=0; DO_SAN=0; DO_BENCH=0; DO_DEMO=0; DO_MODEL=0; NAME=kernels_h100; EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --tests) DO_TESTS=1 ;;
+    --sanitize) DO_SAN=1 ;;
+    --bench) DO_BENCH=1 ;;
+    --demo) DO_DEMO=1 ;;
+    --model) DO_MODEL=1 ;;
+    --name) NAME=$2; shift ;;
+    --) shift; EXTRA=("$@"); break ;;
+    *) echo "unknown flag $1"; exit 2 ;;
+  esac
+  shift
+done
+if [ $((DO_TESTS + DO_SAN + DO_BENCH + DO_DEMO + DO_MODEL)) = 0 ]; then
+  DO_TESTS=1; DO_SAN=1; DO_BENCH=1; DO_DEMO=1; DO_MODEL=1
+fi
+STATUS=0
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
+t0=$(date +%s)
+# compile once up front (cached by source hash) so the tests time kernels, not nvcc
+$PY -c "from hare.gpu import _build; print('cubin', _build.cubin_path())" 2>&1 | tee "$OUT/build.log" || STATUS=1
+CUBIN=$(ls -t $HARE_CACHE_DIR/*.cubin 2>/dev/null | head -1)
+if [ -n "$CUBIN" ] && command -v cuobjdump >/dev/null; then
+  cuobjdump -sass "$CUBIN" > "$OUT/sass.txt" 2>&1
+  echo "SASS: HGMMA $(grep -c HGMMA "$OUT/sass.txt"), UTMALDG $(grep -c UTMALDG "$OUT/sass.txt"), LDL/STL $(grep -cE 'LDL|STL' "$OUT/sass.txt")"
+  gzip -f "$OUT/sass.txt"
+fi
+if [ $DO_TESTS = 1 ]; then
+  $PY -m pytest tests/gpu -q -x --timeout=600 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
+  [ ${PIPESTATUS[0]} = 0 ] || STATUS=1
+fi
+t1=$(date +%s)
+if [ $DO_SAN = 1 ]; then
+  compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 $PY tests/gpu/sanitize_case.py > "$OUT/sanitizer.log" 2>&1
+  rc=$?; tail -6 "$OUT/sanitizer.log"; echo "memcheck exit code: $rc"; [ $rc = 0 ] || STATUS=1
+fi
+t2=$(date +%s)
+if [ $DO_BENCH = 1 ]; then
+  $PY -m hare.bench.kernels --out-json "bench/results/$NAME.json" --plot-dir "$OUT" --log "$OUT/bench_full.txt" "${EXTRA[@]}" 2>&1 | tee "$OUT/bench.log" | tail -120
+  [ ${PIPESTATUS[0]} = 0 ] || STATUS=1
+  cp "bench/results/$NAME.json" "$OUT/" 2>/dev/null
+fi
+t3=$(date +%s)
+if [ $DO_DEMO = 1 ]; then
+  $PY -m hare.cli demo 2>&1 | tee "$OUT/demo.log" | tail -40
+  [ ${PIPESTATUS[0]} = 0 ] || STATUS=1
+fi
+if [ $DO_MODEL = 1 ]; then
+  # written straight to $OUT and rewritten after each model, so a run cut short keeps what it measured
+  timeout ${MODEL_TIMEOUT:-540} $PY -m hare.cli bench model --out-json "$OUT/model.json" 2>&1 | tee "$OUT/bench_model.log" | tail -60
+  [ ${PIPESTATUS[0]} = 0 ] || STATUS=1
+fi
+t4=$(date +%s)
+echo "times: tests $((t1-t0))s sanitize $((t2-t1))s bench $((t3-t2))s demo+model $((t4-t3))s; status $STATUS"
+exit $STATUS

@@ -1,0 +1,59 @@
+"""Inputs and a float32 reference for the GPU tests (and the sanitizer case)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as Fn
+
+from hare.bench.shapes import MODEL_SHAPES
+
+MODELS = MODEL_SHAPES
+
+
+def make_weights(E, H, F, device, gen=None):
+    wgu = (torch.randn(E, 2 * F, H, device=device, generator=gen) * H**-0.5).to(torch.bfloat16)
+    wd = (torch.randn(E, H, F, device=device, generator=gen) * F**-0.5).to(torch.bfloat16)
+    return wgu, wd
+
+
+def make_routing(T, E, k, device, skew: float = 0.0, only_expert: int | None = None, gen=None):
+    if only_expert is not None:
+        assert k == 1
+        ids = torch.full((T, 1), only_expert, dtype=torch.int64, device=device)
+    else:
+        probs = torch.arange(1, E + 1, device=device, dtype=torch.float32) ** (-skew)
+        probs = probs[torch.randperm(E, device=device, generator=gen)]
+        ids = torch.multinomial(probs.expand(max(T, 1), E), k, replacement=False, generator=gen)[:T]
+    w = torch.softmax(torch.randn(T, k, device=device, generator=gen), dim=-1)
+    return ids, w
+
+
+def make_x(T, H, device, gen=None):
+    return torch.randn(T, H, device=device, generator=gen).to(torch.bfloat16)
+
+
+def reference(x, ids, w, wgu, wd, activation="silu"):
+    """float32 reference on the inputs' device (callers disable TF32)."""
+    T, H = x.shape
+    F = wd.shape[2]
+    xf = x.float()
+    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    act = Fn.silu if activation == "silu" else (lambda t: Fn.gelu(t, approximate="tanh"))
+    for e in torch.unique(ids).tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        gu = xf[tok] @ wgu[e].float().t()
+        h = act(gu[:, :F]) * gu[:, F:]
+        y = h @ wd[e].float().t()
+        out.index_add_(0, tok, y * w[tok, slot].float()[:, None])
+    return out
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def poison_allocator(nbytes: int, device):
+    """Fill freed allocator memory with NaN so outputs the kernels fail to write show up as NaN."""
+    n = max(1, nbytes // 2)
+    junk = torch.full((n,), float("nan"), dtype=torch.bfloat16, device=device)
+    del junk
