@@ -94,7 +94,7 @@ def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_g
     if path == "hopper":
         from .gpu import fused_moe
 
-        return fused_moe(x, topk_ids, topk_weights.to(x.dtype), w_gate_up.contiguous(), w_down.contiguous(),
+        return fused_moe(x, topk_ids, topk_weights, w_gate_up.contiguous(), w_down.contiguous(),
                          activation, deterministic)
     if x.is_cuda and why not in _warned:
         _warned.add(why)
