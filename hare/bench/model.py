@@ -82,27 +82,32 @@ def fit_layers(name: str, device, dtype=torch.bfloat16, fraction: float = 0.3) -
 
 
 @torch.no_grad()
-def _cases(model, device, prefill_tokens: int, batches, context: int, vocab: int):
-    """{case: (tokens, fn)} for a model; decode cases share one prefilled KV cache per batch size, cropped back to
-    ``context`` after every step so each timed step sees exactly ``context`` tokens of history."""
+def _cases(model, device, prefill_tokens: int, batches, context: int, vocab: int, chunk_tokens: int = 8192):
+    """Yields (case, tokens, fn) one at a time, so only one KV cache lives at once. Each decode case prefills
+    ``context`` tokens of history in pieces of at most ``chunk_tokens`` tokens (bounding activation memory), and is
+    cropped back to ``context`` after every step so each timed step sees exactly ``context`` tokens of history."""
     from transformers import DynamicCache
 
     gen = torch.Generator(device="cpu").manual_seed(1)
-    cases = {}
     prompt = torch.randint(0, vocab, (1, prefill_tokens), generator=gen).to(device)
-    cases["prefill"] = (prefill_tokens, lambda: model(input_ids=prompt, use_cache=False, logits_to_keep=1))
+    yield "prefill", prefill_tokens, lambda: model(input_ids=prompt, use_cache=False, logits_to_keep=1)
+    del prompt
     for b in batches:
         ctx = torch.randint(0, vocab, (b, context), generator=gen).to(device)
         cache = DynamicCache(config=model.config)
-        model(input_ids=ctx, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        piece = max(1, chunk_tokens // b)
+        for start in range(0, context, piece):
+            model(input_ids=ctx[:, start:start + piece], past_key_values=cache, use_cache=True, logits_to_keep=1)
         step = torch.randint(0, vocab, (b, 1), generator=gen).to(device)
         position = torch.full((b, 1), context, device=device)
 
         def decode(cache=cache, step=step, position=position):
             model(input_ids=step, past_key_values=cache, position_ids=position, use_cache=True)
             cache.crop(-1)  # drop the token just appended
-        cases[f"decode-b{b}"] = (b, decode)
-    return cases
+        yield f"decode-b{b}", b, decode
+        del cache, ctx, decode
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def bench_one(name: str, config, device, dtype, layers: int, prefill_tokens=PREFILL_TOKENS, batches=DECODE_BATCHES,
@@ -111,7 +116,7 @@ def bench_one(name: str, config, device, dtype, layers: int, prefill_tokens=PREF
     ms: dict[str, dict[str, float]] = {}
 
     def measure(variant, model):
-        for case, (_, fn) in _cases(model, device, prefill_tokens, batches, context, config.vocab_size).items():
+        for case, _, fn in _cases(model, device, prefill_tokens, batches, context, config.vocab_size):
             ms.setdefault(case, {})[variant] = _median_ms(fn, device)
             say(f"  {name} {variant:>22} {case:>11}: {ms[case][variant]:9.2f} ms")
 
