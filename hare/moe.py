@@ -34,7 +34,7 @@ def _check_weight(name: str, w, experts: int | None, rows: int | None, cols: int
     return shape
 
 
-def check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation) -> None:
+def check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, check_ids: bool = True) -> None:
     check_float("x", x, ndim=2)
     check_int("topk_ids", topk_ids, ndim=2)
     check_float("topk_weights", topk_weights, ndim=2)
@@ -55,7 +55,8 @@ def check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation) -> 
     check_same_device(**tensors)
     if topk_ids.shape[1] > experts:
         raise InvalidArgumentError(f"topk_ids: top-k = {topk_ids.shape[1]} exceeds the {experts} experts")
-    check_topk_ids(topk_ids, experts)
+    if check_ids:
+        check_topk_ids(topk_ids, experts)
 
 
 _warned: set[str] = set()
@@ -81,15 +82,18 @@ def backend(x: torch.Tensor, w_gate_up, w_down) -> tuple[str, str]:
 
 
 def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_gate_up, w_down,
-        activation: str = "silu", deterministic: bool = True) -> torch.Tensor:
+        activation: str = "silu", deterministic: bool = True, check_ids: bool = True) -> torch.Tensor:
     """MoE experts: out[t] = Σ_j topk_weights[t, j] · W_down[e] (act(W_gate[e] x_t) ⊙ W_up[e] x_t), e = topk_ids[t, j].
 
     x (T, hidden); topk_ids, topk_weights (T, k); w_gate_up (E, 2·ffn, hidden) with the gate in rows [0:ffn] and
     the up projection in [ffn:2·ffn]; w_down (E, hidden, ffn). Weights are dense tensors or ``BlockNM``;
     ``activation`` is "silu" or "gelu" (tanh). Returns (T, hidden) in x's dtype. ``deterministic`` (GPU only):
     sum the top-k results in slot order rather than with atomics, for bitwise-reproducible outputs.
+    ``check_ids=False`` skips the range and duplicate check of ``topk_ids``, which reads values back to the host
+    (a sync per call on GPU); only for callers whose ids come from a top-k over the experts, such as a model's
+    own router (``hare.patch`` passes it). Out-of-range ids are then undefined behaviour on the GPU path.
     """
-    check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
+    check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, check_ids)
     path, why = backend(x, w_gate_up, w_down)
     if path == "hopper":
         from .gpu import fused_moe

@@ -96,3 +96,11 @@ def test_moe_errors(change, match, gen):
 def test_moe_rejects_unknown_activation(gen):
     with pytest.raises(hare.InvalidArgumentError, match="activation"):
         hare.moe(**_bad(gen), activation="relu")
+
+
+def test_check_ids_false_skips_only_the_id_check(gen):
+    args = _bad(gen)
+    ok = hare.moe(**args, check_ids=False)
+    assert torch.equal(ok, hare.moe(**args))
+    with pytest.raises(hare.InvalidArgumentError, match="topk_weights"):
+        hare.moe(**_bad(gen, topk_weights=lambda a: a["topk_weights"][:, :1]), check_ids=False)

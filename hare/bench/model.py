@@ -60,7 +60,8 @@ def _build(config, device, dtype, seed: int = 0):
 
     torch.manual_seed(seed)
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        # no parameter needs a gradient: otherwise every KV cache step would keep its autograd graph alive
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval().requires_grad_(False)
 
 
 def _set_experts_impl(model, impl: str) -> None:

@@ -25,6 +25,7 @@ class HareExperts(nn.Module):
         super().__init__()
         self.activation = activation
         self.group = group
+        self.check_ids = False  # ids come from the model's own top-k router: skip hare.moe's host-side check
         self.num_experts, two_ffn, self.hidden_dim = w_gate_up.shape
         self.intermediate_dim = two_ffn // 2
         self.sparsity = None
@@ -57,7 +58,8 @@ class HareExperts(nn.Module):
         if self.group is not None:
             out = ep_moe(x, ids, weights, self.weight("gate_up"), self.weight("down"), self.group, self.activation)
         else:
-            out = moe(x, ids, weights, self.weight("gate_up"), self.weight("down"), self.activation)
+            out = moe(x, ids, weights, self.weight("gate_up"), self.weight("down"), self.activation,
+                      check_ids=self.check_ids)
         return out.view(hidden_states.shape)
 
     def extra_repr(self) -> str:
