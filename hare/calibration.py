@@ -24,7 +24,7 @@ def expert_input_norms(x: torch.Tensor, topk_ids: torch.Tensor, w_gate_up, activ
     """Per-expert input-column norms: (E, hidden) seen by gate/up and (E, ffn) seen by down."""
     num_experts = w_gate_up.shape[0]
     layout = route(topk_ids, num_experts)
-    cdt = torch.float32 if compute_dtype(x.dtype) == torch.float32 else x.dtype
+    cdt = compute_dtype(x.dtype)
     rows = x.to(cdt)[layout.gather_index.long()]
     expert_of_row = topk_ids.reshape(-1)[layout.row_assignment.long()].long()
     gate_up = grouped_linear(rows, dense_weight(w_gate_up, cdt), layout)
