@@ -33,6 +33,7 @@ PANEL = 128
 GROUP = 4  # 2:4 sparsity: 2 kept of every 4
 BLOCK_WIDTHS = (16, 32, 64)
 MAX_BM = 64
+DENSITIES = {0.5: (1, 1), 0.25: (1, 2), 0.1: (1, 5), 0.05: (1, 10)}  # density -> (bn, bm): the standard ratios
 
 
 def kept_blocks(num_blocks: int, bn: int, bm: int) -> int:

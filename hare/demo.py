@@ -3,17 +3,16 @@ a small transformers MoE model, patched dense and pruned, generating text (bytes
 
 from __future__ import annotations
 
-import time
-
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from .blocknm import sparsify
+from .bench.common import median_ms
+from .blocknm import DENSITIES, sparsify
 from .calibration import activation_score, expert_input_norms
 from .moe import backend, moe
 
-RATIOS = ((1, 1), (1, 2), (1, 5), (1, 10))
+RATIOS = tuple(DENSITIES.values())
 
 
 def synthetic_weight(shape, generator: torch.Generator) -> torch.Tensor:
@@ -49,20 +48,6 @@ def top_k_route(x: torch.Tensor, router: torch.Tensor, k: int):
     return ids, (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
 
 
-def _time(fn, device: torch.device, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2] * 1e3
-
-
 def run_demo(tokens: int = 512, experts: int = 8, top_k: int = 2, hidden: int = 256, ffn: int = 512,
              device: str | None = None, seed: int = 0, console: Console | None = None) -> list[dict]:
     console = console or Console()
@@ -82,7 +67,7 @@ def run_demo(tokens: int = 512, experts: int = 8, top_k: int = 2, hidden: int = 
     args = [t.to(dev) for t in (x.to(dtype), ids, weights.to(dtype))]
     dense = (w_gate_up.to(dev, dtype), w_down.to(dev, dtype))
     ref = moe(*args, *dense)
-    dense_ms = _time(lambda: moe(*args, *dense), dev)
+    dense_ms = median_ms(lambda: moe(*args, *dense), dev, warmup=1)
     dense_bytes = sum(w.numel() * 2 for w in dense)  # bf16, what a GPU would hold
 
     rows = [dict(weights="dense", criterion="-", density=1.0, bytes_ratio=1.0, rel_error=0.0, ms=dense_ms)]
@@ -94,7 +79,7 @@ def run_demo(tokens: int = 512, experts: int = 8, top_k: int = 2, hidden: int = 
             err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
             rows.append(dict(weights=f"{bn}:{bm} bw16", criterion=criterion, density=sparse[0].density,
                              bytes_ratio=sum(s.nbytes for s in sparse) / dense_bytes, rel_error=err,
-                             ms=_time(lambda: moe(*args, *sparse), dev)))
+                             ms=median_ms(lambda: moe(*args, *sparse), dev, warmup=1)))
 
     table = Table(title=f"Hare demo: {experts} experts, top-{top_k}, hidden {hidden}, ffn {ffn}, "
                         f"{tokens} tokens on {dev.type}")
@@ -116,7 +101,6 @@ def run_model_demo(model_type: str = "qwen3_moe", new_tokens: int = 8, device: s
     """A random small ``model_type`` model: transformers' experts, Hare dense, Hare at 50/25/10% (activation-aware
     from calibration tokens). Agreement: greedy tokens equal to transformers' and logits error on held-out tokens."""
     from .models import calibrate, experts_modules, patch
-    from .models.checkpoint import DENSITIES
     from .models.configs import tiny_model
 
     console = console or Console()
@@ -146,7 +130,7 @@ def run_model_demo(model_type: str = "qwen3_moe", new_tokens: int = 8, device: s
         with torch.no_grad():
             logits = model(held_out).logits
             out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            ms = _time(lambda: model(held_out), dev, repeats=3)
+            ms = median_ms(lambda: model(held_out), dev, warmup=1, reps=3)
         return logits, out[0, prompt.shape[1]:], ms
 
     base = make()

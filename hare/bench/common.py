@@ -1,10 +1,11 @@
-"""What every results file records about the run: GPU, commit, date, torch version."""
+"""What every results file records about the run (GPU, commit, date, torch version), and the median timer."""
 
 from __future__ import annotations
 
 import datetime
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -26,3 +27,24 @@ def run_info(device=None) -> dict:
     return {"gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__}
+
+
+def median_ms(fn, device, warmup: int = 2, reps: int = 5) -> float:
+    """Median time of ``fn()`` in ms after ``warmup`` calls: CUDA events on a GPU, the host clock elsewhere."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..blocknm import DENSITIES
 from ..errors import UnsupportedDeviceError
-from .common import run_info
+from .common import median_ms, run_info
 from ..models import experts_modules, patch
 from ..moe import backend
 from ..models.configs import REAL, real_config
-from ..models.checkpoint import DENSITIES
 
 DENSITY_CASES = (0.5, 0.25, 0.1)
 DECODE_BATCHES = (1, 8, 32, 128)
@@ -34,25 +34,6 @@ CONTEXT = 1024
 class _NoExperts(nn.Module):
     def forward(self, hidden_states, *args, **kwargs):
         return torch.zeros_like(hidden_states)
-
-
-def _median_ms(fn, device, warmup: int = 2, reps: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def _build(config, device, dtype, seed: int = 0):
@@ -91,8 +72,8 @@ def _cases(model, device, prefill_tokens: int, batches, context: int, vocab: int
 
     gen = torch.Generator(device="cpu").manual_seed(1)
     prompt = torch.randint(0, vocab, (1, prefill_tokens), generator=gen).to(device)
-    yield "prefill", prefill_tokens, lambda: model(input_ids=prompt, use_cache=False, logits_to_keep=1)
-    del prompt
+    yield "prefill", prefill_tokens, lambda p=prompt: model(input_ids=p, use_cache=False, logits_to_keep=1)
+    del prompt  # the case's function keeps its own reference
     for b in batches:
         ctx = torch.randint(0, vocab, (b, context), generator=gen).to(device)
         cache = DynamicCache(config=model.config)
@@ -118,7 +99,7 @@ def bench_one(name: str, config, device, dtype, layers: int, prefill_tokens=PREF
 
     def measure(variant, model):
         for case, _, fn in _cases(model, device, prefill_tokens, batches, context, config.vocab_size):
-            ms.setdefault(case, {})[variant] = _median_ms(fn, device)
+            ms.setdefault(case, {})[variant] = median_ms(fn, device)
             say(f"  {name} {variant:>22} {case:>11}: {ms[case][variant]:9.2f} ms")
 
     model = _build(config, device, dtype)

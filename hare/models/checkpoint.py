@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..blocknm import DENSITIES
 from ..checkpoint import load as load_hare_file, save as save_hare_file
 from ..errors import CheckpointError, InvalidArgumentError
 from .experts import HareExperts
@@ -31,7 +32,6 @@ FORMAT = "hare-model"
 VERSION = 1
 MANIFEST = "hare_model.json"
 INDEX = "model.safetensors.index.json"
-DENSITIES = {0.5: (1, 1), 0.25: (1, 2), 0.1: (1, 5), 0.05: (1, 10)}
 
 
 def density_ratio(density: float) -> tuple[int, int]:
