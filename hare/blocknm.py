@@ -10,10 +10,25 @@ Storage, laid out for the GPU kernels (``kb`` = kept blocks per panel, equal for
 
 - ``values``    (E, out, kb·bw/2), dtype bf16 by default: for each row, the kept values of its panel's kept
   blocks in ascending block order; inside a block, 2 values per group of 4 columns, lower column first.
-- ``meta``      (E, out, kb·bw/8), uint8: the 2:4 positions, one 4-bit nibble per group of 4 columns: bits 0-1
-  hold the position (0..3) of the first kept value, bits 2-3 that of the second (first < second). Byte j holds
-  groups 2j (low nibble) and 2j+1 (high nibble), so a little-endian 32-bit word read at byte 4m covers 32 dense
-  columns with the first group in the lowest nibble, the order of the PTX sparse-MMA metadata.
+- ``meta``      (E, ceil(out/16), NS·64), uint8, with NS = ``meta_steps(kb, bw)`` = 2·ceil(kb·bw/64): the 2:4
+  positions, stored as the per-thread metadata registers of the Hopper sparse MMA (``wgmma.mma_async.sp``
+  m64nNk32, bf16), so that the kernel loads them as they are.
+
+  Per row: the row's kept columns (its panel's kept blocks in ascending block order, kb·bw of them) form groups
+  of 4, and each group q has a 4-bit nibble: bits 0-1 hold the position (0..3) of the first kept value, bits 2-3
+  that of the second (first < second). Row byte i holds groups 2i (low nibble) and 2i+1 (high nibble), so 4 row
+  bytes cover one MMA step of 32 kept columns (8 groups). Each row is padded to NS steps (an even count: two
+  steps make the kernel's 64-column K tile) and the rows are padded to a multiple of 16, both with byte 0x44
+  (nibble 0x4 = positions 0, 1: a valid pattern; the kernel pairs it with zero values).
+
+  Interleaving: for each 16-row group G and step j, ``meta[e, G, 64·j : 64·j + 64]`` holds 16 slots of 4 bytes.
+  Slot s = 2·g + t (g in 0..7, t in 0..1) is the little-endian uint32 whose low 16 bits are row bytes 4j + 2t and
+  4j + 2t + 1 of row 16G + g (groups 8j + 4t .. 8j + 4t + 3, i.e. kept columns 32j + 16t .. 32j + 16t + 15: the
+  step's column half t) and whose high 16 bits are the same two bytes of row 16G + g + 8. As an index map, padded
+  row byte (row 16G + 8h + g, byte 4j + 2t + b) sits at ``meta[e, G, 64j + 8g + 4t + 2h + b]``, i.e. the padded
+  (16·R16, 4·NS) bytes viewed as (R16, h 2, g 8, j NS, t 2, b 2) permuted to (R16, j, g, t, h, b). This is the
+  register of the PTX sparse wgmma: in the 64-row tile at row 64m, lane l of warp w (G = 4m + w) reads slot
+  2·(l/4) + (l&1) of step j, which holds rows 16G + l/4 and 16G + l/4 + 8, column half l&1.
 - ``block_idx`` (E, ceil(out/128), kb), int32: the kept column-block indices of each panel, ascending.
 
 The last panel may hold fewer than 128 rows (``out`` need not be a multiple of 128); ``in`` must be a multiple of
@@ -31,6 +46,9 @@ from .errors import InvalidArgumentError
 
 PANEL = 128
 GROUP = 4  # 2:4 sparsity: 2 kept of every 4
+META_ROWS = 16  # rows per metadata row group: one warp's share of the m64 sparse wgmma
+MMA_K = 32  # kept columns per sparse-MMA step (k32); a metadata step is 8 nibbles = 4 bytes per row
+_META_PAD = 0x44  # padding byte: two nibbles 0x4 (positions 0, 1)
 BLOCK_WIDTHS = (16, 32, 64)
 MAX_BM = 64
 DENSITIES = {0.5: (1, 1), 0.25: (1, 2), 0.1: (1, 5), 0.05: (1, 10)}  # density -> (bn, bm): the standard ratios
@@ -40,6 +58,33 @@ def kept_blocks(num_blocks: int, bn: int, bm: int) -> int:
     """Blocks one panel keeps out of ``num_blocks``: bn per full window, ceil(r·bn/bm) in a partial one of r."""
     full, r = divmod(num_blocks, bm)
     return full * bn + math.ceil(r * bn / bm)
+
+
+def meta_steps(kb: int, bw: int) -> int:
+    """NS: the 32-column sparse-MMA steps of a row's kb·bw kept columns, padded to an even count."""
+    return 2 * math.ceil(kb * bw / (2 * MMA_K))
+
+
+def _pack_meta(nibbles: torch.Tensor, steps: int) -> torch.Tensor:
+    """2:4 nibbles (E, out, n) of each row's n kept groups -> ``meta`` (E, ceil(out/16), steps·64) uint8,
+    padding with 0x4 nibbles (see the module docstring)."""
+    e, out, n = nibbles.shape
+    r16 = math.ceil(out / META_ROWS)
+    nib = nibbles.to(torch.uint8)
+    rows = torch.full((e, r16 * META_ROWS, steps * 4), _META_PAD, dtype=torch.uint8, device=nibbles.device)
+    rows[:, :out, :n // 2] = nib[..., 0::2] | (nib[..., 1::2] << 4)
+    # (E, R16, h, g, j, t, b) -> (E, R16, j, g, t, h, b)
+    return rows.reshape(e, r16, 2, 8, steps, 2, 2).permute(0, 1, 4, 3, 5, 2, 6).reshape(e, r16, steps * 64)
+
+
+def _unpack_meta(meta: torch.Tensor, out: int, n: int) -> torch.Tensor:
+    """``meta`` (E, ceil(out/16), NS·64) -> the 2:4 nibbles (E, out, n) uint8 of each row's n real kept groups."""
+    e, r16, width = meta.shape
+    steps = width // 64
+    # (E, R16, j, g, t, h, b) -> (E, R16, h, g, j, t, b)
+    rows = meta.reshape(e, r16, steps, 8, 2, 2, 2).permute(0, 1, 5, 3, 2, 4, 6).reshape(e, r16 * META_ROWS, steps * 4)
+    b = rows[:, :out, :n // 2]
+    return torch.stack([b & 0xF, b >> 4], dim=-1).flatten(-2)
 
 
 def check_ratio(bn, bm, bw) -> None:
@@ -69,7 +114,7 @@ class BlockNM:
         panels = math.ceil(out / PANEL)
         expected = {
             "values": ((experts, out, kb * bw // 2), FLOAT_DTYPES, values),
-            "meta": ((experts, out, kb * bw // 8), (torch.uint8,), meta),
+            "meta": ((experts, math.ceil(out / META_ROWS), meta_steps(kb, bw) * 64), (torch.uint8,), meta),
             "block_idx": ((experts, panels, kb), (torch.int32,), block_idx),
         }
         for name, (want_shape, dtypes, t) in expected.items():
@@ -148,7 +193,7 @@ class BlockNM:
         panel_of_row = torch.arange(self.out_features, device=self.device) // PANEL
         blocks = self.block_idx.long()[:, panel_of_row]  # (E, out, kb)
         groups = (blocks[..., None] * per_block + torch.arange(per_block, device=self.device)).flatten(-2)
-        nibbles = torch.stack([self.meta & 0xF, self.meta >> 4], dim=-1).flatten(-2).long()  # (E, out, n)
+        nibbles = _unpack_meta(self.meta, self.out_features, groups.shape[-1]).long()  # (E, out, n)
         pos = torch.stack([nibbles & 3, nibbles >> 2], dim=-1)
         return groups, pos
 
@@ -189,10 +234,13 @@ class BlockNM:
             allowed[-1] = math.ceil(r * self.bn / self.bm)
         if bool((per_window != allowed).any()):
             raise InvalidArgumentError(f"block_idx: each window of {self.bm} blocks must keep {self.bn} blocks")
-        lo, hi = self.meta & 3, (self.meta >> 2) & 3
-        lo2, hi2 = (self.meta >> 4) & 3, self.meta >> 6
-        if bool(((lo >= hi) | (lo2 >= hi2)).any()):
+        nibbles = _unpack_meta(self.meta, self.out_features, self.kept_blocks * self.bw // GROUP)
+        if bool(((nibbles & 3) >= (nibbles >> 2)).any()):
             raise InvalidArgumentError("meta: each 2:4 nibble must hold two ascending positions")
+        # the real nibbles round-trip exactly, so any difference lies in the padding
+        if not torch.equal(_pack_meta(nibbles, self.meta.shape[-1] // 64), self.meta):
+            raise InvalidArgumentError("meta: padding nibbles (past the last kept column or row) must be 0x4 "
+                                       "(positions 0, 1)")
 
 
 def _check_sparsify_args(weight, score, bn, bm, bw) -> torch.Tensor:
@@ -272,7 +320,7 @@ def sparsify(weight: torch.Tensor, *, bn: int, bm: int, bw: int = 16, score: tor
         kept = w.reshape(out, inp // GROUP, GROUP).gather(1, groups[..., None].expand(-1, -1, GROUP))
         values.append(kept.gather(2, kept_pos).reshape(out, -1).to(dtype))
         nibble = kept_pos[..., 0] | (kept_pos[..., 1] << 2)
-        metas.append((nibble[:, 0::2] | (nibble[:, 1::2] << 4)).to(torch.uint8))
+        metas.append(_pack_meta(nibble[None], meta_steps(block_idx.shape[-1], bw))[0])
         indices.append(block_idx.to(torch.int32))
     return BlockNM(torch.stack(values), torch.stack(metas), torch.stack(indices),
                    shape=weight.shape, bn=bn, bm=bm, bw=bw)

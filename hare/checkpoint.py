@@ -22,7 +22,7 @@ from .blocknm import BlockNM
 from .errors import CheckpointError, HareError, InvalidArgumentError
 
 FORMAT = "hare"
-VERSION = 1
+VERSION = 2  # 2: BlockNM.meta in the sparse-wgmma register layout (1: one row of nibbles per weight row)
 _PARTS = ("values", "meta", "block_idx")
 _SINGLE = "weight"  # entry name used when a single BlockNM is saved
 
@@ -73,6 +73,9 @@ def _read_header(path: Path) -> dict:
     meta = header.get("__metadata__") or {}
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: a safetensors file, but not a Hare file (no format={FORMAT!r} in its metadata)")
+    if meta.get("version") == "1":
+        raise CheckpointError(f"{path}: Hare format version 1, written by an older Hare with a different 2:4 metadata "
+                              f"layout; this Hare reads version {VERSION}: re-run `hare sparsify` to rewrite it")
     if meta.get("version") != str(VERSION):
         raise CheckpointError(f"{path}: Hare format version {meta.get('version')!r}; this Hare reads version {VERSION}")
     return meta

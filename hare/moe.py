@@ -12,7 +12,7 @@ import warnings
 import torch
 
 from ._checks import check_float, check_int, check_same_device, check_topk_ids
-from .blocknm import BlockNM
+from .blocknm import PANEL, BlockNM
 from .errors import InvalidArgumentError
 from .reference import ACTIVATIONS, reference_moe
 
@@ -62,14 +62,19 @@ def check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, che
 _warned: set[str] = set()
 
 
+def _contiguous(w):
+    return w if isinstance(w, BlockNM) else w.contiguous()
+
+
 def backend(x: torch.Tensor, w_gate_up, w_down) -> tuple[str, str]:
     """("hopper", "") when ``moe`` on these arguments runs the GPU kernels, else ("reference", why not)."""
     if not x.is_cuda:
         return "reference", f"tensors on {x.device}"
-    if isinstance(w_gate_up, BlockNM) or isinstance(w_down, BlockNM):
-        return "reference", "the sparse (BlockNM) Hopper kernels are not built yet"
     if x.dtype != torch.bfloat16:
         return "reference", f"the Hopper kernels take bf16, got {x.dtype}"
+    for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        if isinstance(w, BlockNM) and w.dtype != torch.bfloat16:
+            return "reference", f"the Hopper kernels take bf16 {name} values, got {w.dtype}"
     from . import gpu
 
     ok, why = gpu.availability(x.device)
@@ -78,6 +83,9 @@ def backend(x: torch.Tensor, w_gate_up, w_down) -> tuple[str, str]:
     hidden, ffn = x.shape[1], w_down.shape[2]
     if hidden % gpu.K_ALIGN or ffn % gpu.K_ALIGN:
         return "reference", f"hidden {hidden} and ffn {ffn} must be multiples of {gpu.K_ALIGN} for the Hopper kernels"
+    if isinstance(w_gate_up, BlockNM) and ffn % PANEL:
+        return "reference", (f"ffn {ffn} is not a multiple of {PANEL}: a Block N:M gate/up panel would mix gate and up "
+                             "rows, which the Hopper kernels do not take")
     return "hopper", ""
 
 
@@ -98,8 +106,8 @@ def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_g
     if path == "hopper":
         from .gpu import fused_moe
 
-        return fused_moe(x, topk_ids, topk_weights, w_gate_up.contiguous(), w_down.contiguous(),
-                         activation, deterministic)
+        return fused_moe(x, topk_ids, topk_weights, _contiguous(w_gate_up), _contiguous(w_down), activation,
+                         deterministic)
     if x.is_cuda and why not in _warned:
         _warned.add(why)
         warnings.warn(f"hare.moe: using the reference path on {x.device}: {why}", stacklevel=2)

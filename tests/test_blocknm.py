@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hare
-from hare.blocknm import PANEL, kept_blocks
+from hare.blocknm import PANEL, kept_blocks, meta_steps
 
 RATIOS = [(1, 1), (1, 2), (1, 5), (1, 10), (2, 5)]
 
@@ -65,6 +65,10 @@ def test_nbytes_counts_values_meta_and_indices(gen):
     assert s.nbytes == 4 * 256 * kb * 8 * 2 + 4 * 256 * kb * 2 + 4 * 2 * kb * 4
     # bf16 at 25%: values 0.5 B + metadata 0.0625 B per dense weight, plus the small block index
     assert s.nbytes / (4 * 256 * 512 * 2) == pytest.approx(0.5625 / 2, rel=0.01)
+    # the metadata is padded to 16-row groups and an even count of 32-column steps: 40 rows x 48 kept columns
+    # store 3 groups x 2 steps x 64 bytes
+    t = hare.sparsify(torch.randn(40, 48, generator=gen), bn=1, bm=1, bw=16)
+    assert t.nbytes == 40 * 24 * 2 + 3 * 2 * 64 + 1 * 3 * 4
 
 
 def best_pair(scores4: torch.Tensor) -> torch.Tensor:
@@ -160,7 +164,106 @@ def test_constructor_rejects_inconsistent_parts(gen):
         hare.BlockNM(s.values[:, :-1], s.meta, s.block_idx, shape=s.shape, bn=1, bm=2, bw=16)
     with pytest.raises(hare.InvalidArgumentError, match="meta"):
         hare.BlockNM(s.values, s.meta.int(), s.block_idx, shape=s.shape, bn=1, bm=2, bw=16)
+    with pytest.raises(hare.InvalidArgumentError, match="meta"):  # the old (E, out, kb·bw/8) layout
+        hare.BlockNM(s.values, torch.zeros(1, 128, 4, dtype=torch.uint8), s.block_idx, shape=s.shape, bn=1, bm=2, bw=16)
     bad = s.block_idx.clone()
     bad[..., 0] = 99
     with pytest.raises(hare.InvalidArgumentError, match="block_idx"):
         hare.BlockNM(s.values, s.meta, bad, shape=s.shape, bn=1, bm=2, bw=16).check()
+
+
+# ---- the 2:4 metadata layout (sparse-wgmma registers) ----------------------------------------------------------
+
+def test_meta_steps():
+    # NS: 32-column steps of kb·bw kept columns, rounded up to an even count
+    assert [meta_steps(kb, bw) for kb, bw in [(1, 16), (3, 16), (4, 16), (5, 16), (8, 16), (2, 32), (5, 32), (3, 64)]] \
+        == [2, 2, 2, 4, 4, 2, 6, 6]
+
+
+def meta_offset(row: int, byte: int) -> tuple[int, int]:
+    """Where the layout puts byte ``byte`` of row ``row``'s nibble bytes: (16-row group, offset in it)."""
+    j, t, b = byte // 4, byte % 4 // 2, byte % 2
+    h, g = row % 16 // 8, row % 8
+    return row // 16, 64 * j + 8 * g + 4 * t + 2 * h + b
+
+
+def expected_nibbles(w: torch.Tensor, s: hare.BlockNM) -> torch.Tensor:
+    """Each row's nibbles (E, out, n), from the weight alone: the kept blocks of block_idx, in each kept group the
+    two largest |w| (the magnitude criterion; randn has no ties). Also checks the mask they imply is s.mask()."""
+    w3 = w if w.dim() == 3 else w[None]
+    e, out, inp = w3.shape
+    bw = s.bw
+    mask = torch.zeros(e, out, inp // 4, 4, dtype=torch.bool)
+    nib = torch.zeros(e, out, s.kept_blocks * bw // 4, dtype=torch.long)
+    for x in range(e):
+        for r in range(out):
+            q = 0
+            for blk in s.block_idx[x, r // PANEL].tolist():
+                for grp in range(blk * bw // 4, (blk + 1) * bw // 4):
+                    p0, p1 = sorted(w3[x, r, 4 * grp:4 * grp + 4].abs().topk(2).indices.tolist())
+                    mask[x, r, grp, [p0, p1]] = True
+                    nib[x, r, q] = p0 | (p1 << 2)
+                    q += 1
+    assert torch.equal(s.mask(), mask.reshape(w.shape)), "mask disagrees with the independent decode"
+    return nib
+
+
+LAYOUT_CASES = [  # (shape, bn, bm, bw): odd step counts, partial windows, out not a multiple of 16
+    ((2, 40, 48), 1, 1, 16),   # kb = 3: 48 kept columns, NS = 2 (one padding half step)
+    ((2, 40, 48), 1, 5, 16),   # one partial window: kb = 1, 16 kept columns of 64
+    ((40, 160), 1, 1, 32),     # kb = 5: 160 kept columns, 5 real steps padded to NS = 6
+    ((1, 17, 112), 1, 2, 16),  # kb = 4, 17 rows: a 16-row group of 1 real row
+    ((2, 130, 448), 2, 5, 64),  # kb = 3 (2 + ceil(2·2/5)): 192 kept columns, two panels
+    ((3, 32, 640), 1, 10, 32),  # kb = 2: 64 kept columns, no padding at all
+]
+
+
+@pytest.mark.parametrize("shape,bn,bm,bw", LAYOUT_CASES)
+def test_meta_layout(shape, bn, bm, bw, gen):
+    w = torch.randn(*shape, generator=gen)
+    s = hare.sparsify(w, bn=bn, bm=bm, bw=bw, dtype=torch.float32)
+    # (a) exact round trip, as before
+    assert torch.equal(s.to_dense(), w * s.mask())
+    s.check()
+    e, out = s.num_experts, s.out_features
+    kb, ns, r16 = s.kept_blocks, meta_steps(s.kept_blocks, bw), math.ceil(out / 16)
+    n = kb * bw // 4
+    assert s.meta.shape == (e, r16, ns * 64) and s.meta.dtype == torch.uint8 and s.meta.is_contiguous()
+    nib = expected_nibbles(w, s)
+    meta = s.meta.tolist()
+
+    def want(x, r, grp):  # nibble of group grp of row r; 0x4 past the real rows and groups
+        return nib[x, r, grp].item() if r < out and grp < n else 4
+
+    # (b) + (c) every slot decoded by hand, padding rows and steps included
+    for x in range(e):
+        for r in range(r16 * 16):
+            for j in range(ns):
+                for t in range(2):
+                    at = j * 64 + (2 * (r % 16 % 8) + t) * 4
+                    word = int.from_bytes(bytes(meta[x][r // 16][at:at + 4]), "little")
+                    half = word >> 16 if r % 16 >= 8 else word & 0xFFFF
+                    groups = range(8 * j + 4 * t, 8 * j + 4 * t + 4)
+                    assert half == sum(want(x, r, grp) << 4 * k for k, grp in enumerate(groups)), (x, r, j, t)
+
+    # (d) check() rejects a real nibble with equal positions ...
+    gen_r = torch.Generator().manual_seed(hash((shape, bn, bm, bw)) % 2**31)
+    x, r, q = (int(torch.randint(0, m, (1,), generator=gen_r)) for m in (e, out, n))
+    bad = s.meta.clone()
+    grp16, off = meta_offset(r, q // 2)
+    shift = 4 * (q % 2)
+    bad[x, grp16, off] = (int(bad[x, grp16, off]) & ~(0xF << shift)) | (0x5 << shift)  # positions 1, 1
+    with pytest.raises(hare.InvalidArgumentError, match="ascending"):
+        hare.BlockNM(s.values, bad, s.block_idx, shape=s.shape, bn=bn, bm=bm, bw=bw).check()
+    # ... and a padding nibble that is not 0x4, even a valid pattern (positions 1, 2), in a padding column or row
+    pads = ([(r, n // 2)] if n < ns * 8 else []) + ([(out, 0)] if out % 16 else [])
+    for row, byte in pads:
+        bad = s.meta.clone()
+        grp16, off = meta_offset(row, byte)
+        bad[x, grp16, off] = 0x94
+        with pytest.raises(hare.InvalidArgumentError, match="padding"):
+            hare.BlockNM(s.values, bad, s.block_idx, shape=s.shape, bn=bn, bm=bm, bw=bw).check()
+    # selecting experts keeps the layout (E stays first)
+    if s.stacked and e > 1:
+        part = s.select_experts(1, e)
+        assert torch.equal(part.meta, s.meta[1:]) and torch.equal(part.to_dense(), s.to_dense()[1:])

@@ -63,6 +63,7 @@ def _set(d, k, v):
 @pytest.mark.parametrize("tensors,meta,match", [
     (None, lambda m: m.pop("format"), "not a Hare file"),
     (None, lambda m: _set(m, "version", "99"), "version"),
+    (None, lambda m: _set(m, "version", "1"), r"older Hare with a different 2:4 metadata layout.*re-run `hare sparsify`"),
     (None, lambda m: _set(m, "entries", "{"), "malformed"),
     (lambda t: t.pop("weight.meta"), None, "missing"),
     (lambda t: _set(t, "extra", torch.zeros(1)), None, "not described"),
@@ -71,6 +72,8 @@ def _set(d, k, v):
     (lambda t: _set(t, "weight.block_idx", t["weight.block_idx"].long()), None, "dtype"),
     (lambda t: _set(t, "weight.values", t["weight.values"][:, :, :-2].contiguous()), None, "shape"),
     (lambda t: _set(t, "weight.meta", torch.zeros_like(t["weight.meta"])), None, "nibble"),
+    (lambda t: _set(t, "weight.meta", t["weight.meta"][:, :, :-64].contiguous()), None, "shape"),  # one step short
+    (lambda t: t["weight.meta"][..., -1].fill_(0x99), None, "padding"),  # rows 16G+15, groups 14-15 of 12: padding
     (None, lambda m: _set(m, "entries", m["entries"].replace('"bm": 2', '"bm": 0')), "bm"),
 ])
 def test_corrupt_files_are_rejected(tmp_path, weight, tensors, meta, match):

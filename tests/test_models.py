@@ -53,7 +53,9 @@ def test_checkpoint_round_trip_gives_the_patched_logits(model_type, tmp_path):
     model = save_tiny_model(model_type, tmp_path / "src")
     reports = sparsify_checkpoint(tmp_path / "src", tmp_path / "out", 0.25, calib_text=TEXT, progress=False)
     assert [r.name for r in reports] == list(experts_modules(model))
-    assert all(0 < r.rel_error < 5 and 0.2 < r.sparse_bytes / r.dense_bytes < 0.3 for r in reports)
+    # values are 25% of the dense bytes; at these tiny K (32, 64) the 2:4 metadata is padded to whole 64-column
+    # K tiles and to 16-row groups (the sparse-wgmma layout), which adds up to a few % more
+    assert all(0 < r.rel_error < 5 and 0.25 < r.sparse_bytes / r.dense_bytes < 0.35 for r in reports)
     manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
     assert (manifest["bn"], manifest["bm"], manifest["calibration"]["criterion"]) == (1, 2, "activation-aware")
 

@@ -13,6 +13,8 @@ Methods, all timed as CUDA-graph replays (median of several, L2 flushed before e
 
 Reports time, speedup, TFLOP/s and bytes/s (touched experts' weights + x + out) and their fractions of the
 matrix peak and copy bandwidth measured in the same run; writes JSON records and a PNG plot; prints a table.
+With ``--density`` (Block N:M weights) or ``--suite real synthetic`` (the Hare paper's settings) it runs the sparse
+benchmark of hare.bench.sparse instead, with the same timer, ceilings, inputs and baselines.
 """
 
 from __future__ import annotations
@@ -102,6 +104,23 @@ def measure_ceilings(device) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ inputs
+def make_weights(H, F, E, device, gen):
+    """Random bf16 experts scaled to unit-variance outputs: w_gate_up (E, 2F, H), w_down (E, H, F)."""
+    wgu = (torch.randn(E, 2 * F, H, device=device, generator=gen) * H**-0.5).to(torch.bfloat16)
+    wd = (torch.randn(E, H, F, device=device, generator=gen) * F**-0.5).to(torch.bfloat16)
+    return wgu, wd
+
+
+def moe_flops(rows, H, F) -> float:
+    """Dense FLOPs of R routed rows: gate/up 4·R·H·F + down 2·R·H·F (a sparse kernel's dense equivalent)."""
+    return 6.0 * rows * H * F
+
+
+def traffic_bytes(expert_bytes, touched, T, H) -> float:
+    """Fewest bytes a layer moves: the touched experts' weights (``expert_bytes`` each) + x + out (bf16)."""
+    return touched * expert_bytes + 2.0 * T * H * 2
+
+
 def make_case(T, H, E, k, routing, device, gen):
     x = torch.randn(T, H, device=device, generator=gen).to(torch.bfloat16)
     if routing == "uniform":
@@ -144,9 +163,11 @@ def grouped_mm_fn(x, ids, w, wgu_t, wd_t, activation="silu"):
 
 
 def cublas_loop_fn(x, ids, w, wgu, wd, activation="silu"):
+    """One linear pair per touched expert; wgu[e] (2F, H) and wd[e] (H, F) may be any weights F.linear takes
+    (dense, or the 2:4-compressed tensors of the cuSPARSELt baseline in hare.bench.sparse)."""
     T, k = ids.shape
-    E = wgu.shape[0]
-    F = wd.shape[2]
+    E = len(wgu)
+    F = wd[0].shape[1]
     act = _act(activation)
     groups = []
     for e in range(E):
@@ -157,9 +178,9 @@ def cublas_loop_fn(x, ids, w, wgu, wd, activation="silu"):
     def run():
         out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
         for e, tok, we in groups:
-            gu = torch.mm(x[tok], wgu[e].t())
+            gu = Fn.linear(x[tok], wgu[e])
             h = act(gu[:, :F]) * gu[:, F:]
-            y = torch.mm(h, wd[e].t())
+            y = Fn.linear(h, wd[e])
             out.index_add_(0, tok, y.float() * we)
         return out.to(torch.bfloat16)
 
@@ -230,8 +251,7 @@ def run_kernel_bench(shapes=None, tokens=None, routing=None, out_json=None, plot
     t_start = time.perf_counter()
     for shape in shapes:
         H, F, E, k = SHAPES[shape]
-        wgu = (torch.randn(E, 2 * F, H, device=dev, generator=gen) * H**-0.5).to(torch.bfloat16)
-        wd = (torch.randn(E, H, F, device=dev, generator=gen) * F**-0.5).to(torch.bfloat16)
+        wgu, wd = make_weights(H, F, E, dev, gen)
         wgu_t, wd_t = wgu.transpose(1, 2), wd.transpose(1, 2)
         for rt in routings:
             for T in tokens:
@@ -239,8 +259,8 @@ def run_kernel_bench(shapes=None, tokens=None, routing=None, out_json=None, plot
                 R = T * k
                 counts = torch.bincount(ids.reshape(-1), minlength=E)
                 touched = int((counts > 0).sum())
-                flops = 6.0 * R * H * F
-                min_bytes = touched * 3.0 * H * F * 2 + 2.0 * T * H * 2
+                flops = moe_flops(R, H, F)
+                min_bytes = traffic_bytes(3.0 * H * F * 2, touched, T, H)
                 rec_base = {"bench": "kernels", "case": f"{shape}/{rt}", "tokens": T, "density": 1.0,
                             "shape": shape, "routing": rt, "hidden": H, "ffn": F, "experts": E, "top_k": k,
                             "touched_experts": touched, "max_rows_per_expert": int(counts.max()),
@@ -311,8 +331,7 @@ def measure_launch_overhead(dev) -> dict:
 
     H, F, E, k = SHAPES["qwen3-30b-a3b"]
     gen = torch.Generator(device=dev).manual_seed(1)
-    wgu = (torch.randn(E, 2 * F, H, device=dev, generator=gen) * H**-0.5).to(torch.bfloat16)
-    wd = (torch.randn(E, H, F, device=dev, generator=gen) * F**-0.5).to(torch.bfloat16)
+    wgu, wd = make_weights(H, F, E, dev, gen)
     x, ids, w = make_case(1, H, E, k, "uniform", dev, gen)
     for _ in range(5):
         hg.fused_moe(x, ids, w, wgu, wd)
@@ -405,18 +424,43 @@ def plot(result, plot_dir: Path) -> Path:
     return path
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    from ..blocknm import BLOCK_WIDTHS, DENSITIES
+    from .sparse import SUITES
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="*", default=None, choices=list(SHAPES))
     ap.add_argument("--tokens", nargs="*", type=int, default=None)
     ap.add_argument("--routing", nargs="*", default=None, choices=list(ROUTINGS))
+    ap.add_argument("--density", nargs="+", type=float, default=None, choices=list(DENSITIES),
+                    help="Block N:M densities for the model shapes (sparse benchmark; default: dense kernels only)")
+    ap.add_argument("--bw", type=int, default=16, choices=BLOCK_WIDTHS,
+                    help="Block N:M block width of --density and of --suite real (synthetic fixes 16)")
+    ap.add_argument("--suite", nargs="+", default=["models"], choices=SUITES,
+                    help="models: the shapes above; real, synthetic: the Hare paper's settings (fixed cases)")
     ap.add_argument("--out-json", default=None)
-    ap.add_argument("--plot-dir", default=None)
+    ap.add_argument("--plot-dir", default=None, help="sparse plots default to the JSON's folder")
     ap.add_argument("--log", default=None)
-    ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--no-baselines", action="store_true", help="dense benchmark only")
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     a = ap.parse_args(argv)
-    run_kernel_bench(shapes=a.shapes, tokens=a.tokens, routing=a.routing, out_json=a.out_json,
-                     plot_dir=a.plot_dir, baselines=not a.no_baselines, log=a.log)
+    if a.density is None and a.suite == ["models"]:
+        run_kernel_bench(shapes=a.shapes, tokens=a.tokens, routing=a.routing, out_json=a.out_json,
+                         plot_dir=a.plot_dir, baselines=not a.no_baselines, log=a.log)
+        return
+    from .sparse import run_sparse_bench, select_cases
+
+    try:
+        cases = select_cases(a.suite, a.density, a.bw, shapes=a.shapes, tokens=a.tokens, routings=a.routing)
+    except ValueError as exc:
+        ap.error(str(exc))
+    result = run_sparse_bench(cases, out_json=a.out_json, plot_dir=a.plot_dir, log=a.log)
+    if result["errors"]:
+        raise SystemExit(f"{len(result['errors'])} sparse kernel call(s) failed (see 'errors' in the results)")
 
 
 if __name__ == "__main__":

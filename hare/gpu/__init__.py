@@ -1,4 +1,4 @@
-"""Hopper (sm_90a) fast path of hare.moe for dense bf16 expert weights.
+"""Hopper (sm_90a) fast path of hare.moe for bf16 expert weights, dense or Block N:M sparse.
 
 Public entry points:
 
@@ -6,7 +6,9 @@ Public entry points:
 * :func:`build_layout` -- the routing layout of :func:`hare.routing.route`, built on the GPU with no host sync
   (two kernel launches; capturable in a CUDA graph; every shape fixed by tokens, top-k and experts).
 * :func:`fused_moe` -- the routed expert MLP: gate/up GEMM with the token gather and SwiGLU/GELU fused, then the
-  down GEMM with the routing weight, the return to token order and the top-k sum fused.
+  down GEMM with the routing weight, the return to token order and the top-k sum fused. Dense bf16 weights run
+  on wgmma; Block N:M (``hare.BlockNM``) weights run on the sparse tensor cores (``wgmma.mma_async.sp``), looping
+  only over each 128-row panel's kept K blocks.
 
 Kernels are CUDA C++ in ``hare/gpu/csrc``, compiled at first use with nvcc for sm_90a and cached on disk
 (see ``_build``); they are launched with the CUDA driver API through cuda-bindings, which is imported lazily,
@@ -27,6 +29,7 @@ import functools
 
 import torch
 
+from ..blocknm import PANEL, BlockNM
 from ..errors import InvalidArgumentError
 from ..routing import DEFAULT_BLOCK, RoutingLayout
 
@@ -90,51 +93,75 @@ def build_layout(topk_ids: torch.Tensor, num_experts: int, block: int = DEFAULT_
     return ops.to_layout(tensors, T, k, int(num_experts), int(block))
 
 
+def _weight_parts(name: str, w) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int, tuple]:
+    """(values or dense weight, meta, block_idx, bw, logical shape) of a dense tensor or a stacked BlockNM."""
+    if isinstance(w, BlockNM):
+        if not w.stacked:
+            raise InvalidArgumentError(f"{name}: expected a stacked BlockNM (E, out, in), got shape {tuple(w.shape)}")
+        parts = (w.values, w.meta, w.block_idx)
+        if not all(t.is_contiguous() for t in parts):
+            raise InvalidArgumentError(f"{name}: BlockNM storage must be contiguous")
+        return w.values, w.meta, w.block_idx, w.bw, tuple(w.shape)
+    if not isinstance(w, torch.Tensor) or w.dim() != 3:
+        raise InvalidArgumentError(f"{name}: expected a 3-D tensor or a stacked BlockNM")
+    if not w.is_contiguous():
+        raise InvalidArgumentError(f"{name}: expert weights must be contiguous")
+    return w, None, None, 0, tuple(w.shape)
+
+
 def fused_moe(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
+    w_gate_up,
+    w_down,
     activation: str = "silu",
     deterministic: bool = True,
 ) -> torch.Tensor:
     """out[t] = sum_j w[t,j] * W_down[e] (act(W_gate[e] x_t) * W_up[e] x_t), e = topk_ids[t,j].
 
-    x (T, H) bf16; topk_ids (T, k) int; topk_weights (T, k) float; w_gate_up (E, 2F, H) bf16 (rows [0, F) gate,
-    [F, 2F) up); w_down (E, H, F) bf16; all on one sm_90 device. H and F must be multiples of 64.
+    x (T, H) bf16; topk_ids (T, k) int; topk_weights (T, k) float; w_gate_up (E, 2F, H) (rows [0, F) gate,
+    [F, 2F) up) and w_down (E, H, F), each a bf16 tensor or a stacked ``hare.BlockNM`` with bf16 values (the
+    sparse kernels run on its compressed storage); all on one sm_90 device. H and F must be multiples of 64, and F
+    of 128 when w_gate_up is Block N:M (so gate panel m and up panel m cover the same ffn columns).
     Returns (T, H) bf16. ``deterministic`` (default True): see the module docstring.
     """
     if activation not in ACTIVATIONS:
         raise InvalidArgumentError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    gu, gu_meta, gu_idx, gu_bw, gu_shape = _weight_parts("w_gate_up", w_gate_up)
+    dn, d_meta, d_idx, d_bw, d_shape = _weight_parts("w_down", w_down)
     for name, t, nd in (("x", x, 2), ("topk_ids", topk_ids, 2), ("topk_weights", topk_weights, 2),
-                        ("w_gate_up", w_gate_up, 3), ("w_down", w_down, 3)):
+                        ("w_gate_up", gu, 3), ("w_down", dn, 3)):
         if not isinstance(t, torch.Tensor) or t.dim() != nd:
             raise InvalidArgumentError(f"{name}: expected a {nd}-D tensor")
         if not t.is_cuda:
             raise InvalidArgumentError(f"{name}: expected a CUDA tensor")
-    for name, t in (("x", x), ("w_gate_up", w_gate_up), ("w_down", w_down)):
+    for name, t in (("x", x), ("w_gate_up", gu), ("w_down", dn)):
         if t.dtype != torch.bfloat16:
             raise InvalidArgumentError(f"{name}: expected bfloat16, got {t.dtype}")
+    if len({t.device for t in (x, topk_ids, topk_weights, gu, dn)}) != 1:
+        raise InvalidArgumentError("x, topk_ids, topk_weights and the weights must be on one device")
     T, H = x.shape
-    E, F2, H2 = w_gate_up.shape
+    E, F2, H2 = gu_shape
     F = F2 // 2
-    if H2 != H or F2 % 2 or tuple(w_down.shape) != (E, H, F):
+    if H2 != H or F2 % 2 or d_shape != (E, H, F):
         raise InvalidArgumentError(
-            f"shapes: x {tuple(x.shape)}, w_gate_up {tuple(w_gate_up.shape)}, w_down {tuple(w_down.shape)} "
-            "(expected (T, H), (E, 2F, H), (E, H, F))")
-    if H % 64 or F % 64:
-        raise InvalidArgumentError(f"hidden ({H}) and ffn ({F}) must be multiples of 64 for the GPU kernels")
+            f"shapes: x {tuple(x.shape)}, w_gate_up {gu_shape}, w_down {d_shape} (expected (T, H), (E, 2F, H), (E, H, F))")
+    if H % K_ALIGN or F % K_ALIGN:
+        raise InvalidArgumentError(f"hidden ({H}) and ffn ({F}) must be multiples of {K_ALIGN} for the GPU kernels")
+    if gu_meta is not None and F % PANEL:
+        raise InvalidArgumentError(f"ffn ({F}) must be a multiple of {PANEL} for Block N:M gate/up weights on the GPU "
+                                   "(a 128-row panel would hold both gate and up rows)")
     if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != T:
         raise InvalidArgumentError("topk_ids and topk_weights must both be (T, k)")
-    if not (w_gate_up.is_contiguous() and w_down.is_contiguous()):
-        raise InvalidArgumentError("expert weights must be contiguous")
+    args = (x, topk_ids, topk_weights, gu, gu_meta, gu_idx, gu_bw, dn, d_meta, d_idx, d_bw, activation,
+            bool(deterministic))
     if torch.compiler.is_compiling():
-        return torch.ops.hare.fused_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation, bool(deterministic))
+        return torch.ops.hare.fused_moe(*args)
     # eager (and CUDA-graph capture): skip the custom-op dispatcher, which costs ~80 us per call in eager mode
     from . import ops
 
-    return ops.fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, w_down, activation, bool(deterministic))
+    return ops.fused_moe_impl(*args)
 
 
 # the custom ops are registered at import (no CUDA needed for that)

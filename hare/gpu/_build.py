@@ -29,7 +29,7 @@ KERNEL_NAMES = (
     "hare_combine",
     "hare_glu_combine_silu",
     "hare_glu_combine_gelu",
-    *(f"hare_{kind}_bn{bn}" for kind in GEMM_KINDS for bn in BLOCK_NS),
+    *(f"hare_{kind}{sp}_bn{bn}" for kind in GEMM_KINDS for sp in ("", "_sp") for bn in BLOCK_NS),
 )
 
 

@@ -41,6 +41,7 @@ class GemmParams(ctypes.Structure):
         ("block_start", ctypes.c_void_p),
         ("block_height", ctypes.c_void_p),
         ("num_blocks", ctypes.c_void_p),
+        ("block_idx", ctypes.c_void_p),
         ("out_split_stride", ctypes.c_longlong),
         ("K", ctypes.c_int),
         ("M", ctypes.c_int),
@@ -53,6 +54,10 @@ class GemmParams(ctypes.Structure):
         ("top_k", ctypes.c_int),
         ("num_rows", ctypes.c_int),
         ("group", ctypes.c_int),
+        ("k_stages", ctypes.c_int),
+        ("kept", ctypes.c_int),
+        ("bw_log2", ctypes.c_int),
+        ("panels", ctypes.c_int),
     ]
 
 
@@ -95,7 +100,7 @@ class CombineParams(ctypes.Structure):
 
 # Fast packing (ctypes.Structure construction costs several us per launch): struct formats with the same
 # layout as the ctypes mirrors above (checked at import).
-_GEMM_FMT = struct.Struct("<9Qq11i4x")
+_GEMM_FMT = struct.Struct("<10Qq15i4x")
 _LAYOUT_FMT = struct.Struct("<12Q8i")
 _COMBINE_FMT = struct.Struct("<2Qq4i")
 _GLU_FMT = struct.Struct("<2Qq3i4x")  # GluCombineParams: part, h, split_stride, num_rows, ffn, splits
@@ -120,13 +125,15 @@ def glu_params(*values) -> ctypes.Array:
     return ctypes.create_string_buffer(_GLU_FMT.pack(*values), _GLU_FMT.size)
 
 
-def gemm_smem_bytes(bn: int) -> int:
-    """Mirror of GemmConfig<BN>::kSmemBytes in moe_gemm.cuh (the kernel traps if given less)."""
+def gemm_smem_bytes(bn: int, sparse: bool = False) -> int:
+    """Mirror of GemmConfig<BN, SPARSE>::kSmemBytes in moe_gemm.cuh (the kernel traps if given less)."""
     limit = 232448
-    a_bytes, b_bytes = 256 * 64 * 2, bn * 64 * 2
-    stage = a_bytes + b_bytes
+    if sparse:  # compressed A boxes, a token tile per box, metadata boxes
+        stage, max_stages = 256 * 32 * 2 + 2 * bn * 64 * 2 + 2 * 1024, 8
+    else:
+        stage, max_stages = 256 * 64 * 2 + bn * 64 * 2, 6
     epi, aux, bars = 2 * bn * 128, 2 * bn * 8, 256
-    stages = min(6, (limit - epi - aux - bars) // stage)
+    stages = min(max_stages, (limit - epi - aux - bars) // stage)
     return stages * stage + epi + aux + bars
 
 
@@ -210,27 +217,47 @@ def launch(device: torch.device, name: str, grid: int, block: int, smem: int, *p
 _tmaps: dict[tuple, ctypes.Array] = {}
 
 
-def weight_tensor_map(w: torch.Tensor, rows: int, cols: int) -> ctypes.Array:
-    """128B-swizzled 2-D tensor map over a contiguous bf16 weight viewed as (rows, cols), box 64 x 128.
+_DTYPES = {torch.bfloat16: (cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2),
+           torch.uint8: (cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT8, 1)}
+_SWIZZLES = {0: cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_NONE,
+             64: cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_64B,
+             128: cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B}
 
-    Cached by (pointer, shape, device): a weight that is freed and reallocated at the same address with the
+
+def weight_tensor_map(w: torch.Tensor, rows: int, cols: int) -> ctypes.Array:
+    """Dense weight tiles: bf16 (rows, cols), box 64 x 128 rows, 128B swizzle."""
+    return tensor_map_2d(w, rows, cols, 64, 128, 128)
+
+
+def sparse_tensor_maps(values: torch.Tensor, meta: torch.Tensor) -> tuple[ctypes.Array, ctypes.Array]:
+    """Block N:M weight tiles: values (E*out, kept*bw/2) bf16 in 32 x 128-row boxes with 64B swizzle; metadata
+    (E*out/16, steps*64) uint8 in 128-byte x 8 boxes (two steps of one 128-row panel), unswizzled."""
+    E, out, width = values.shape
+    return (tensor_map_2d(values, E * out, width, 32, 128, 64),
+            tensor_map_2d(meta, meta.shape[0] * meta.shape[1], meta.shape[2], 128, 8, 0))
+
+
+def tensor_map_2d(t: torch.Tensor, rows: int, cols: int, box_cols: int, box_rows: int, swizzle: int) -> ctypes.Array:
+    """2-D TMA descriptor over a contiguous tensor viewed as (rows, cols); reads past its end fill zeros.
+
+    Cached by (pointer, shape, box, device): a tensor that is freed and reallocated at the same address with the
     same shape gets the same (still valid) descriptor.
     """
-    key = (w.data_ptr(), rows, cols, w.device.index)
+    key = (t.data_ptr(), rows, cols, box_cols, box_rows, swizzle, t.device.index)
     tm = _tmaps.get(key)
     if tm is not None:
         return tm
-    dt = cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+    dt, size = _DTYPES[t.dtype]
     res = cu.cuTensorMapEncodeTiled(
         dt,
         2,
-        w.data_ptr(),
+        t.data_ptr(),
         [cu.cuuint64_t(cols), cu.cuuint64_t(rows)],
-        [cu.cuuint64_t(cols * 2)],
-        [cu.cuuint32_t(64), cu.cuuint32_t(128)],
+        [cu.cuuint64_t(cols * size)],
+        [cu.cuuint32_t(box_cols), cu.cuuint32_t(box_rows)],
         [cu.cuuint32_t(1), cu.cuuint32_t(1)],
         cu.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
-        cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+        _SWIZZLES[swizzle],
         cu.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
         cu.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
     )

@@ -6,6 +6,7 @@ Nothing here imports cuda.bindings at module import: ``_launch`` is imported ins
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -153,20 +154,21 @@ def _est_blocks(num_rows: int, num_experts: int, block_n: int) -> int:
     return min(num_experts, num_rows) + num_rows // block_n
 
 
-def down_splits(num_rows: int, num_experts: int, block_n: int, hidden: int, ffn: int, num_sms: int) -> int:
-    """K splits of the down GEMM: at decode few (block, 256-row) tiles exist, so K is split across CTAs."""
+def down_splits(num_rows: int, num_experts: int, block_n: int, hidden: int, k_stages: int, num_sms: int) -> int:
+    """K splits of the down GEMM (k_stages 64-column stages over K): at decode few (block, 256-row) tiles exist,
+    so K is split across CTAs."""
     if num_rows > 4096:
         return 1
     tiles = _est_blocks(num_rows, num_experts, block_n) * (-(-hidden // 256))
-    return _best_splits(tiles, ffn // 64, num_sms)
+    return _best_splits(tiles, k_stages, num_sms)
 
 
-def gateup_splits(num_rows: int, num_experts: int, block_n: int, hidden: int, ffn: int, num_sms: int) -> int:
+def gateup_splits(num_rows: int, num_experts: int, block_n: int, ffn: int, k_stages: int, num_sms: int) -> int:
     """K splits of the gate/up GEMM (fp32 partials + hare_glu_combine) at decode; 1 otherwise."""
     if num_rows > 4096 or _GATEUP_SPLIT_OFF:
         return 1
     tiles = _est_blocks(num_rows, num_experts, block_n) * (-(-ffn // 128))
-    return _best_splits(tiles, hidden // 64, num_sms)
+    return _best_splits(tiles, k_stages, num_sms)
 
 
 _GATEUP_SPLIT_OFF = os.environ.get("HARE_GATEUP_SPLIT") == "0"
@@ -184,7 +186,41 @@ def raster_group(kind: str, block_n: int, K: int) -> int:
 _RASTER_OVERRIDE = {"gateup": os.environ.get("HARE_RASTER_GATEUP"), "down": os.environ.get("HARE_RASTER_DOWN")}
 
 
-def fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str, deterministic: bool):
+class _Weights(NamedTuple):
+    """One projection's weights as a GEMM launch takes them: dense (bf16 tensor) or Block N:M (values, 2:4
+    metadata, kept block indices)."""
+
+    suffix: str  # kernel name part: "" dense, "_sp" sparse
+    maps: tuple  # TMA descriptors: (weights,) or (values, metadata)
+    block_idx: int  # pointer (sparse) or 0
+    k_stages: int  # 64-logical-column pipeline stages over K
+    kept: int
+    bw_log2: int
+    panels: int
+
+    @staticmethod
+    def of(w: torch.Tensor, meta: torch.Tensor | None, block_idx: torch.Tensor | None, bw: int, K: int) -> "_Weights":
+        from . import _launch
+
+        if meta is None:
+            E, out, _ = w.shape
+            return _Weights("", (_launch.weight_tensor_map(w, E * out, K),), 0, K // 64, 0, 0, 0)
+        kept = block_idx.shape[-1]
+        return _Weights("_sp", _launch.sparse_tensor_maps(w, meta), block_idx.data_ptr(), -(-kept * bw // 64), kept,
+                        bw.bit_length() - 1, block_idx.shape[1])
+
+    def params(self, b_src: int, out: int, lay_ptrs, split_stride: int, K: int, M: int, rows: int, box1: int,
+               m_tile: int, num_m: int, splits: int, kpb: int, k: int, R: int, group: int):
+        from . import _launch
+
+        return _launch.gemm_params(b_src, out, *lay_ptrs, self.block_idx, split_stride, K, M, rows, box1, m_tile,
+                                   num_m, splits, kpb, k, R, group, self.k_stages, self.kept, self.bw_log2,
+                                   self.panels)
+
+
+def fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, gu_bw, w_down, d_meta, d_block_idx,
+                   d_bw, activation: str, deterministic: bool):
+    """Both projections, each dense (meta None) or Block N:M (values, meta, block_idx, bw)."""
     from . import _launch
 
     T, H = x.shape
@@ -214,8 +250,9 @@ def fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str
         wts = wts.float()
     if not wts.is_contiguous():
         wts = wts.contiguous()
-    smem = _launch.gemm_smem_bytes(bn)
-    splits = normalize_splits(down_splits(R, E, bn, H, F, mod.num_sms), F // 64)
+    gu = _Weights.of(w_gate_up, gu_meta, gu_block_idx, gu_bw, H)
+    dn = _Weights.of(w_down, d_meta, d_block_idx, d_bw, F)
+    splits = normalize_splits(down_splits(R, E, bn, H, dn.k_stages, mod.num_sms), dn.k_stages)
     direct = deterministic and k == 1 and splits == 1
     ysize = 0 if (direct or not deterministic) else splits * R * H
     ws = torch.empty(R * F + ysize, dtype=torch.bfloat16, device=dev)
@@ -224,45 +261,43 @@ def fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str
     lay_ptrs = (lptrs[2], lptrs[3], wts.data_ptr(), lptrs[5], lptrs[6], lptrs[7], lptrs[8])
 
     # gate/up: h (R, F) = act(x[g] W_gate^T) * (x[g] W_up^T), expert-sorted rows
-    tm_gu = _launch.weight_tensor_map(w_gate_up, E * F2, H)
     num_m = -(-F // 128)
     act = "silu" if activation == "silu" else "gelu"
-    nk = H // 64
-    gsplits = normalize_splits(gateup_splits(R, E, bn, H, F, mod.num_sms), nk)
+    nk = gu.k_stages
+    gsplits = normalize_splits(gateup_splits(R, E, bn, F, nk, mod.num_sms), nk)
     gkpb = -(-nk // gsplits)
     grid = max(1, min(mod.num_sms, B * num_m * gsplits))
+    name, smem = f"hare_gateup_{act}{gu.suffix}_bn{bn}", _launch.gemm_smem_bytes(bn, bool(gu.suffix))
+    group = raster_group("gateup", bn, H)
     if gsplits == 1:
-        p = _launch.gemm_params(x.data_ptr(), h_ptr, *lay_ptrs, 0, H, F, F2, F, 128, num_m, 1, nk, k, R,
-                                raster_group("gateup", bn, H))
-        mod.launch(f"hare_gateup_{act}_bn{bn}", grid, 384, smem, stream, tm_gu, p)
+        p = gu.params(x.data_ptr(), h_ptr, lay_ptrs, 0, H, F, F2, F, 128, num_m, 1, nk, k, R, group)
+        mod.launch(name, grid, 384, smem, stream, *gu.maps, p)
     else:
         part = torch.empty(gsplits * R * F2, dtype=torch.float32, device=dev)
-        p = _launch.gemm_params(x.data_ptr(), part.data_ptr(), *lay_ptrs, R * F2, H, F, F2, F, 128, num_m, gsplits,
-                                gkpb, k, R, raster_group("gateup", bn, H))
-        mod.launch(f"hare_gateup_{act}_bn{bn}", grid, 384, smem, stream, tm_gu, p)
+        p = gu.params(x.data_ptr(), part.data_ptr(), lay_ptrs, R * F2, H, F, F2, F, 128, num_m, gsplits, gkpb, k, R,
+                      group)
+        mod.launch(name, grid, 384, smem, stream, *gu.maps, p)
         gp = _launch.glu_params(part.data_ptr(), h_ptr, R * F2, R, F, gsplits)
         mod.launch(f"hare_glu_combine_{act}", max(1, min(-(-(R * F) // 256), 8 * mod.num_sms)), 256, 0, stream, gp)
 
     # down: y = (h W_down^T) * routing weight, back in token order
-    tm_d = _launch.weight_tensor_map(w_down, E * H, F)
     num_m = -(-H // 256)
-    nk = F // 64
-    kpb = -(-nk // splits)
+    kpb = -(-dn.k_stages // splits)
     grid = max(1, min(mod.num_sms, B * num_m * splits))
+    smem = _launch.gemm_smem_bytes(bn, bool(dn.suffix))
+    group = raster_group("down", bn, F)
     if deterministic:
         y_ptr = out.data_ptr() if direct else h_ptr + 2 * R * F
-        p = _launch.gemm_params(h_ptr, y_ptr, *lay_ptrs, R * H, F, H, H, 128, 256, num_m, splits, kpb,
-                               k, R, raster_group("down", bn, F))
-        mod.launch(f"hare_down_det_bn{bn}", grid, 384, smem, stream, tm_d, p)
+        p = dn.params(h_ptr, y_ptr, lay_ptrs, R * H, F, H, H, 128, 256, num_m, splits, kpb, k, R, group)
+        mod.launch(f"hare_down_det{dn.suffix}_bn{bn}", grid, 384, smem, stream, *dn.maps, p)
         if not direct:
             cp = _launch.combine_params(y_ptr, out.data_ptr(), R * H, T, H, k, splits)
             chunks = T * H // 8
             mod.launch("hare_combine", max(1, min(-(-chunks // 256), 8 * mod.num_sms)), 256, 0, stream, cp)
     else:
         acc = torch.zeros(T, H, dtype=torch.float32, device=dev)
-        p = _launch.gemm_params(h_ptr, acc.data_ptr(), *lay_ptrs, 0, F, H, H, 128, 256, num_m, splits, kpb,
-                               k, R, raster_group("down", bn, F))
-        mod.launch(f"hare_down_fast_bn{bn}", grid, 384, smem, stream, tm_d, p)
+        p = dn.params(h_ptr, acc.data_ptr(), lay_ptrs, 0, F, H, H, 128, 256, num_m, splits, kpb, k, R, group)
+        mod.launch(f"hare_down_fast{dn.suffix}_bn{bn}", grid, 384, smem, stream, *dn.maps, p)
         out.copy_(acc)
     return out
 
@@ -291,13 +326,22 @@ def fused_moe_op(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     w_gate_up: torch.Tensor,
+    gu_meta: torch.Tensor | None,
+    gu_block_idx: torch.Tensor | None,
+    gu_bw: int,
     w_down: torch.Tensor,
+    d_meta: torch.Tensor | None,
+    d_block_idx: torch.Tensor | None,
+    d_bw: int,
     activation: str,
     deterministic: bool,
 ) -> torch.Tensor:
-    return fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, w_down, activation, deterministic)
+    """Dense weights: meta and block_idx None; Block N:M weights: their values, meta, block_idx and bw."""
+    return fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, gu_bw, w_down, d_meta,
+                          d_block_idx, d_bw, activation, deterministic)
 
 
 @fused_moe_op.register_fake
-def _fused_moe_fake(x, topk_ids, topk_weights, w_gate_up, w_down, activation, deterministic):
+def _fused_moe_fake(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, gu_bw, w_down, d_meta, d_block_idx,
+                    d_bw, activation, deterministic):
     return x.new_empty(x.shape, dtype=torch.bfloat16)

@@ -42,12 +42,18 @@ struct RowGather {
   // Issues the cp.async loads of K chunk [k0, k0 + 64) of rows of `base` (row stride `ld` elements) into the
   // tile at shared address `tile`.
   __device__ __forceinline__ void load(uint32_t tile, const __nv_bfloat16* base, int64_t ld, int k0) const {
+    load_at(tile, base, ld, k0 + col);
+  }
+
+  // As load, with this thread's source column given directly: the sparse kernels map each 16-byte chunk of the
+  // tile to a column of a kept K block, so the 8 chunks of a tile row come from up to 8 places.
+  __device__ __forceinline__ void load_at(uint32_t tile, const __nv_bfloat16* base, int64_t ld, int src_col) const {
     const int c = col >> 3;
 #pragma unroll
     for (int u = 0; u < kPerThread; ++u) {
       const int r = r0 + kRowStep * u;
       const bool valid = row[u] >= 0;
-      const __nv_bfloat16* src = base + (valid ? static_cast<int64_t>(row[u]) * ld + k0 + col : 0);
+      const __nv_bfloat16* src = base + (valid ? static_cast<int64_t>(row[u]) * ld + src_col : 0);
       cp_async_16(tile + static_cast<uint32_t>(r * 128 + ((c ^ (r & 7)) << 4)), src, valid);
     }
   }

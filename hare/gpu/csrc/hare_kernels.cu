@@ -13,26 +13,30 @@ extern "C" __global__ void __launch_bounds__(256) hare_combine(const CombinePara
 extern "C" __global__ void __launch_bounds__(256) hare_glu_combine_silu(const GluCombineParams p) { glu_combine<kSilu>(p); }
 extern "C" __global__ void __launch_bounds__(256) hare_glu_combine_gelu(const GluCombineParams p) { glu_combine<kGelu>(p); }
 
-extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) hare_gateup_silu_bn16(const __grid_constant__ CUtensorMap tmap_a, const GemmParams p) { moe_gemm_body<16, kGateUpSilu>(&tmap_a, p); }
-extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) hare_gateup_silu_bn32(const __grid_constant__ CUtensorMap tmap_a, const GemmParams p) { moe_gemm_body<32, kGateUpSilu>(&tmap_a, p); }
-extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) hare_gateup_silu_bn64(const __grid_constant__ CUtensorMap tmap_a, const GemmParams p) { moe_gemm_body<64, kGateUpSilu>(&tmap_a, p); }
-extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) hare_gateup_silu_bn128(const __grid_constant__ CUtensorMap tmap_a, const GemmParams p) { moe_gemm_body<128, kGateUpSilu>(&tmap_a, p); }
-extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) hare_gateup_gelu_bn16(const __grid_constant__ CUtensorMap tmap_a, const GemmParams p) { moe_gemm_body<16, kGateUpGelu>(&tmap_a, p); }
-extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) hare_gateup_gelu_bn32(const __grid_constant__ CUtensorMap tmap_a, const GemmParams p) { moe_gemm_body<32, kGateUpGelu>(&tmap_a, p); }
-extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) hare_gateup_gelu_bn64(const __grid_constant__ CUtensorMap tmap_a, const GemmParams p) { moe_gemm_body<64, kGateUpGelu>(&tmap_a, p); }
-extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) hare_gateup_gelu_bn128(const __grid_constant__ CUtensorMap tmap_a, const GemmParams p) { moe_gemm_body<128, kGateUpGelu>(&tmap_a, p); }
-extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) hare_down_det_bn16(const __grid_constant__ CUtensorMap tmap_a, const GemmParams p) { moe_gemm_body<16, kDownDet>(&tmap_a, p); }
-extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) hare_down_det_bn32(const __grid_constant__ CUtensorMap tmap_a, const GemmParams p) { moe_gemm_body<32, kDownDet>(&tmap_a, p); }
-extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) hare_down_det_bn64(const __grid_constant__ CUtensorMap tmap_a, const GemmParams p) { moe_gemm_body<64, kDownDet>(&tmap_a, p); }
-extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) hare_down_det_bn128(const __grid_constant__ CUtensorMap tmap_a, const GemmParams p) { moe_gemm_body<128, kDownDet>(&tmap_a, p); }
-extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) hare_down_fast_bn16(const __grid_constant__ CUtensorMap tmap_a, const GemmParams p) { moe_gemm_body<16, kDownFast>(&tmap_a, p); }
-extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) hare_down_fast_bn32(const __grid_constant__ CUtensorMap tmap_a, const GemmParams p) { moe_gemm_body<32, kDownFast>(&tmap_a, p); }
-extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) hare_down_fast_bn64(const __grid_constant__ CUtensorMap tmap_a, const GemmParams p) { moe_gemm_body<64, kDownFast>(&tmap_a, p); }
-extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) hare_down_fast_bn128(const __grid_constant__ CUtensorMap tmap_a, const GemmParams p) { moe_gemm_body<128, kDownFast>(&tmap_a, p); }
+// GEMM entry points: hare_<kind>_bn<BN> (dense weights) and hare_<kind>_sp_bn<BN> (Block N:M sparse weights:
+// values and metadata tensor maps), for kind in gateup_silu, gateup_gelu, down_det, down_fast.
+#define HARE_DENSE_GEMM(NAME, BN, KIND)                                                                    \
+  extern "C" __global__ void __launch_bounds__(kGemmThreads, 1)                                            \
+      NAME(const __grid_constant__ CUtensorMap tmap_a, const GemmParams p) {                               \
+    moe_gemm_body<BN, KIND, false>(&tmap_a, nullptr, p);                                                   \
+  }
+#define HARE_SPARSE_GEMM(NAME, BN, KIND)                                                                   \
+  extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) NAME(                                      \
+      const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_meta,           \
+      const GemmParams p) {                                                                                \
+    moe_gemm_body<BN, KIND, true>(&tmap_a, &tmap_meta, p);                                                 \
+  }
+#define HARE_GEMM_KIND(NAME, KIND)                                                                         \
+  HARE_DENSE_GEMM(hare_##NAME##_bn16, 16, KIND)                                                            \
+  HARE_DENSE_GEMM(hare_##NAME##_bn32, 32, KIND)                                                            \
+  HARE_DENSE_GEMM(hare_##NAME##_bn64, 64, KIND)                                                            \
+  HARE_DENSE_GEMM(hare_##NAME##_bn128, 128, KIND)                                                          \
+  HARE_SPARSE_GEMM(hare_##NAME##_sp_bn16, 16, KIND)                                                        \
+  HARE_SPARSE_GEMM(hare_##NAME##_sp_bn32, 32, KIND)                                                        \
+  HARE_SPARSE_GEMM(hare_##NAME##_sp_bn64, 64, KIND)                                                        \
+  HARE_SPARSE_GEMM(hare_##NAME##_sp_bn128, 128, KIND)
 
-// Shared-memory bytes per GEMM variant, read by the host through cuModuleGetGlobal.
-
-extern "C" __device__ const int hare_gemm_smem_bn16 = GemmConfig<16>::kSmemBytes;
-extern "C" __device__ const int hare_gemm_smem_bn32 = GemmConfig<32>::kSmemBytes;
-extern "C" __device__ const int hare_gemm_smem_bn64 = GemmConfig<64>::kSmemBytes;
-extern "C" __device__ const int hare_gemm_smem_bn128 = GemmConfig<128>::kSmemBytes;
+HARE_GEMM_KIND(gateup_silu, kGateUpSilu)
+HARE_GEMM_KIND(gateup_gelu, kGateUpGelu)
+HARE_GEMM_KIND(down_det, kDownDet)
+HARE_GEMM_KIND(down_fast, kDownFast)

@@ -8,6 +8,12 @@
 //   down:    box 0 / box 1 = rows [256 m, +128) / [256 m + 128, +128) of W_down[e] (H x F).
 // Warpgroups 0-1 (threads 0-255) are the consumers, warpgroup 2 (threads 256-383) the producer: one thread
 // issues TMA, all 128 gather B rows. setmaxnreg moves registers from the producer (56) to the consumers (224).
+// Sparse (Block N:M + 2:4) weights, SPARSE = true: the K loop runs over the kept columns of each 128-row panel
+// (its kept K blocks, concatenated), 64 of them per stage = two m64nNk32 sparse wgmma steps. A stage holds the
+// two boxes' compressed values (128 rows x 32 bf16, TMA, 64B swizzle), their 2:4 metadata (TMA, in the
+// per-thread register order of hare.blocknm, so each consumer thread reads its word with one ld.shared), and
+// one gathered token tile per box: the two boxes are different panels with different kept blocks, so token
+// chunk c of a box comes from column block_idx[panel][q] * bw + offset of the logical column.
 // Pipeline: STAGES shared-memory stages, full/empty mbarriers. A stage is full when TMA's bytes landed
 // (expect_tx) and all 32 producer threads arrived; a producer thread arrives for stage i after its cp.async
 // group i completed (cp.async.wait_group LAG, issued LAG stages later) and a proxy fence, so wgmma (async
@@ -40,45 +46,56 @@ struct GemmParams {
   const int* block_start;
   const int* block_height;
   const int* num_blocks;
+  const int* block_idx;         // sparse: (E, panels, kept) kept K-block indices of each 128-row weight panel
   long long out_split_stride;   // elements between K-split slices of `out` (split gate/up, down det)
-  int K;                        // reduction length: H (gate/up) or F (down)
+  int K;                        // row length of b_src: H (gate/up) or F (down)
   int M;                        // valid out-dim: F (gate/up) or H (down); also the row stride of `out`
   int a_rows_per_expert;        // rows of one expert in the 2-D weight tensor map: 2F or H
   int a_box1_offset;            // row offset of box 1: F (gate/up) or 128 (down)
   int m_tile;                   // out-dim rows per M tile: 128 (gate/up) or 256 (down)
   int num_m;                    // M tiles per expert
   int splits;                   // K splits (decode: too few tiles to fill the GPU otherwise)
-  int k_blocks_per_split;       // 64-wide K blocks per split
+  int k_blocks_per_split;       // pipeline stages (64 logical K columns each) per split
   int top_k;
   int num_rows;                 // R = T*k
   int group;                    // M tiles per rasterization group (scheduler.cuh)
+  int k_stages;                 // stages over all of K: K / 64 (dense), ceil(kept * bw / 64) (sparse)
+  int kept;                     // sparse: kept K blocks per panel
+  int bw_log2;                  // sparse: log2 of the block width bw
+  int panels;                   // sparse: 128-row panels per expert
 };
 
 constexpr int kSmemLimit = 232448;  // 227 KB opt-in per block on sm_90
 constexpr int kProducerThreads = 128;
 constexpr int kGemmThreads = 256 + kProducerThreads;
 
-template <int BN>
+// One stage = 64 logical K columns. Dense: A two 128 x 64 bf16 boxes, one token tile. Sparse: A two 128 x 32
+// boxes of compressed values, two token tiles (one per box), two 1 KB metadata boxes.
+template <int BN, bool SPARSE>
 struct GemmConfig {
-  static constexpr int kBK = 64;
-  static constexpr int kABytes = 256 * kBK * 2;  // two 128 x 64 boxes
-  static constexpr int kBBytes = BN * kBK * 2;
-  static constexpr int kStageBytes = kABytes + kBBytes;
+  static constexpr int kABytes = SPARSE ? 256 * 32 * 2 : 256 * 64 * 2;
+  static constexpr int kBTileBytes = BN * 64 * 2;
+  static constexpr int kBBytes = (SPARSE ? 2 : 1) * kBTileBytes;
+  static constexpr int kMetaBytes = SPARSE ? 2 * 1024 : 0;
+  static constexpr int kStageBytes = kABytes + kBBytes + kMetaBytes;
   static constexpr int kEpiBytes = 2 * BN * 128;  // two warpgroups x [BN][64] bf16
   static constexpr int kAuxBytes = 2 * BN * 8;    // two warpgroups x (weight f32, dest i32) per row
   static constexpr int kBarBytes = 256;
   static constexpr int kFitStages = (kSmemLimit - kEpiBytes - kAuxBytes - kBarBytes) / kStageBytes;
-  static constexpr int kStages = kFitStages > 6 ? 6 : kFitStages;
+  static constexpr int kMaxStages = SPARSE ? 8 : 6;
+  static constexpr int kStages = kFitStages > kMaxStages ? kMaxStages : kFitStages;
   static constexpr int kLag = kStages - 2 > 0 ? kStages - 2 : 1;
   static constexpr int kSmemBytes = kStages * kStageBytes + kEpiBytes + kAuxBytes + kBarBytes;
   static_assert(kStages >= 3, "too few stages");
   static_assert(kSmemBytes <= kSmemLimit, "shared memory");
   static_assert(BN % 16 == 0 && BN >= 16 && BN <= 128, "BN");
+  static_assert(kStageBytes % 1024 == 0, "stages keep the 1024-byte alignment of 128B-swizzled tiles");
 };
 
-template <int BN, int KIND>
-__device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const GemmParams& p) {
-  using Cfg = GemmConfig<BN>;
+template <int BN, int KIND, bool SPARSE>
+__device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const CUtensorMap* tmap_meta,
+                                              const GemmParams& p) {
+  using Cfg = GemmConfig<BN, SPARSE>;
   constexpr int STAGES = Cfg::kStages;
   constexpr int LAG = Cfg::kLag;
   constexpr bool kGateUp = KIND == kGateUpSilu || KIND == kGateUpGelu;
@@ -105,13 +122,16 @@ __device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const G
   __syncthreads();
 
   const TileScheduler sched(*p.num_blocks, p.num_m, p.splits, p.group);
-  const int nk_total = p.K / 64;
+  const int nk_total = p.k_stages;
 
   if (wg == 2) {
     // ---------------- producer ----------------
     setmaxnreg_dec<56>();
     const int tid = threadIdx.x - 256;
-    if (tid == 0) tma_prefetch_desc(tmap_a);
+    if (tid == 0) {
+      tma_prefetch_desc(tmap_a);
+      if constexpr (SPARSE) tma_prefetch_desc(tmap_meta);
+    }
     int it = 0;
     for (int tile = blockIdx.x; tile < sched.total; tile += gridDim.x) {
       int b, m, s;
@@ -127,16 +147,43 @@ __device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const G
       const int kb1 = min(nk_total, kb0 + p.k_blocks_per_split);
       const int row0 = e * p.a_rows_per_expert + m * p.m_tile;
       const int row1 = row0 + p.a_box1_offset;
+      const int* bidx0 = nullptr;
+      const int* bidx1 = nullptr;
+      if constexpr (SPARSE) {  // a box past the last panel (out not a multiple of 256) reads masked rows only
+        const int local0 = m * p.m_tile;
+        const int panel0 = min(local0 >> 7, p.panels - 1);
+        const int panel1 = min((local0 + p.a_box1_offset) >> 7, p.panels - 1);
+        bidx0 = p.block_idx + (static_cast<long long>(e) * p.panels + panel0) * p.kept;
+        bidx1 = p.block_idx + (static_cast<long long>(e) * p.panels + panel1) * p.kept;
+      }
       for (int kb = kb0; kb < kb1; ++kb, ++it) {
         const int st = it % STAGES;
         mbar_wait(&empty[st], ((it / STAGES) & 1) ^ 1);
         uint8_t* a = smem + st * Cfg::kStageBytes;
-        if (tid == 0) {
-          mbar_arrive_expect_tx(&full[st], Cfg::kABytes);
-          tma_load_2d(a, tmap_a, &full[st], kb * 64, row0);
-          tma_load_2d(a + Cfg::kABytes / 2, tmap_a, &full[st], kb * 64, row1);
+        uint8_t* b = a + Cfg::kABytes;
+        if constexpr (SPARSE) {
+          if (tid == 0) {
+            uint8_t* meta = b + Cfg::kBBytes;
+            mbar_arrive_expect_tx(&full[st], Cfg::kABytes + Cfg::kMetaBytes);
+            tma_load_2d(a, tmap_a, &full[st], kb * 32, row0);
+            tma_load_2d(a + Cfg::kABytes / 2, tmap_a, &full[st], kb * 32, row1);
+            tma_load_2d(meta, tmap_meta, &full[st], kb * 128, row0 >> 4);
+            tma_load_2d(meta + 1024, tmap_meta, &full[st], kb * 128, row1 >> 4);
+          }
+          // logical columns past the last kept block (the zero-filled tail of the values) read the last block
+          const int logical = kb * 64 + g.col;
+          const int q = min(logical >> p.bw_log2, p.kept - 1);
+          const int off = logical & ((1 << p.bw_log2) - 1);
+          g.load_at(smem_u32(b), p.b_src, p.K, (__ldg(bidx0 + q) << p.bw_log2) + off);
+          g.load_at(smem_u32(b + Cfg::kBTileBytes), p.b_src, p.K, (__ldg(bidx1 + q) << p.bw_log2) + off);
+        } else {
+          if (tid == 0) {
+            mbar_arrive_expect_tx(&full[st], Cfg::kABytes);
+            tma_load_2d(a, tmap_a, &full[st], kb * 64, row0);
+            tma_load_2d(a + Cfg::kABytes / 2, tmap_a, &full[st], kb * 64, row1);
+          }
+          g.load(smem_u32(b), p.b_src, p.K, kb * 64);
         }
-        g.load(smem_u32(a + Cfg::kABytes), p.b_src, p.K, kb * 64);
         cp_async_commit();
         if (it >= LAG) {
           cp_async_wait<LAG>();
@@ -154,6 +201,9 @@ __device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const G
     const int cw = wg;
     const int t = threadIdx.x - 128 * wg;
     const int warp = t >> 5, lane = t & 31;
+    // sparse: this thread's metadata word in a stage's metadata box (blocknm.py): 16-row group 4 cw + warp,
+    // slot 2 (lane / 4) + lane % 2; steps 64 bytes apart, box 1 at +1 KB
+    const int meta_word = (4 * cw + warp) * 32 + (lane >> 2) * 2 + (lane & 1);
     uint8_t* epi = epi_base + cw * BN * 128;
     float* aux_w = reinterpret_cast<float*>(aux_base + cw * BN * 8);
     int* aux_d = reinterpret_cast<int*>(aux_w + BN);
@@ -171,17 +221,34 @@ __device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const G
         const int st = it % STAGES;
         mbar_wait(&full[st], (it / STAGES) & 1);
         const uint8_t* a = smem + st * Cfg::kStageBytes;
-        const uint64_t da0 = make_desc_sw128(a + cw * 64 * 128);
-        const uint64_t da1 = make_desc_sw128(a + Cfg::kABytes / 2 + cw * 64 * 128);
-        const uint64_t db = make_desc_sw128(a + Cfg::kABytes);
-        fence_operand(acc0);
-        fence_operand(acc1);
-        wgmma_fence();
+        if constexpr (SPARSE) {
+          const uint64_t da0 = make_desc<64>(a + cw * 64 * 64);
+          const uint64_t da1 = make_desc<64>(a + Cfg::kABytes / 2 + cw * 64 * 64);
+          const uint64_t db0 = make_desc<128>(a + Cfg::kABytes);
+          const uint64_t db1 = make_desc<128>(a + Cfg::kABytes + Cfg::kBTileBytes);
+          const uint32_t* meta = reinterpret_cast<const uint32_t*>(a + Cfg::kABytes + Cfg::kBBytes) + meta_word;
+          const uint32_t e00 = meta[0], e01 = meta[16], e10 = meta[256], e11 = meta[256 + 16];
+          fence_operand(acc0);
+          fence_operand(acc1);
+          wgmma_fence();
+          const int scale_d = kb > kb0 ? 1 : 0;
+          WgmmaSp<BN>::mma(acc0, da0, db0, e00, scale_d);
+          WgmmaSp<BN>::mma(acc1, da1, db1, e10, scale_d);
+          WgmmaSp<BN>::mma(acc0, da0 + 2, db0 + 4, e01, 1);
+          WgmmaSp<BN>::mma(acc1, da1 + 2, db1 + 4, e11, 1);
+        } else {
+          const uint64_t da0 = make_desc<128>(a + cw * 64 * 128);
+          const uint64_t da1 = make_desc<128>(a + Cfg::kABytes / 2 + cw * 64 * 128);
+          const uint64_t db = make_desc<128>(a + Cfg::kABytes);
+          fence_operand(acc0);
+          fence_operand(acc1);
+          wgmma_fence();
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const int scale_d = (kb > kb0 || k > 0) ? 1 : 0;
-          Wgmma<BN>::mma(acc0, da0 + 2 * k, db + 2 * k, scale_d);
-          Wgmma<BN>::mma(acc1, da1 + 2 * k, db + 2 * k, scale_d);
+          for (int k = 0; k < 4; ++k) {
+            const int scale_d = (kb > kb0 || k > 0) ? 1 : 0;
+            Wgmma<BN>::mma(acc0, da0 + 2 * k, db + 2 * k, scale_d);
+            Wgmma<BN>::mma(acc1, da1 + 2 * k, db + 2 * k, scale_d);
+          }
         }
         wgmma_commit();
         wgmma_wait<1>();

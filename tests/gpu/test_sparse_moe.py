@@ -1,0 +1,145 @@
+"""The Block N:M sparse kernels (wgmma.mma_async.sp) against the float32 reference on the to_dense() weights:
+every ratio and block width, partial windows, out sizes not multiple of 128, every token-tile size, K splits,
+mixed dense/sparse projections, edge cases of the routing, CUDA graphs and torch.compile."""
+
+import pytest
+import torch
+
+import hare
+import hare.gpu as hg
+from hare.blocknm import DENSITIES
+from hare.gpu import ops
+
+from .moe_cases import MODELS, make_routing, make_weights, make_x, poison_allocator, reference, rel_err
+
+pytestmark = pytest.mark.gpu
+TOL = 1e-2
+RATIOS = sorted(DENSITIES.values())
+
+
+def sparse_weights(E, H, F, bn, bm, bw, gen=None):
+    wgu, wd = make_weights(E, H, F, "cuda", gen)
+    return hare.sparsify(wgu, bn=bn, bm=bm, bw=bw), hare.sparsify(wd, bn=bn, bm=bm, bw=bw)
+
+
+def check(T, H, F, E, k, weights, activation="silu", deterministic=True, skew=0.0, only_expert=None):
+    sgu, sd = weights
+    x = make_x(T, H, "cuda")
+    ids, w = make_routing(T, E, k, "cuda", skew=skew, only_expert=only_expert)
+    poison_allocator(8 * T * k * max(H, F) * 2 + (1 << 20), "cuda")
+    out = hg.fused_moe(x, ids, w, sgu, sd, activation=activation, deterministic=deterministic)
+    torch.cuda.synchronize()
+    assert out.shape == (T, H) and out.dtype == torch.bfloat16
+    if T == 0:
+        return out
+    assert torch.isfinite(out).all(), "non-finite output (unwritten rows?)"
+    dense = [t.to_dense() if isinstance(t, hare.BlockNM) else t for t in (sgu, sd)]
+    err = rel_err(out, reference(x, ids, w, *dense, activation))
+    assert err < TOL, f"rel err {err:.3e}"
+    return out
+
+
+@pytest.mark.parametrize("bw", [16, 32, 64])
+@pytest.mark.parametrize("bn,bm", RATIOS)
+@pytest.mark.parametrize("T", [1, 77, 700])
+def test_every_ratio_and_block_width(bn, bm, bw, T):
+    # H = 704: 44 blocks of 16 (a partial last window for 1:5, 1:10, and an odd kept count at 1:5), 11 of 64;
+    # H % 128 = 64 and H % 256 = 192: the down projection's last panel is partial and its last tile half empty.
+    H, F, E, k = 704, 384, 8, 2
+    check(T, H, F, E, k, sparse_weights(E, H, F, bn, bm, bw), skew=1.0 if T == 700 else 0.0)
+
+
+@pytest.mark.parametrize("bn_tile", ops.BLOCK_NS)
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_every_token_tile(monkeypatch, bn_tile, activation, deterministic):
+    monkeypatch.setattr(ops, "choose_block_n", lambda R, E: bn_tile)
+    weights = sparse_weights(12, 320, 256, 1, 2, 16)
+    for T in (1, 33, 1000):
+        check(T, 320, 256, 12, 3, weights, activation=activation, deterministic=deterministic, skew=0.8)
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_model_shapes_at_25_percent(model):
+    H, F, E, k = MODELS[model]
+    weights = sparse_weights(E, H, F, 1, 2, 16)
+    for T in (1, 300):
+        check(T, H, F, E, k, weights, skew=1.0 if T == 300 else 0.0)
+
+
+def test_mixed_dense_and_sparse_projections():
+    H, F, E, k = 1024, 512, 16, 4
+    wgu, wd = make_weights(E, H, F, "cuda")
+    sgu, sd = hare.sparsify(wgu, bn=1, bm=5, bw=32), hare.sparsify(wd, bn=1, bm=1, bw=64)
+    check(150, H, F, E, k, (sgu, wd))
+    check(150, H, F, E, k, (wgu, sd))
+
+
+def test_routing_edge_cases():
+    H, F, E = 1024, 512, 64
+    weights = sparse_weights(E, H, F, 1, 2, 16)
+    out = check(0, H, F, E, 2, weights)
+    assert out.numel() == 0
+    check(1, H, F, E, 2, weights)
+    check(5, H, F, E, 4, weights)  # most experts empty
+    for det in (True, False):
+        check(1000, H, F, E, 1, weights, only_expert=3, deterministic=det)
+    for T in (127, 129, 2049):
+        check(T, H, F, E, 2, weights, skew=1.5)
+
+
+@pytest.mark.parametrize("gsplits,dsplits", [(2, 1), (3, 2), (5, 4)])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_k_splits(monkeypatch, gsplits, dsplits, deterministic):
+    monkeypatch.setattr(ops, "gateup_splits", lambda *a: gsplits)
+    monkeypatch.setattr(ops, "down_splits", lambda *a: dsplits)
+    # 1:1 at bw 16: 20 and 10 stages of 64 kept columns; 1:5: 4 and 2 stages (splits larger than that are cut)
+    for bn, bm in ((1, 1), (1, 5)):
+        check(7, 1280, 640, 16, 3, sparse_weights(16, 1280, 640, bn, bm, 16), deterministic=deterministic)
+
+
+def test_deterministic_is_bitwise_repeatable():
+    H, F, E, k = 1024, 512, 16, 4
+    sgu, sd = sparse_weights(E, H, F, 1, 2, 16)
+    x = make_x(700, H, "cuda")
+    ids, w = make_routing(700, E, k, "cuda")
+    assert torch.equal(hg.fused_moe(x, ids, w, sgu, sd), hg.fused_moe(x, ids, w, sgu, sd))
+
+
+def test_cuda_graph_replay_and_compile():
+    H, F, E, k, T = 2048, 768, 32, 4, 64
+    sgu, sd = sparse_weights(E, H, F, 1, 5, 16)
+    x = make_x(T, H, "cuda")
+    ids, w = make_routing(T, E, k, "cuda")
+    eager = hg.fused_moe(x, ids, w, sgu, sd)
+    sx, sids, sw = x.clone(), ids.clone(), w.clone()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = hg.fused_moe(sx, sids, sw, sgu, sd)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    x2 = make_x(T, H, "cuda")
+    ids2, w2 = make_routing(T, E, k, "cuda")
+    sx.copy_(x2), sids.copy_(ids2), sw.copy_(w2)
+    out.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, reference(x2, ids2, w2, sgu.to_dense(), sd.to_dense())) < TOL
+    compiled = torch.compile(lambda x, i, w: hg.fused_moe(x * 1.0, i, w, sgu, sd), fullgraph=True)
+    assert torch.equal(compiled(x2, ids2, w2), hg.fused_moe(x2, ids2, w2, sgu, sd))
+
+
+def test_bad_sparse_inputs_are_refused_before_any_kernel():
+    H, F, E = 512, 192, 4
+    wgu, wd = make_weights(E, H, F, "cuda")
+    x = make_x(3, H, "cuda")
+    ids, w = make_routing(3, E, 2, "cuda")
+    with pytest.raises(hare.InvalidArgumentError, match="multiple of 128"):
+        hg.fused_moe(x, ids, w, hare.sparsify(wgu, bn=1, bm=2), wd)
+    with pytest.raises(hare.InvalidArgumentError, match="bfloat16"):
+        hg.fused_moe(x, ids, w, wgu, hare.sparsify(wd, bn=1, bm=2, dtype=torch.float16))
+    with pytest.raises(hare.InvalidArgumentError, match="stacked"):
+        hg.fused_moe(x, ids, w, wgu, hare.sparsify(wd[0], bn=1, bm=2))
+    with pytest.raises(hare.InvalidArgumentError, match="shapes"):
+        hg.fused_moe(x, ids, w, wgu, hare.sparsify(wd[:, :, :128].contiguous(), bn=1, bm=2))
