@@ -131,7 +131,8 @@ def bench_model(models: str = typer.Option("all", help="comma-separated names fr
 def bench_kernels(ctx: typer.Context):
     """Fused MoE kernels vs grouped_mm, a cuBLAS loop and a padded layout on six model shapes (GPU).
 
-    Options go to hare.bench.kernels: --shapes, --tokens, --routing, --out-json, --plot-dir, --log (see --help)."""
+    Options go to hare.bench.kernels: --shapes, --tokens, --routing, --out-json, --plot-dir, --log; --density and
+    --bw time the Block N:M kernels, --suite real synthetic the Hare paper's settings (see --help)."""
     from .bench.kernels import main as kernels_main
 
     if not torch_cuda_available():

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # The one command that runs on the device (an H100/H200): GPU tests, compute-sanitizer memcheck on a small case,
-# the kernel benchmark (bench/results/<name>.json), the demo on the GPU and the end-to-end model benchmark
-# (bench/results/model_<gpu>.json). Logs go to $OUT (default ./device_out).
+# the kernel benchmark (bench/results/<name>.json), the sparse kernel benchmark on the model shapes at densities
+# 0.5 0.25 0.1 0.05, bw 16 (--sparse: bench/results/<name with kernels -> kernels_sparse>.json, e.g.
+# kernels_sparse_h100.json), the Hare paper's real and synthetic settings (--paper: <name with kernels -> paper>,
+# e.g. paper_h100.json), the demo on the GPU and the end-to-end model benchmark (bench/results/model_<gpu>.json).
+# Logs, the JSON files and the plots go to $OUT (default ./device_out). --sparse and --paper each stop after
+# SPARSE_TIMEOUT / PAPER_TIMEOUT seconds (default 300); their JSON is rewritten as they go, so it keeps what ran.
 #
-#   scripts/device_run.sh [--tests] [--sanitize] [--bench] [--demo] [--model] [--name NAME] [-- extra bench args]
-# With no selection flags all run. Example: scripts/device_run.sh --bench -- --shapes qwen3-30b-a3b
+#   scripts/device_run.sh [--tests] [--sanitize] [--bench] [--sparse] [--paper] [--demo] [--model] [--name NAME]
+#                         [-- extra bench args]
+# With no selection flags all run. Extra args go to --bench and --sparse (hare.bench.kernels options).
+# Example: scripts/device_run.sh --bench -- --shapes qwen3-30b-a3b
 # Set HARE_COMMIT to the commit under test where the tree travels without .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,12 +20,14 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export HARE_CACHE_DIR=${HARE_CACHE_DIR:-/tmp/hare_cache}
 PY=${PYTHON:-python3}
-DO_TESTS=0; DO_SAN=0; DO_BENCH=0; DO_DEMO=0; DO_MODEL=0; NAME=kernels_h100; EXTRA=()
+DO_TESTS=0; DO_SAN=0; DO_BENCH=0; DO_SPARSE=0; DO_PAPER=0; DO_DEMO=0; DO_MODEL=0; NAME=kernels_h100; EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests) DO_TESTS=1 ;;
     --sanitize) DO_SAN=1 ;;
     --bench) DO_BENCH=1 ;;
+    --sparse) DO_SPARSE=1 ;;
+    --paper) DO_PAPER=1 ;;
     --demo) DO_DEMO=1 ;;
     --model) DO_MODEL=1 ;;
     --name) NAME=$2; shift ;;
@@ -28,9 +36,12 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-if [ $((DO_TESTS + DO_SAN + DO_BENCH + DO_DEMO + DO_MODEL)) = 0 ]; then
-  DO_TESTS=1; DO_SAN=1; DO_BENCH=1; DO_DEMO=1; DO_MODEL=1
+if [ $((DO_TESTS + DO_SAN + DO_BENCH + DO_SPARSE + DO_PAPER + DO_DEMO + DO_MODEL)) = 0 ]; then
+  DO_TESTS=1; DO_SAN=1; DO_BENCH=1; DO_SPARSE=1; DO_PAPER=1; DO_DEMO=1; DO_MODEL=1
 fi
+# NAME with "kernels" replaced by $1 (or NAME_$1 when it has no "kernels")
+derived_name() { local n=${NAME/kernels/$1}; [ "$n" = "$NAME" ] && n=${NAME}_$1; echo "$n"; }
+SPARSE_NAME=$(derived_name kernels_sparse); PAPER_NAME=$(derived_name paper)
 STATUS=0
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
 t0=$(date +%s)
@@ -58,6 +69,22 @@ if [ $DO_BENCH = 1 ]; then
   cp "bench/results/$NAME.json" "$OUT/" 2>/dev/null
 fi
 t3=$(date +%s)
+if [ $DO_SPARSE = 1 ]; then
+  timeout ${SPARSE_TIMEOUT:-300} $PY -m hare.bench.kernels --density 0.5 0.25 0.1 0.05 --bw 16 \
+    --out-json "bench/results/$SPARSE_NAME.json" --log "$OUT/bench_sparse_full.txt" "${EXTRA[@]}" 2>&1 \
+    | tee "$OUT/bench_sparse.log" | tail -70
+  [ ${PIPESTATUS[0]} = 0 ] || STATUS=1
+  cp bench/results/$SPARSE_NAME.json bench/results/${SPARSE_NAME}_*.png "$OUT/" 2>/dev/null
+fi
+t4=$(date +%s)
+if [ $DO_PAPER = 1 ]; then
+  timeout ${PAPER_TIMEOUT:-300} $PY -m hare.bench.kernels --suite real synthetic \
+    --out-json "bench/results/$PAPER_NAME.json" --log "$OUT/bench_paper_full.txt" 2>&1 \
+    | tee "$OUT/bench_paper.log" | tail -40
+  [ ${PIPESTATUS[0]} = 0 ] || STATUS=1
+  cp bench/results/$PAPER_NAME.json bench/results/${PAPER_NAME}_*.png "$OUT/" 2>/dev/null
+fi
+t5=$(date +%s)
 if [ $DO_DEMO = 1 ]; then
   $PY -m hare.cli demo 2>&1 | tee "$OUT/demo.log" | tail -40
   [ ${PIPESTATUS[0]} = 0 ] || STATUS=1
@@ -67,6 +94,7 @@ if [ $DO_MODEL = 1 ]; then
   timeout ${MODEL_TIMEOUT:-540} $PY -m hare.cli bench model --out-json "$OUT/model.json" 2>&1 | tee "$OUT/bench_model.log" | tail -60
   [ ${PIPESTATUS[0]} = 0 ] || STATUS=1
 fi
-t4=$(date +%s)
-echo "times: tests $((t1-t0))s sanitize $((t2-t1))s bench $((t3-t2))s demo+model $((t4-t3))s; status $STATUS"
+t6=$(date +%s)
+echo "times: tests $((t1-t0))s sanitize $((t2-t1))s bench $((t3-t2))s sparse $((t4-t3))s paper $((t5-t4))s" \
+  "demo+model $((t6-t5))s; status $STATUS"
 exit $STATUS

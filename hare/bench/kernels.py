@@ -95,7 +95,7 @@ def measure_ceilings(device) -> dict:
     out = torch.empty((), device=device)
     read_ms = t.time_graph(lambda: torch.sum(src, dim=0, out=out), budget_s=0.1)
     read_tbps = src.numel() * 4 / (read_ms * 1e-3) / 1e12
-    del src, dst
+    src = dst = None
     a = torch.randn(8192, 8192, device=device).to(torch.bfloat16)
     b = torch.randn(8192, 8192, device=device).to(torch.bfloat16)
     ms = t.time_graph(lambda: a @ b, budget_s=0.2)
@@ -134,6 +134,10 @@ def make_case(T, H, E, k, routing, device, gen):
 
 
 # ------------------------------------------------------------------------------------------ baselines
+def rel_err(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
 def _act(name):
     return Fn.silu if name == "silu" else (lambda t: Fn.gelu(t, approximate="tanh"))
 
@@ -281,8 +285,7 @@ def run_kernel_bench(shapes=None, tokens=None, routing=None, out_json=None, plot
                 if baselines:
                     gfn = grouped_mm_fn(x, ids, w, wgu_t, wd_t)
                     ref = gfn()
-                    extra["rel_err_vs_grouped_mm"] = ((out.float() - ref.float()).norm()
-                                                      / ref.float().norm().clamp_min(1e-30)).item()
+                    extra["rel_err_vs_grouped_mm"] = rel_err(out, ref)
                     bl["grouped_mm"] = timer.time_graph(gfn)
                     del ref
                     bl["cublas_loop"] = timer.time_graph(cublas_loop_fn(x, ids, w, wgu, wd))
@@ -295,9 +298,8 @@ def run_kernel_bench(shapes=None, tokens=None, routing=None, out_json=None, plot
                              baseline_tflops=flops / (t_b * 1e-3) / 1e12 if t_b == t_b else None, **extra)
                     records.append(r)
                 say(json.dumps({**rec_base, "ours_ms": t_ours, **extra, **{f"{n}_ms": v for n, v in bl.items()}}))
-                del x, ids, w, out
             torch.cuda.empty_cache()
-        del wgu, wd, wgu_t, wd_t
+        wgu = wd = wgu_t = wd_t = None  # free this shape's weights before the next one's
         torch.cuda.empty_cache()
 
     launch = measure_launch_overhead(dev)
@@ -346,7 +348,7 @@ def measure_launch_overhead(dev) -> dict:
 
     t0 = time.perf_counter()
     for _ in range(n):
-        ops.fused_moe_impl(x, ids, w, wgu, wd, "silu", True)
+        ops.fused_moe_impl(x, ids, w, wgu, None, None, 0, wd, None, None, 0, "silu", True)  # dense: no meta
     torch.cuda.synchronize()
     impl_us = (time.perf_counter() - t0) / n * 1e6
     g = torch.cuda.CUDAGraph()
@@ -454,6 +456,8 @@ def main(argv=None):
         return
     from .sparse import run_sparse_bench, select_cases
 
+    if a.no_baselines:
+        ap.error("--no-baselines: the sparse benchmark always times its baselines")
     try:
         cases = select_cases(a.suite, a.density, a.bw, shapes=a.shapes, tokens=a.tokens, routings=a.routing)
     except ValueError as exc:
