@@ -11,7 +11,9 @@
 #                         [-- extra bench args]
 # With no selection flags all run. Extra args go to --bench and --sparse (hare.bench.kernels options).
 # Example: scripts/device_run.sh --bench -- --shapes qwen3-30b-a3b
-# Set HARE_COMMIT to the commit under test where the tree travels without .git.
+# MODEL_ARGS passes options to `hare bench model` (e.g. "--models mixtral-8x7b"). Logs and plots end up in
+# $OUT/logs.tgz, the JSON results beside it. Set HARE_COMMIT to the commit under test where the tree travels
+# without .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/device_out}
@@ -91,10 +93,14 @@ if [ $DO_DEMO = 1 ]; then
 fi
 if [ $DO_MODEL = 1 ]; then
   # written straight to $OUT and rewritten after each model, so a run cut short keeps what it measured
-  timeout ${MODEL_TIMEOUT:-540} $PY -m hare.cli bench model --out-json "$OUT/model.json" 2>&1 | tee "$OUT/bench_model.log" | tail -60
+  timeout ${MODEL_TIMEOUT:-540} $PY -m hare.cli bench model --out-json "$OUT/model.json" ${MODEL_ARGS:-} 2>&1 \
+    | tee "$OUT/bench_model.log" | tail -60
   [ ${PIPESTATUS[0]} = 0 ] || STATUS=1
 fi
 t6=$(date +%s)
 echo "times: tests $((t1-t0))s sanitize $((t2-t1))s bench $((t3-t2))s sparse $((t4-t3))s paper $((t5-t4))s" \
   "demo+model $((t6-t5))s; status $STATUS"
+# the device tool brings back few files: the JSON results stay loose, everything else goes into one archive
+(cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz --exclude='*.json' . && find . -maxdepth 1 -type f \
+  ! -name logs.tgz ! -name '*.json' -delete)
 exit $STATUS
