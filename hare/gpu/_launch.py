@@ -58,6 +58,7 @@ class GemmParams(ctypes.Structure):
         ("kept", ctypes.c_int),
         ("bw_log2", ctypes.c_int),
         ("panels", ctypes.c_int),
+        ("shared_b", ctypes.c_int),
     ]
 
 
@@ -100,7 +101,7 @@ class CombineParams(ctypes.Structure):
 
 # Fast packing (ctypes.Structure construction costs several us per launch): struct formats with the same
 # layout as the ctypes mirrors above (checked at import).
-_GEMM_FMT = struct.Struct("<10Qq15i4x")
+_GEMM_FMT = struct.Struct("<10Qq16i")
 _LAYOUT_FMT = struct.Struct("<12Q8i")
 _COMBINE_FMT = struct.Struct("<2Qq4i")
 _GLU_FMT = struct.Struct("<2Qq3i4x")  # GluCombineParams: part, h, split_stride, num_rows, ffn, splits

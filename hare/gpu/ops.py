@@ -197,6 +197,7 @@ class _Weights(NamedTuple):
     kept: int
     bw_log2: int
     panels: int
+    shared_b: int  # every K block kept (1:1): the two weight boxes of a tile read the same token columns
 
     @staticmethod
     def of(w: torch.Tensor, meta: torch.Tensor | None, block_idx: torch.Tensor | None, bw: int, K: int) -> "_Weights":
@@ -204,10 +205,10 @@ class _Weights(NamedTuple):
 
         if meta is None:
             E, out, _ = w.shape
-            return _Weights("", (_launch.weight_tensor_map(w, E * out, K),), 0, K // 64, 0, 0, 0)
+            return _Weights("", (_launch.weight_tensor_map(w, E * out, K),), 0, K // 64, 0, 0, 0, 0)
         kept = block_idx.shape[-1]
         return _Weights("_sp", _launch.sparse_tensor_maps(w, meta), block_idx.data_ptr(), -(-kept * bw // 64), kept,
-                        bw.bit_length() - 1, block_idx.shape[1])
+                        bw.bit_length() - 1, block_idx.shape[1], int(kept * bw == K))
 
     def params(self, b_src: int, out: int, lay_ptrs, split_stride: int, K: int, M: int, rows: int, box1: int,
                m_tile: int, num_m: int, splits: int, kpb: int, k: int, R: int, group: int):
@@ -215,7 +216,7 @@ class _Weights(NamedTuple):
 
         return _launch.gemm_params(b_src, out, *lay_ptrs, self.block_idx, split_stride, K, M, rows, box1, m_tile,
                                    num_m, splits, kpb, k, R, group, self.k_stages, self.kept, self.bw_log2,
-                                   self.panels)
+                                   self.panels, self.shared_b)
 
 
 def fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, gu_bw, w_down, d_meta, d_block_idx,

@@ -63,6 +63,8 @@ struct GemmParams {
   int kept;                     // sparse: kept K blocks per panel
   int bw_log2;                  // sparse: log2 of the block width bw
   int panels;                   // sparse: 128-row panels per expert
+  int shared_b;                 // sparse with every K block kept (1:1, pure 2:4): both boxes read the same columns,
+                                // so one token tile serves both (half the gathered bytes)
 };
 
 constexpr int kSmemLimit = 232448;  // 227 KB opt-in per block on sm_90
@@ -170,12 +172,16 @@ __device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const C
             tma_load_2d(meta, tmap_meta, &full[st], kb * 128, row0 >> 4);
             tma_load_2d(meta + 1024, tmap_meta, &full[st], kb * 128, row1 >> 4);
           }
-          // logical columns past the last kept block (the zero-filled tail of the values) read the last block
-          const int logical = kb * 64 + g.col;
-          const int q = min(logical >> p.bw_log2, p.kept - 1);
-          const int off = logical & ((1 << p.bw_log2) - 1);
-          g.load_at(smem_u32(b), p.b_src, p.K, (__ldg(bidx0 + q) << p.bw_log2) + off);
-          g.load_at(smem_u32(b + Cfg::kBTileBytes), p.b_src, p.K, (__ldg(bidx1 + q) << p.bw_log2) + off);
+          if (p.shared_b) {
+            g.load(smem_u32(b), p.b_src, p.K, kb * 64);
+          } else {
+            // logical columns past the last kept block (the zero-filled tail of the values) read the last block
+            const int logical = kb * 64 + g.col;
+            const int q = min(logical >> p.bw_log2, p.kept - 1);
+            const int off = logical & ((1 << p.bw_log2) - 1);
+            g.load_at(smem_u32(b), p.b_src, p.K, (__ldg(bidx0 + q) << p.bw_log2) + off);
+            g.load_at(smem_u32(b + Cfg::kBTileBytes), p.b_src, p.K, (__ldg(bidx1 + q) << p.bw_log2) + off);
+          }
         } else {
           if (tid == 0) {
             mbar_arrive_expect_tx(&full[st], Cfg::kABytes);
@@ -225,7 +231,7 @@ __device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const C
           const uint64_t da0 = make_desc<64>(a + cw * 64 * 64);
           const uint64_t da1 = make_desc<64>(a + Cfg::kABytes / 2 + cw * 64 * 64);
           const uint64_t db0 = make_desc<128>(a + Cfg::kABytes);
-          const uint64_t db1 = make_desc<128>(a + Cfg::kABytes + Cfg::kBTileBytes);
+          const uint64_t db1 = p.shared_b ? db0 : make_desc<128>(a + Cfg::kABytes + Cfg::kBTileBytes);
           const uint32_t* meta = reinterpret_cast<const uint32_t*>(a + Cfg::kABytes + Cfg::kBBytes) + meta_word;
           const uint32_t e00 = meta[0], e01 = meta[16], e10 = meta[256], e11 = meta[256 + 16];
           fence_operand(acc0);
