@@ -101,6 +101,7 @@ t6=$(date +%s)
 echo "times: tests $((t1-t0))s sanitize $((t2-t1))s bench $((t3-t2))s sparse $((t4-t3))s paper $((t5-t4))s" \
   "demo+model $((t6-t5))s; status $STATUS"
 # the device tool brings back few files: the JSON results stay loose, everything else goes into one archive
-(cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz --exclude='*.json' . && find . -maxdepth 1 -type f \
-  ! -name logs.tgz ! -name '*.json' -delete)
+# (archived outside $OUT first: tar fails on a folder that changes while it reads it)
+TGZ=$(mktemp /tmp/hare_logs.XXXXXX.tgz)
+tar czf "$TGZ" -C "$OUT" --exclude='*.json' . && find "$OUT" -type f ! -name '*.json' -delete && mv "$TGZ" "$OUT/logs.tgz"
 exit $STATUS
