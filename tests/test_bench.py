@@ -211,3 +211,22 @@ def test_plots_write_pngs_next_to_the_results(gen, tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         img = matplotlib.image.imread(p)
         assert img.shape[0] > 200 and img.shape[1] > 400 and img.std() > 0  # a drawn figure, not a blank
+
+
+def test_bench_session_checks_the_device_and_logs_the_ceilings_it_measured(monkeypatch, tmp_path):
+    import hare.gpu as hg
+
+    monkeypatch.setattr(hg, "availability", lambda dev: (False, "no sm_90 here"))
+    with pytest.raises(RuntimeError, match="no sm_90 here"):
+        kernels.BenchSession("cpu")
+    monkeypatch.setattr(hg, "availability", lambda dev: (True, "ok"))
+    monkeypatch.setattr(kernels, "measure_ceilings", lambda dev: {"copy_tbps": 3.0, "matmul_tflops": 800.0})
+    monkeypatch.setattr(kernels, "Timer", lambda dev: ("timer", dev))
+    log = tmp_path / "run.log"
+    a, b = kernels.BenchSession("cpu", seed=3, log=log), kernels.BenchSession("cpu", seed=3)
+    assert a.timer == ("timer", torch.device("cpu")) and a.ceil["copy_tbps"] == 3.0
+    assert torch.equal(torch.rand(4, generator=a.gen), torch.rand(4, generator=b.gen))  # seeded alike
+    a.say("case 1")
+    a.close()
+    b.say("not logged")  # no log file: a no-op
+    assert log.read_text().splitlines() == [f"ceilings: {a.ceil}", "case 1"]

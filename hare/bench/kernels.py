@@ -226,31 +226,45 @@ def padded_fn(x, ids, w, wgu_t, wd_t, activation="silu", pad=128):
 
 
 # ------------------------------------------------------------------------------------------ main loop
+class BenchSession:
+    """What every kernel benchmark run sets up first: the checked device, TF32 off, a seeded generator, the ceilings
+    measured in this run, a timer, and the optional log file (``say`` writes a line to it)."""
+
+    def __init__(self, device="cuda", seed: int = 0, log=None):
+        import hare.gpu as hg
+
+        self.dev = torch.device(device)
+        ok, why = hg.availability(self.dev)
+        if not ok:
+            raise RuntimeError(f"hare.gpu is not available: {why}")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        self.gen = torch.Generator(device=self.dev).manual_seed(seed)
+        self._log = open(log, "w") if log else None
+        self.ceil = measure_ceilings(self.dev)
+        self.say(f"ceilings: {self.ceil}")
+        self.timer = Timer(self.dev)
+
+    def say(self, msg: str) -> None:
+        if self._log:
+            self._log.write(msg + "\n")
+            self._log.flush()
+
+    def close(self) -> None:
+        if self._log:
+            self._log.close()
+
+
 def run_kernel_bench(shapes=None, tokens=None, routing=None, out_json=None, plot_dir=None, baselines=True,
                      log=None, device="cuda", seed=0, print_table=True) -> dict:
     """Run the benchmark; returns the JSON dict (also written to ``out_json`` when given)."""
     import hare.gpu as hg
     from hare.gpu import ops
 
-    ok, why = hg.availability(torch.device(device))
-    if not ok:
-        raise RuntimeError(f"hare.gpu is not available: {why}")
-    torch.backends.cuda.matmul.allow_tf32 = False
+    session = BenchSession(device, seed, log)
+    dev, gen, say, ceil, timer = session.dev, session.gen, session.say, session.ceil, session.timer
     shapes = list(shapes or SHAPES)
     tokens = list(tokens or TOKENS)
     routings = list(routing or ROUTINGS) if not isinstance(routing, str) else [routing]
-    dev = torch.device(device)
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    logf = open(log, "w") if log else None
-
-    def say(msg):
-        if logf:
-            logf.write(msg + "\n")
-            logf.flush()
-
-    ceil = measure_ceilings(dev)
-    say(f"ceilings: {ceil}")
-    timer = Timer(dev)
     records = []
     t_start = time.perf_counter()
     for shape in shapes:
@@ -322,8 +336,7 @@ def run_kernel_bench(shapes=None, tokens=None, routing=None, out_json=None, plot
             print(f"plot failed: {exc}")
     if print_table:
         print(format_table(result))
-    if logf:
-        logf.close()
+    session.close()
     return result
 
 

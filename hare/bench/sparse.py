@@ -45,8 +45,8 @@ import torch
 
 from ..blocknm import DENSITIES, BlockNM, sparsify
 from .common import run_info
-from .kernels import (ROUTINGS, SHAPES, Timer, cublas_loop_fn, grouped_mm_fn, make_case, make_weights,
-                      measure_ceilings, moe_flops, rel_err, traffic_bytes)
+from .kernels import (ROUTINGS, SHAPES, BenchSession, cublas_loop_fn, grouped_mm_fn, make_case, make_weights,
+                      moe_flops, rel_err, traffic_bytes)
 from .shapes import MODEL_SHAPES
 
 SUITES = ("models", "real", "synthetic")
@@ -203,22 +203,8 @@ def run_sparse_bench(cases, out_json=None, plot_dir=None, log=None, device="cuda
     short keeps what it measured). A failing sparse call is recorded under "errors" and the run goes on."""
     import hare.gpu as hg
 
-    dev = torch.device(device)
-    ok, why = hg.availability(dev)
-    if not ok:
-        raise RuntimeError(f"hare.gpu is not available: {why}")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    logf = open(log, "w") if log else None
-
-    def say(msg):
-        if logf:
-            logf.write(msg + "\n")
-            logf.flush()
-
-    ceil = measure_ceilings(dev)
-    say(f"ceilings: {ceil}")
-    timer = Timer(dev)
+    session = BenchSession(device, seed, log)
+    dev, gen, say, ceil, timer = session.dev, session.gen, session.say, session.ceil, session.timer
     result = {**run_info(dev), "ceilings": ceil, "suites": list(dict.fromkeys(c.suite for c in cases)),
               "wall_s": 0.0, "records": [], "errors": []}
     t_start = time.perf_counter()
@@ -245,8 +231,7 @@ def run_sparse_bench(cases, out_json=None, plot_dir=None, log=None, device="cuda
         print(target_summary(result["records"]))
         for e in result["errors"]:
             print(f"ERROR {e['case']} T={e['tokens']} density {e['density']}: {e['error']}")
-    if logf:
-        logf.close()
+    session.close()
     return result
 
 
