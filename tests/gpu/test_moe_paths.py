@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hare
-from hare.models import patch
+from hare.models import experts_modules, patch
 from hare.models.configs import tiny_model, tiny_tokenizer
 from hare.models.generation import generate
 from hare.moe import backend
@@ -77,3 +77,24 @@ def test_patched_model_on_gpu_generates_the_same_with_and_without_cuda_graphs():
     assert not [c for c in caught if "decoding eagerly" in str(c.message)], [str(c.message) for c in caught]
     assert eager.numel() == graphed.numel() == 8
     assert torch.equal(eager.cpu(), graphed.cpu())
+
+
+@pytest.mark.parametrize("bm", [None, 2])
+def test_bench_decode_step_replayed_as_a_cuda_graph_equals_the_eager_step(bm):
+    """`hare bench model` times decode as one captured CUDA graph: the patched model (dense, or sparse at 25%) must
+    capture with no host sync and the replay must give the eager step's logits."""
+    from hare.bench.model import capture_graph, static_decode_step
+
+    model = tiny_model("qwen3_moe", hidden_size=128, num_experts=8, moe_intermediate_size=128, head_dim=32)
+    model = patch(model.to("cuda", torch.bfloat16), bn=1 if bm else None, bm=bm).requires_grad_(False)
+    experts = next(iter(experts_modules(model).values()))
+    probe = torch.empty(1, 128, device="cuda", dtype=torch.bfloat16)
+    assert backend(probe, experts.weight("gate_up"), experts.weight("down"))[0] == "hopper"
+    tokens = torch.randint(0, model.config.vocab_size, (4, 33), device="cuda")
+    step = static_decode_step(model, tokens[:, :32], tokens[:, 32:])
+    eager = step().clone()
+    replay = capture_graph(step, torch.device("cuda"))
+    for _ in range(2):
+        replay().fill_(float("nan"))  # the next replay must rewrite the logits
+        assert rel_err(replay().float(), eager.float()) < 1e-3
+    assert rel_err(step().float(), eager.float()) < 1e-3  # every replay rewound the cache
