@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
 
-from .errors import HareError
+from .errors import HareError, InvalidArgumentError
 
 app = typer.Typer(help="Hare: fast sparse Mixture-of-Experts inference on Hopper GPUs.", no_args_is_help=True,
                   add_completion=False)
@@ -125,6 +126,25 @@ def bench_model(models: str = typer.Option("all", help="comma-separated names fr
         bench_main(models=models, out_json=out_json, quick=quick, layers=layers)
     except HareError as e:
         _fail(e)
+
+
+@bench_app.command(name="model-combine")
+def bench_model_combine(parts: list[Path] = typer.Argument(..., help="results files of `hare bench model`"),
+                        out_json: Path = typer.Option(..., help="the combined results file (a plot beside it)")):
+    """Combine runs of `hare bench model` of one commit and GPU that timed different models into one file."""
+    from .bench.model import combine, plot
+
+    try:
+        results = [json.loads(p.read_text()) for p in parts]
+    except (OSError, ValueError) as e:
+        _fail(InvalidArgumentError(f"cannot read a results file: {e}"))
+    try:
+        result = combine(results)
+    except HareError as e:
+        _fail(e)
+    out_json.write_text(json.dumps(result, indent=1))
+    plot(result, out_json.with_suffix(".png"))
+    typer.echo(f"{len(result['records'])} records -> {out_json}")
 
 
 @bench_app.command(name="kernels", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -217,3 +217,27 @@ def test_bench_static_decode_step_is_the_next_token_and_repeatable(arch):
         full = model(input_ids=tokens).logits[:, -1]
     for _ in range(3):
         torch.testing.assert_close(step()[:, -1], full, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_model_combine_joins_runs_of_one_commit_and_refuses_mixed_ones(tmp_path):
+    from hare.bench.model import combine
+
+    def run(model, commit="abc", date="2026-11-25T10:00:00+00:00", speedup=2.0):
+        record = {"model": model, "density": 0.25, "mode": "eager", "context": 0,
+                  "speedup_vs_transformers": speedup, "speedup_vs_grouped_mm": speedup / 2}
+        return {"gpu": "H100", "commit": commit, "torch": "2.11", "date": date, "wall_s": 10.0,
+                "summary": {}, "records": [record]}
+
+    joined = combine([run("a"), run("b", date="2026-11-25T11:00:00+00:00", speedup=4.0)])
+    assert [r["model"] for r in joined["records"]] == ["a", "b"]
+    assert joined["wall_s"] == 20.0 and joined["date"] == "2026-11-25T11:00:00+00:00"
+    assert [r["models"] for r in joined["runs"]] == [["a"], ["b"]]
+    assert joined["summary"]["eager/mean_speedup_vs_grouped_mm_at_0.25"] == pytest.approx(1.5)
+    with pytest.raises(InvalidArgumentError, match="commit"):
+        combine([run("a"), run("b", commit="def")])
+    with pytest.raises(InvalidArgumentError, match="more than one run"):
+        combine([run("a"), run("a")])
+    (tmp_path / "bad.json").write_text("{")
+    result = CliRunner().invoke(app, ["bench", "model-combine", str(tmp_path / "bad.json"), "--out-json",
+                                      str(tmp_path / "out.json")])
+    assert result.exit_code == 2 and "cannot read" in result.output

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..blocknm import DENSITIES
-from ..errors import UnsupportedDeviceError
+from ..errors import InvalidArgumentError, UnsupportedDeviceError
 from .common import median_ms, run_info
 from ..models import experts_modules, patch
 from ..moe import backend
@@ -244,6 +244,24 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def combine(results: list[dict]) -> dict:
+    """One results file from runs of one commit on one GPU model that each timed other models (a run split across
+    device calls); the summary is recomputed over all records and every run's date and wall time is kept."""
+    if not results:
+        raise InvalidArgumentError("combine: no results given")
+    for key in ("gpu", "commit", "torch"):
+        if len({r[key] for r in results}) > 1:
+            raise InvalidArgumentError(f"combine: the runs differ in {key}: {sorted({r[key] for r in results})}")
+    models = [{rec["model"] for rec in r["records"]} for r in results]
+    if sum(map(len, models)) != len(set().union(*models)):
+        raise InvalidArgumentError("combine: a model is in more than one run")
+    records = [rec for r in results for rec in r["records"]]
+    runs = [run for r in results for run in r.get("runs", [{"date": r["date"], "wall_s": r["wall_s"],
+                                                             "models": sorted({x["model"] for x in r["records"]})}])]
+    return {**{k: results[0][k] for k in ("gpu", "commit", "torch")}, "date": max(run["date"] for run in runs),
+            "wall_s": sum(run["wall_s"] for run in runs), "runs": runs, "summary": summary(records), "records": records}
+
+
 def main(models: str = "all", out_json=None, quick: bool = False, layers: int | None = None) -> dict:
     if not torch.cuda.is_available():
         raise UnsupportedDeviceError("hare bench model needs a CUDA GPU")
@@ -251,8 +269,6 @@ def main(models: str = "all", out_json=None, quick: bool = False, layers: int | 
     names = list(REAL) if models == "all" else [m.strip() for m in models.split(",")]
     unknown = [n for n in names if n not in REAL]
     if unknown:
-        from ..errors import InvalidArgumentError
-
         raise InvalidArgumentError(f"models: unknown {unknown}; choose from {list(REAL)}")
     gpu = torch.cuda.get_device_name(device)
     slug = gpu.replace("NVIDIA ", "").split()[0].lower()
