@@ -9,6 +9,7 @@ are encoded with cuTensorMapEncodeTiled and cached per weight tensor (pointer, s
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
 import threading
 
@@ -154,6 +155,7 @@ class _Module:
             self.module = _check(cu.cuModuleLoadData(image), "cuModuleLoadData")
             self.functions: dict[str, object] = {}
             self.smem_set: dict[str, int] = {}
+            self.configs: dict[tuple[int, int, int, int], object] = {}  # launch configs by (grid, block, smem, stream)
             props = torch.cuda.get_device_properties(device_index)
             self.num_sms = props.multi_processor_count
             # layout ticket: zero once here, reset to zero by the kernel that uses it
@@ -177,12 +179,32 @@ class _Module:
         if fn is None or (smem > 48 * 1024 and self.smem_set.get(name, 0) < smem):
             fn = self.function(name, smem)
         ptrs = (ctypes.c_void_p * len(params))(*[ctypes.addressof(p) for p in params])
-        err = cu.cuLaunchKernel(fn, grid, 1, 1, block, 1, 1, smem, stream, ctypes.addressof(ptrs), 0)
+        key = (grid, block, smem, stream)
+        config = self.configs.get(key)
+        if config is None:
+            config = self.configs[key] = _launch_config(grid, block, smem, stream)
+        err = cu.cuLaunchKernelEx(config, fn, ctypes.addressof(ptrs), 0)
         if err[0] != _SUCCESS:
-            raise RuntimeError(f"cuLaunchKernel({name}) failed: {err[0]}")
+            raise RuntimeError(f"cuLaunchKernelEx({name}) failed: {err[0]}")
+
+
+def _launch_config(grid: int, block: int, smem: int, stream: int):
+    """A 1-D launch with programmatic stream serialization (the kernels' griddepcontrol, common.cuh), so under CUDA
+    graphs and eagerly a kernel's prologue overlaps the previous kernel's tail instead of waiting for it to drain."""
+    attr = cu.CUlaunchAttribute()
+    attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value.programmaticStreamSerializationAllowed = int(PROGRAMMATIC_LAUNCH)
+    config = cu.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
+    config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
+    config.sharedMemBytes, config.hStream = smem, stream
+    config.attrs, config.numAttrs = [attr], 1
+    return config
 
 
 _SUCCESS = cu.CUresult.CUDA_SUCCESS
+# Programmatic dependent launch for every kernel; HARE_PDL=0 launches them plainly (to compare, or to rule it out).
+PROGRAMMATIC_LAUNCH = os.environ.get("HARE_PDL", "1") != "0"
 
 
 def current_stream(device: torch.device) -> int:

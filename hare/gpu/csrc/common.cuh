@@ -28,6 +28,14 @@ __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
 }
 
+// Programmatic dependent launch: every Hare kernel is launched with programmatic stream serialization, so it may
+// start while the previous kernel of the stream is still running (its prologue overlaps that kernel's tail and the
+// launch latency). grid_dependency_wait() blocks until the previous kernel has completed and its writes are visible;
+// each kernel calls it before its first global memory access, read or write. allow_dependents_launch() lets the
+// next kernel start early; until a kernel calls it (or exits), its dependents wait to launch.
+__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void allow_dependents_launch() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
 __device__ __forceinline__ float gelu_tanh(float g) {
   const float k0 = 0.7978845608028654f, k1 = 0.044715f;

@@ -7,11 +7,18 @@
 
 using namespace hare;
 
-extern "C" __global__ void __launch_bounds__(kLayoutThreads) hare_layout_count(const LayoutParams p) { layout_count(p); }
-extern "C" __global__ void __launch_bounds__(kLayoutThreads) hare_layout_scatter(const LayoutParams p) { layout_scatter(p); }
-extern "C" __global__ void __launch_bounds__(256) hare_combine(const CombineParams p) { combine(p); }
-extern "C" __global__ void __launch_bounds__(256) hare_glu_combine_silu(const GluCombineParams p) { glu_combine<kSilu>(p); }
-extern "C" __global__ void __launch_bounds__(256) hare_glu_combine_gelu(const GluCombineParams p) { glu_combine<kGelu>(p); }
+// Small kernels have no prologue worth overlapping: they wait for the previous kernel first thing (common.cuh).
+#define HARE_SMALL_KERNEL(NAME, THREADS, PARAMS, BODY)                                  \
+  extern "C" __global__ void __launch_bounds__(THREADS) NAME(const PARAMS p) {        \
+    grid_dependency_wait();                                                            \
+    allow_dependents_launch();                                                         \
+    BODY(p);                                                                           \
+  }
+HARE_SMALL_KERNEL(hare_layout_count, kLayoutThreads, LayoutParams, layout_count)
+HARE_SMALL_KERNEL(hare_layout_scatter, kLayoutThreads, LayoutParams, layout_scatter)
+HARE_SMALL_KERNEL(hare_combine, 256, CombineParams, combine)
+HARE_SMALL_KERNEL(hare_glu_combine_silu, 256, GluCombineParams, glu_combine<kSilu>)
+HARE_SMALL_KERNEL(hare_glu_combine_gelu, 256, GluCombineParams, glu_combine<kGelu>)
 
 // GEMM entry points: hare_<kind>_bn<BN> (dense weights) and hare_<kind>_sp_bn<BN> (Block N:M sparse weights:
 // values and metadata tensor maps), for kind in gateup_silu, gateup_gelu, down_det, down_fast.

@@ -122,6 +122,8 @@ __device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const C
     mbar_init_fence();
   }
   __syncthreads();
+  grid_dependency_wait();  // the prologue above touched no global memory; everything below may depend on it
+  allow_dependents_launch();
 
   const TileScheduler sched(*p.num_blocks, p.num_m, p.splits, p.group);
   const int nk_total = p.k_stages;
