@@ -3,11 +3,13 @@
 # the kernel benchmark (bench/results/<name>.json), the sparse kernel benchmark on the model shapes at densities
 # 0.5 0.25 0.1 0.05, bw 16 (--sparse: bench/results/<name with kernels -> kernels_sparse>.json, e.g.
 # kernels_sparse_h100.json), the Hare paper's real and synthetic settings (--paper: <name with kernels -> paper>,
-# e.g. paper_h100.json), the demo on the GPU and the end-to-end model benchmark (bench/results/model_<gpu>.json).
+# e.g. paper_h100.json), programmatic dependent launch on/off (--launch: <name with kernels -> launch>), the demo
+# on the GPU and the end-to-end model benchmark (bench/results/model_<gpu>.json).
 # Logs, the JSON files and the plots go to $OUT (default ./device_out). --sparse and --paper each stop after
 # SPARSE_TIMEOUT / PAPER_TIMEOUT seconds (default 300); their JSON is rewritten as they go, so it keeps what ran.
 #
-#   scripts/device_run.sh [--tests] [--sanitize] [--bench] [--sparse] [--paper] [--demo] [--model] [--name NAME]
+#   scripts/device_run.sh [--tests] [--sanitize] [--bench] [--sparse] [--paper] [--launch] [--demo] [--model]
+#                         [--name NAME]
 #                         [-- extra bench args]
 # With no selection flags all run. Extra args go to --bench and --sparse (hare.bench.kernels options).
 # Example: scripts/device_run.sh --bench -- --shapes qwen3-30b-a3b
@@ -22,7 +24,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export HARE_CACHE_DIR=${HARE_CACHE_DIR:-/tmp/hare_cache}
 PY=${PYTHON:-python3}
-DO_TESTS=0; DO_SAN=0; DO_BENCH=0; DO_SPARSE=0; DO_PAPER=0; DO_DEMO=0; DO_MODEL=0; NAME=kernels_h100; EXTRA=()
+DO_TESTS=0; DO_SAN=0; DO_BENCH=0; DO_SPARSE=0; DO_PAPER=0; DO_LAUNCH=0; DO_DEMO=0; DO_MODEL=0; NAME=kernels_h100; EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests) DO_TESTS=1 ;;
@@ -30,6 +32,7 @@ while [ $# -gt 0 ]; do
     --bench) DO_BENCH=1 ;;
     --sparse) DO_SPARSE=1 ;;
     --paper) DO_PAPER=1 ;;
+    --launch) DO_LAUNCH=1 ;;
     --demo) DO_DEMO=1 ;;
     --model) DO_MODEL=1 ;;
     --name) NAME=$2; shift ;;
@@ -38,12 +41,12 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-if [ $((DO_TESTS + DO_SAN + DO_BENCH + DO_SPARSE + DO_PAPER + DO_DEMO + DO_MODEL)) = 0 ]; then
-  DO_TESTS=1; DO_SAN=1; DO_BENCH=1; DO_SPARSE=1; DO_PAPER=1; DO_DEMO=1; DO_MODEL=1
+if [ $((DO_TESTS + DO_SAN + DO_BENCH + DO_SPARSE + DO_PAPER + DO_LAUNCH + DO_DEMO + DO_MODEL)) = 0 ]; then
+  DO_TESTS=1; DO_SAN=1; DO_BENCH=1; DO_SPARSE=1; DO_PAPER=1; DO_LAUNCH=1; DO_DEMO=1; DO_MODEL=1
 fi
 # NAME with "kernels" replaced by $1 (or NAME_$1 when it has no "kernels")
 derived_name() { local n=${NAME/kernels/$1}; [ "$n" = "$NAME" ] && n=${NAME}_$1; echo "$n"; }
-SPARSE_NAME=$(derived_name kernels_sparse); PAPER_NAME=$(derived_name paper)
+SPARSE_NAME=$(derived_name kernels_sparse); PAPER_NAME=$(derived_name paper); LAUNCH_NAME=$(derived_name launch)
 STATUS=0
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
 t0=$(date +%s)
@@ -86,6 +89,11 @@ if [ $DO_PAPER = 1 ]; then
   [ ${PIPESTATUS[0]} = 0 ] || STATUS=1
   cp bench/results/$PAPER_NAME.json bench/results/${PAPER_NAME}_*.png "$OUT/" 2>/dev/null
 fi
+if [ $DO_LAUNCH = 1 ]; then
+  $PY -m hare.bench.launch --out-json "bench/results/$LAUNCH_NAME.json" 2>&1 | tee "$OUT/bench_launch.log" | tail -5
+  [ ${PIPESTATUS[0]} = 0 ] || STATUS=1
+  cp "bench/results/$LAUNCH_NAME.json" "$OUT/" 2>/dev/null
+fi
 t5=$(date +%s)
 if [ $DO_DEMO = 1 ]; then
   $PY -m hare.cli demo 2>&1 | tee "$OUT/demo.log" | tail -40
@@ -98,7 +106,7 @@ if [ $DO_MODEL = 1 ]; then
   [ ${PIPESTATUS[0]} = 0 ] || STATUS=1
 fi
 t6=$(date +%s)
-echo "times: tests $((t1-t0))s sanitize $((t2-t1))s bench $((t3-t2))s sparse $((t4-t3))s paper $((t5-t4))s" \
+echo "times: tests $((t1-t0))s sanitize $((t2-t1))s bench $((t3-t2))s sparse $((t4-t3))s paper+launch $((t5-t4))s" \
   "demo+model $((t6-t5))s; status $STATUS"
 # the device tool brings back few files: the JSON results stay loose, everything else goes into one archive
 # (archived outside $OUT first: tar fails on a folder that changes while it reads it)

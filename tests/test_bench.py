@@ -230,3 +230,12 @@ def test_bench_session_checks_the_device_and_logs_the_ceilings_it_measured(monke
     a.close()
     b.say("not logged")  # no log file: a no-op
     assert log.read_text().splitlines() == [f"ceilings: {a.ceil}", "case 1"]
+
+
+def test_launch_bench_refuses_without_a_gpu(monkeypatch, capsys):
+    from hare.bench import launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        launch.main(["--tokens", "1"])
+    assert exit_info.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
