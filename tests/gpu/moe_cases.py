@@ -57,3 +57,31 @@ def poison_allocator(nbytes: int, device):
     n = max(1, nbytes // 2)
     junk = torch.full((n,), float("nan"), dtype=torch.bfloat16, device=device)
     del junk
+
+
+def check_graph_replay(T, E, k, w_gate_up, w_down, tol):
+    """hare.gpu.fused_moe captured as a CUDA graph replays to the eager result; after new inputs are copied into the
+    captured buffers and the output is poisoned, the replay follows them (fp32 reference on the dense equivalent of
+    the weights, and bitwise the eager call). Returns the new inputs."""
+    import hare
+    import hare.gpu as hg
+
+    H = w_gate_up.shape[2]
+    dense = [t.to_dense() if isinstance(t, hare.BlockNM) else t for t in (w_gate_up, w_down)]
+    x, (ids, w) = make_x(T, H, "cuda"), make_routing(T, E, k, "cuda")
+    eager = hg.fused_moe(x, ids, w, w_gate_up, w_down)  # also loads the kernels before capture
+    sx, sids, sw = x.clone(), ids.clone(), w.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = hg.fused_moe(sx, sids, sw, w_gate_up, w_down)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    x2, (ids2, w2) = make_x(T, H, "cuda"), make_routing(T, E, k, "cuda")
+    sx.copy_(x2), sids.copy_(ids2), sw.copy_(w2)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, reference(x2, ids2, w2, *dense)) < tol
+    assert torch.equal(out, hg.fused_moe(x2, ids2, w2, w_gate_up, w_down))
+    return x2, ids2, w2

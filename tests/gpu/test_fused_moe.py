@@ -4,7 +4,8 @@ import torch
 import hare.gpu as hg
 from hare.gpu import ops
 
-from .moe_cases import MODELS, make_routing, make_weights, make_x, poison_allocator, reference, rel_err
+from .moe_cases import (MODELS, check_graph_replay,
+                         make_routing, make_weights, make_x, poison_allocator, reference, rel_err)
 
 pytestmark = pytest.mark.gpu
 TOL = 1e-2
@@ -85,26 +86,7 @@ def test_deterministic_is_bitwise_repeatable():
 
 @pytest.mark.parametrize("T", [1, 64, 600])
 def test_cuda_graph_replay(T):
-    H, F, E, k = 2048, 768, 32, 4
-    wgu, wd = make_weights(E, H, F, "cuda")
-    x = make_x(T, H, "cuda")
-    ids, w = make_routing(T, E, k, "cuda")
-    eager = hg.fused_moe(x, ids, w, wgu, wd)  # also loads the kernels before capture
-    sx, sids, sw = x.clone(), ids.clone(), w.clone()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = hg.fused_moe(sx, sids, sw, wgu, wd)
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager)
-    x2 = make_x(T, H, "cuda")
-    ids2, w2 = make_routing(T, E, k, "cuda")
-    sx.copy_(x2), sids.copy_(ids2), sw.copy_(w2)
-    out.fill_(float("nan"))
-    g.replay()
-    torch.cuda.synchronize()
-    assert rel_err(out, reference(x2, ids2, w2, wgu, wd)) < TOL
-    assert torch.equal(out, hg.fused_moe(x2, ids2, w2, wgu, wd))
+    check_graph_replay(T, 32, 4, *make_weights(32, 2048, 768, "cuda"), TOL)
 
 
 def test_torch_compile():

@@ -10,7 +10,8 @@ import hare.gpu as hg
 from hare.blocknm import DENSITIES
 from hare.gpu import ops
 
-from .moe_cases import MODELS, make_routing, make_weights, make_x, poison_allocator, reference, rel_err
+from .moe_cases import (MODELS, check_graph_replay,
+                         make_routing, make_weights, make_x, poison_allocator, reference, rel_err)
 
 pytestmark = pytest.mark.gpu
 TOL = 1e-2
@@ -107,25 +108,8 @@ def test_deterministic_is_bitwise_repeatable():
 
 
 def test_cuda_graph_replay_and_compile():
-    H, F, E, k, T = 2048, 768, 32, 4, 64
-    sgu, sd = sparse_weights(E, H, F, 1, 5, 16)
-    x = make_x(T, H, "cuda")
-    ids, w = make_routing(T, E, k, "cuda")
-    eager = hg.fused_moe(x, ids, w, sgu, sd)
-    sx, sids, sw = x.clone(), ids.clone(), w.clone()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = hg.fused_moe(sx, sids, sw, sgu, sd)
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager)
-    x2 = make_x(T, H, "cuda")
-    ids2, w2 = make_routing(T, E, k, "cuda")
-    sx.copy_(x2), sids.copy_(ids2), sw.copy_(w2)
-    out.fill_(float("nan"))
-    g.replay()
-    torch.cuda.synchronize()
-    assert rel_err(out, reference(x2, ids2, w2, sgu.to_dense(), sd.to_dense())) < TOL
+    sgu, sd = sparse_weights(32, 2048, 768, 1, 5, 16)
+    x2, ids2, w2 = check_graph_replay(64, 32, 4, sgu, sd, TOL)
     compiled = torch.compile(lambda x, i, w: hg.fused_moe(x * 1.0, i, w, sgu, sd), fullgraph=True)
     assert torch.equal(compiled(x2, ids2, w2), hg.fused_moe(x2, ids2, w2, sgu, sd))
 

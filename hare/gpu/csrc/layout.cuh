@@ -110,10 +110,23 @@ __device__ __forceinline__ int block_exclusive_scan(int* data, int n, int* scrat
   return total;
 }
 
-// Gives each assignment of this warp's slice its row: hist[w * E + e] must hold warp w's first row of expert e.
+// Gives each assignment of this warp's slice its row. hist holds the per-warp histograms (warp w's count of expert
+// e at hist[w * E + e]); expert e's rows of this CTA start at first_row(e). A scan over the warps turns the counts
+// into each warp's first row of each expert, then every warp places its slice.
+template <class FirstRow>
 __device__ __forceinline__ void layout_assign(const LayoutParams& p, int* hist, const int (&ids)[kLayoutItemsPerLane],
-                                              int begin) {
+                                              int begin, FirstRow first_row) {
   const int E = p.num_experts;
+  for (int e = threadIdx.x; e < E; e += kLayoutThreads) {
+    int run = first_row(e);
+#pragma unroll
+    for (int w = 0; w < kLayoutWarps; ++w) {
+      const int v = hist[w * E + e];
+      hist[w * E + e] = run;
+      run += v;
+    }
+  }
+  __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int* h = hist + warp * E;
   const unsigned lt = (1u << lane) - 1u;
@@ -233,17 +246,7 @@ __device__ __forceinline__ void layout_count(const LayoutParams& p) {
   }
   if (single) {  // finish here, no layout_scatter launch
     __syncthreads();
-    for (int e = threadIdx.x; e < E; e += kLayoutThreads) {
-      int run = cnt[e];
-#pragma unroll
-      for (int w = 0; w < kLayoutWarps; ++w) {
-        const int v = sh[w * E + e];
-        sh[w * E + e] = run;
-        run += v;
-      }
-    }
-    __syncthreads();
-    layout_assign(p, sh, ids, begin);
+    layout_assign(p, sh, ids, begin, [&](int e) { return cnt[e]; });
   }
 }
 
@@ -253,17 +256,7 @@ __device__ __forceinline__ void layout_scatter(const LayoutParams& p) {
   int ids[kLayoutItemsPerLane], begin;
   layout_load_slice(p, ids, begin);
   layout_warp_histogram(p, sh, ids);
-  for (int e = threadIdx.x; e < E; e += kLayoutThreads) {
-    int run = p.tile_base[blockIdx.x * E + e];
-#pragma unroll
-    for (int w = 0; w < kLayoutWarps; ++w) {
-      const int v = sh[w * E + e];
-      sh[w * E + e] = run;
-      run += v;
-    }
-  }
-  __syncthreads();
-  layout_assign(p, sh, ids, begin);
+  layout_assign(p, sh, ids, begin, [&](int e) { return p.tile_base[blockIdx.x * E + e]; });
 }
 
 }  // namespace hare
