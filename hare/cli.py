@@ -118,14 +118,28 @@ app.add_typer(bench_app, name="bench")
 def bench_model(models: str = typer.Option("all", help="comma-separated names from hare.models.configs.REAL, or all"),
                 out_json: Path = typer.Option(None, help="default: bench/results/model_<gpu>.json"),
                 layers: int = typer.Option(None, min=1, help="decoder layers per model (default: as many as fit)"),
-                quick: bool = typer.Option(False, help="2 layers per model (a smoke run)")):
+                quick: bool = typer.Option(False, help="2 layers per model (a smoke run)"),
+                attention: str = typer.Option("packed-gqa", help="comma-separated: sdpa (transformers' own), "
+                                              "packed-gqa (decode over the KV cache as stored); every variant alike"),
+                batches: str = typer.Option("1,8,32,128", help="comma-separated decode batch sizes"),
+                densities: str = typer.Option("0.5,0.25,0.1", help="comma-separated Block N:M densities"),
+                prefill_tokens: int = typer.Option(4096, min=0, help="prompt of the prefill case (0: no prefill)")):
     """End-to-end prefill/decode of real-shaped MoE models: transformers' experts, grouped_mm, Hare dense/sparse."""
     from .bench.model import main as bench_main
 
     try:
-        bench_main(models=models, out_json=out_json, quick=quick, layers=layers)
+        bench_main(models=models, out_json=out_json, quick=quick, layers=layers,
+                   attentions=_csv(attention, str, "attention"), prefill_tokens=prefill_tokens,
+                   batches=_csv(batches, int, "batches"), densities=_csv(densities, float, "densities"))
     except HareError as e:
         _fail(e)
+
+
+def _csv(text: str, kind, what: str) -> tuple:
+    try:
+        return tuple(kind(item.strip()) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise InvalidArgumentError(f"{what}: {text!r} is not a comma-separated list of {kind.__name__}") from None
 
 
 @bench_app.command(name="model-combine")

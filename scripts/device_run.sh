@@ -13,7 +13,8 @@
 #                         [-- extra bench args]
 # With no selection flags all run. Extra args go to --bench and --sparse (hare.bench.kernels options).
 # Example: scripts/device_run.sh --bench -- --shapes qwen3-30b-a3b
-# MODEL_ARGS passes options to `hare bench model` (e.g. "--models mixtral-8x7b"). Logs and plots end up in
+# MODEL_ARGS passes options to `hare bench model` (e.g. "--models mixtral-8x7b"); TEST_WORKERS=N runs the GPU tests
+# in N pytest-xdist processes on the one GPU; HARE_CACHE_DIR may point at a cubin built ahead (carry it). Logs and plots end up in
 # $OUT/logs.tgz, the JSON results beside it. Set HARE_COMMIT to the commit under test where the tree travels
 # without .git.
 set -uo pipefail
@@ -59,7 +60,7 @@ if [ -n "$CUBIN" ] && command -v cuobjdump >/dev/null; then
   gzip -f "$OUT/sass.txt"
 fi
 if [ $DO_TESTS = 1 ]; then
-  $PY -m pytest tests/gpu -q -x --timeout=600 -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
+  $PY -m pytest tests/gpu -q -x --timeout=600 -p no:cacheprovider ${TEST_WORKERS:+-n $TEST_WORKERS} 2>&1 | tee "$OUT/tests.log" | tail -25
   [ ${PIPESTATUS[0]} = 0 ] || STATUS=1
 fi
 t1=$(date +%s)

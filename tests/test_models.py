@@ -197,8 +197,31 @@ def test_bench_model_records_on_a_tiny_model():
     for r in records:
         assert r["bench"] == "model" and r["ours_ms"] > 0 and r["baseline_ms"] > 0 and 0 <= r["moe_share"] < 1
         assert r["speedup_vs_transformers"] == pytest.approx(r["baseline_ms"] / r["ours_ms"])
+        assert r["attention"] == "packed-gqa"
     assert {r["mode"] for r in records} == {"eager"}  # no CUDA graphs on the CPU
-    assert summary(records)["eager/mean_speedup_vs_transformers_at_0.25"] > 0
+    stock = bench_one("tiny", tiny_config("qwen3_moe"), torch.device("cpu"), torch.float32, 2, prefill_tokens=0,
+                      batches=(2,), context=8, densities=(), attention="sdpa", say=lambda s: None)
+    assert {(r["case"], r["variant"], r["attention"]) for r in stock} == {("tiny/decode-b2", "hare-dense", "sdpa")}
+    means = summary(records + stock)
+    assert means["packed-gqa/eager/mean_speedup_vs_transformers_at_0.25"] > 0
+    assert means["sdpa/eager/mean_speedup_vs_grouped_mm_at_1"] == pytest.approx(stock[0]["speedup_vs_grouped_mm"])
+    assert "sdpa/eager/mean_speedup_vs_grouped_mm_at_0.25" not in means  # no 25% record ran with sdpa
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(attentions=("flash",)), "attention"),
+                                          (dict(attentions=()), "attention"),
+                                          (dict(densities=(0.3,)), "densities"),
+                                          (dict(batches=(0,)), "batches"), (dict(models="gpt2"), "unknown")])
+def test_bench_model_refuses_bad_options_before_looking_for_a_gpu(kwargs, match):
+    from hare.bench.model import main
+
+    with pytest.raises(InvalidArgumentError, match=match):
+        main(**kwargs)
+
+
+def test_cli_bench_model_says_what_is_wrong_with_a_list():
+    result = CliRunner().invoke(app, ["bench", "model", "--batches", "1,eight"])
+    assert result.exit_code != 0 and "batches" in result.output
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2"])
@@ -222,9 +245,9 @@ def test_bench_static_decode_step_is_the_next_token_and_repeatable(arch):
 def test_bench_model_combine_joins_runs_of_one_commit_and_refuses_mixed_ones(tmp_path):
     from hare.bench.model import combine
 
-    def run(model, commit="abc", date="2026-11-25T10:00:00+00:00", speedup=2.0):
+    def run(model, commit="abc", date="2026-11-25T10:00:00+00:00", speedup=2.0, **attention):
         record = {"model": model, "density": 0.25, "mode": "eager", "context": 0,
-                  "speedup_vs_transformers": speedup, "speedup_vs_grouped_mm": speedup / 2}
+                  "speedup_vs_transformers": speedup, "speedup_vs_grouped_mm": speedup / 2, **attention}
         return {"gpu": "H100", "commit": commit, "torch": "2.11", "date": date, "wall_s": 10.0,
                 "summary": {}, "records": [record]}
 
@@ -232,11 +255,13 @@ def test_bench_model_combine_joins_runs_of_one_commit_and_refuses_mixed_ones(tmp
     assert [r["model"] for r in joined["records"]] == ["a", "b"]
     assert joined["wall_s"] == 20.0 and joined["date"] == "2026-11-25T11:00:00+00:00"
     assert [r["models"] for r in joined["runs"]] == [["a"], ["b"]]
-    assert joined["summary"]["eager/mean_speedup_vs_grouped_mm_at_0.25"] == pytest.approx(1.5)
+    assert joined["summary"]["sdpa/eager/mean_speedup_vs_grouped_mm_at_0.25"] == pytest.approx(1.5)
     with pytest.raises(InvalidArgumentError, match="commit"):
         combine([run("a"), run("b", commit="def")])
     with pytest.raises(InvalidArgumentError, match="more than one run"):
         combine([run("a"), run("a")])
+    both = combine([run("a"), run("a", speedup=6.0, attention="packed-gqa")])  # one model, two attentions
+    assert both["summary"]["packed-gqa/eager/mean_speedup_vs_grouped_mm_at_0.25"] == pytest.approx(3.0)
     (tmp_path / "bad.json").write_text("{")
     result = CliRunner().invoke(app, ["bench", "model-combine", str(tmp_path / "bad.json"), "--out-json",
                                       str(tmp_path / "out.json")])

@@ -3,7 +3,10 @@
 For each model (``hare.models.configs.REAL``, as many layers as ``--layers`` or the GPU allows), in one run on one
 GPU, the same weights run with: transformers' own eager experts, transformers' ``grouped_mm`` experts, Hare dense
 and Hare at 50/25/10% density (pruned by magnitude: random weights carry no signal for calibration). Cases:
-prefill of 4096 tokens (batch 1) and one decode step at batch 1, 8, 32, 128 over 1024 tokens of context. The MoE
+prefill of 4096 tokens (batch 1) and one decode step at batch 1, 8, 32, 128 over 1024 tokens of context. Every
+variant runs the same attention: transformers' SDPA as installed ("sdpa"), or with single-token decode over the
+cache as stored (``hare.models.attention``, "packed-gqa", the default; transformers 5.24 and later do the same
+themselves, older releases copy the whole KV cache per layer and step). The MoE
 share of a step is 1 − t(no experts)/t(variant), where "no experts" replaces every experts module by zeros.
 Timing: CUDA events, median of a few repetitions after warm-up. Prefill steps run eagerly; decode steps run eagerly and
 (on a GPU) also as replayed CUDA graphs over transformers' static cache, for every variant that can be captured
@@ -25,10 +28,12 @@ from ..blocknm import DENSITIES
 from ..errors import InvalidArgumentError, UnsupportedDeviceError
 from .common import median_ms, run_info
 from ..models import experts_modules, patch
+from ..models.attention import use_packed_gqa_attention
 from ..moe import backend
 from ..models.configs import REAL, real_config
 
 DENSITY_CASES = (0.5, 0.25, 0.1)
+ATTENTIONS = ("sdpa", "packed-gqa")
 DECODE_BATCHES = (1, 8, 32, 128)
 PREFILL_TOKENS = 4096
 CONTEXT = 1024
@@ -39,13 +44,16 @@ class _NoExperts(nn.Module):
         return torch.zeros_like(hidden_states)
 
 
-def _build(config, device, dtype, seed: int = 0):
+def _build(config, device, dtype, attention: str, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     with torch.device(device):
         # no parameter needs a gradient: otherwise every KV cache step would keep its autograd graph alive
-        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval().requires_grad_(False)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval().requires_grad_(False)
+    if attention == "packed-gqa":
+        use_packed_gqa_attention(model)
+    return model
 
 
 def _set_experts_impl(model, impl: str) -> None:
@@ -122,7 +130,8 @@ def _cases(model, device, prefill_tokens: int, batches, context: int, vocab: int
     stack decodes (the eager step is bound by Python and kernel launches)."""
     gen = torch.Generator(device="cpu").manual_seed(1)
     prompt = torch.randint(0, vocab, (1, prefill_tokens), generator=gen).to(device)
-    yield "prefill", "eager", lambda p=prompt: model(input_ids=p, use_cache=False, logits_to_keep=1)
+    if prefill_tokens:
+        yield "prefill", "eager", lambda p=prompt: model(input_ids=p, use_cache=False, logits_to_keep=1)
     del prompt  # the case's function keeps its own reference
     for b in batches:
         history = torch.randint(0, vocab, (b, context), generator=gen).to(device)
@@ -136,8 +145,9 @@ def _cases(model, device, prefill_tokens: int, batches, context: int, vocab: int
 
 
 def bench_one(name: str, config, device, dtype, layers: int, prefill_tokens=PREFILL_TOKENS, batches=DECODE_BATCHES,
-              context=CONTEXT, densities=DENSITY_CASES, say=print) -> list[dict]:
-    """All variants of one model; returns the records (one per case and Hare variant)."""
+              context=CONTEXT, densities=DENSITY_CASES, attention: str = "packed-gqa", say=print) -> list[dict]:
+    """All variants of one model with one attention; returns the records (one per case and Hare variant).
+    ``prefill_tokens=0`` leaves the prefill case out."""
     ms: dict[tuple[str, str], dict[str, float]] = {}  # (case, mode) -> variant -> ms
     graphs = device.type == "cuda"
 
@@ -145,9 +155,9 @@ def bench_one(name: str, config, device, dtype, layers: int, prefill_tokens=PREF
         for case, mode, fn in _cases(model, device, prefill_tokens, batches, context, config.vocab_size,
                                      graphs and capturable):
             ms.setdefault((case, mode), {})[variant] = median_ms(fn, device)
-            say(f"  {name} {variant:>22} {case:>11} {mode:>10}: {ms[case, mode][variant]:9.2f} ms")
+            say(f"  {name} {attention} {variant:>22} {case:>11} {mode:>10}: {ms[case, mode][variant]:9.2f} ms")
 
-    model = _build(config, device, dtype)
+    model = _build(config, device, dtype, attention)
     for impl in ("eager", "grouped_mm"):
         _set_experts_impl(model, impl)
         measure(f"transformers-{impl}", model, capturable=impl != "eager")  # eager experts sync on .nonzero()
@@ -160,7 +170,7 @@ def bench_one(name: str, config, device, dtype, layers: int, prefill_tokens=PREF
     del model
     timed_densities = []
     for density in densities:
-        model = _build(config, device, dtype)
+        model = _build(config, device, dtype, attention)
         bn, bm = DENSITIES[density]
         patch(model, bn=bn, bm=bm)
         experts = next(iter(experts_modules(model).values()))
@@ -184,7 +194,8 @@ def bench_one(name: str, config, device, dtype, layers: int, prefill_tokens=PREF
         for variant in ["hare-dense", *(f"hare-{d:g}" for d in timed_densities)]:
             ours = t[variant]
             records.append({
-                "bench": "model", "case": f"{name}/{case}", "model": name, "layers": layers, "tokens": tokens[case],
+                "bench": "model", "case": f"{name}/{case}", "model": name, "layers": layers, "attention": attention,
+                "tokens": tokens[case],
                 "context": 0 if case == "prefill" else context, "mode": mode,
                 "density": 1.0 if variant == "hare-dense" else float(variant.split("-")[1]), "variant": variant,
                 "ours_ms": ours, "baseline": "transformers-eager", "baseline_mode": "eager", "baseline_ms": eager,
@@ -196,24 +207,32 @@ def bench_one(name: str, config, device, dtype, layers: int, prefill_tokens=PREF
     return records
 
 
+def _attention(r: dict) -> str:
+    return r.get("attention", "sdpa")  # records before 'attention' was recorded ran transformers' SDPA
+
+
 def _label(r: dict) -> str:
-    return r["case"] + (" (graph)" if r["mode"] == "cuda-graph" else "")
+    return f"{r['case']} [{_attention(r)}]" + (" (graph)" if r["mode"] == "cuda-graph" else "")
 
 
 def summary(records: list[dict]) -> dict:
-    """Mean speedups per timed density over the cases of each view (the issue's targets are at 25%: >= 2.5x over
-    transformers' experts and >= 1.5x over grouped_mm experts). View "eager": every step eager. View "graphs" (GPU
-    runs): prefill eager and decode replayed as CUDA graphs, as a serving stack runs them."""
+    """Mean speedups per attention and timed density over the cases of each view (the issue's targets are at 25%:
+    >= 2.5x over transformers' experts and >= 1.5x over grouped_mm experts). View "eager": every step eager. View
+    "graphs" (GPU runs): prefill eager and decode replayed as CUDA graphs, as a serving stack runs them. Keys:
+    ``<attention>/<view>/mean_speedup_vs_<base>_at_<density>``."""
     views = {"eager": lambda r: r["mode"] == "eager"}
     if any(r["mode"] == "cuda-graph" for r in records):
         views["graphs"] = lambda r: r["mode"] == "cuda-graph" or r["context"] == 0  # context 0: prefill
     out = {}
-    for view, keep in views.items():
-        for density in sorted({r["density"] for r in records}, reverse=True):
-            rs = [r for r in records if r["density"] == density and keep(r)]
-            for base in ("transformers", "grouped_mm"):
-                out[f"{view}/mean_speedup_vs_{base}_at_{density:g}"] = (
-                    sum(r[f"speedup_vs_{base}"] for r in rs) / len(rs))
+    for attention in dict.fromkeys(map(_attention, records)):
+        for view, keep in views.items():
+            for density in sorted({r["density"] for r in records}, reverse=True):
+                rs = [r for r in records if r["density"] == density and _attention(r) == attention and keep(r)]
+                if not rs:
+                    continue
+                for base in ("transformers", "grouped_mm"):
+                    out[f"{attention}/{view}/mean_speedup_vs_{base}_at_{density:g}"] = (
+                        sum(r[f"speedup_vs_{base}"] for r in rs) / len(rs))
     return out
 
 
@@ -245,16 +264,17 @@ def plot(result: dict, path: Path) -> None:
 
 
 def combine(results: list[dict]) -> dict:
-    """One results file from runs of one commit on one GPU model that each timed other models (a run split across
-    device calls); the summary is recomputed over all records and every run's date and wall time is kept."""
+    """One results file from runs of one commit on one GPU model that each timed other models or attentions (a run
+    split across device calls); the summary is recomputed over all records and every run's date and wall time is
+    kept."""
     if not results:
         raise InvalidArgumentError("combine: no results given")
     for key in ("gpu", "commit", "torch"):
         if len({r[key] for r in results}) > 1:
             raise InvalidArgumentError(f"combine: the runs differ in {key}: {sorted({r[key] for r in results})}")
-    models = [{rec["model"] for rec in r["records"]} for r in results]
-    if sum(map(len, models)) != len(set().union(*models)):
-        raise InvalidArgumentError("combine: a model is in more than one run")
+    timed = [{(rec["model"], _attention(rec)) for rec in r["records"]} for r in results]
+    if sum(map(len, timed)) != len(set().union(*timed)):
+        raise InvalidArgumentError("combine: a model with the same attention is in more than one run")
     records = [rec for r in results for rec in r["records"]]
     runs = [run for r in results for run in r.get("runs", [{"date": r["date"], "wall_s": r["wall_s"],
                                                              "models": sorted({x["model"] for x in r["records"]})}])]
@@ -262,29 +282,38 @@ def combine(results: list[dict]) -> dict:
             "wall_s": sum(run["wall_s"] for run in runs), "runs": runs, "summary": summary(records), "records": records}
 
 
-def main(models: str = "all", out_json=None, quick: bool = False, layers: int | None = None) -> dict:
-    if not torch.cuda.is_available():
-        raise UnsupportedDeviceError("hare bench model needs a CUDA GPU")
-    device, dtype = torch.device("cuda"), torch.bfloat16
+def main(models: str = "all", out_json=None, quick: bool = False, layers: int | None = None,
+         attentions=("packed-gqa",), prefill_tokens: int = PREFILL_TOKENS, batches=DECODE_BATCHES,
+         densities=DENSITY_CASES) -> dict:
     names = list(REAL) if models == "all" else [m.strip() for m in models.split(",")]
     unknown = [n for n in names if n not in REAL]
     if unknown:
         raise InvalidArgumentError(f"models: unknown {unknown}; choose from {list(REAL)}")
+    if not attentions or set(attentions) - set(ATTENTIONS):
+        raise InvalidArgumentError(f"attention: {list(attentions)}; choose from {list(ATTENTIONS)}")
+    if set(densities) - set(DENSITIES):
+        raise InvalidArgumentError(f"densities: {list(densities)}; choose from {sorted(DENSITIES)}")
+    if not batches or min(batches) < 1 or prefill_tokens < 0:
+        raise InvalidArgumentError(f"batches {list(batches)} must be >= 1 and prefill tokens {prefill_tokens} >= 0")
+    if not torch.cuda.is_available():
+        raise UnsupportedDeviceError("hare bench model needs a CUDA GPU")
+    device, dtype = torch.device("cuda"), torch.bfloat16
     gpu = torch.cuda.get_device_name(device)
     slug = gpu.replace("NVIDIA ", "").split()[0].lower()
     out = Path(out_json) if out_json else Path("bench/results") / f"model_{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     records = []
-    for name in names:  # the file is rewritten after each model, so a run cut short keeps what it measured
+    for name in names:  # the file is rewritten after each model and attention, so a run cut short keeps its records
         n = layers or (2 if quick else fit_layers(name, device, dtype))
         print(f"{name}: {n} layers", flush=True)
-        records += bench_one(name, real_config(name, num_layers=n), device, dtype, n,
-                             say=lambda s: print(s, flush=True))
-        torch.cuda.empty_cache()
-        result = {**run_info(device), "wall_s": time.perf_counter() - t0, "summary": summary(records),
-                  "records": records}
-        out.write_text(json.dumps(result, indent=1))
+        for attention in attentions:
+            records += bench_one(name, real_config(name, num_layers=n), device, dtype, n, prefill_tokens, batches,
+                                 densities=densities, attention=attention, say=lambda s: print(s, flush=True))
+            torch.cuda.empty_cache()
+            result = {**run_info(device), "wall_s": time.perf_counter() - t0, "summary": summary(records),
+                      "records": records}
+            out.write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))
     print(json.dumps(result["summary"]), f"-> {out}")
     return result

@@ -1,8 +1,10 @@
 """Text generation and perplexity for dense and Hare checkpoints (``hare generate``, ``hare eval``).
 
 On CUDA, decoding uses transformers' static KV cache, with which transformers compiles the decode step
-(torch.compile, CUDA graphs): the whole step, Hare's experts included, replays as one graph with no host sync.
-If that path fails on a model, generation falls back to eager decoding and says so.
+(torch.compile, CUDA graphs): the whole step, Hare's experts included, replays as one graph with no host sync. A
+static cache always carries a mask, so the model is first switched to ``hare.models.attention``'s decode attention,
+which reads the cache as stored instead of repeating its heads. If that path fails on a model, generation falls
+back to eager decoding and says so.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, InvalidArgumentError
+from .attention import use_packed_gqa_attention
 
 
 def load_tokenizer(folder):
@@ -35,6 +38,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, cuda_graph
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     out = None
     if device.type == "cuda" and cuda_graphs:
+        use_packed_gqa_attention(model)
         try:
             out = model.generate(**inputs, **kwargs, cache_implementation="static")
         except Exception as e:  # noqa: BLE001 - any failure of the compiled path falls back to eager decoding
