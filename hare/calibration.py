@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .blocknm import BlockNM
-from .reference import ACTIVATIONS, compute_dtype, dense_weight, grouped_linear
+from .reference import compute_dtype, dense_weight, expert_hidden, expert_of_rows
 from .routing import route
 
 
@@ -20,16 +20,14 @@ def _column_norms(rows: torch.Tensor, expert_of_row: torch.Tensor, num_experts: 
     return sq.sqrt()
 
 
-def expert_input_norms(x: torch.Tensor, topk_ids: torch.Tensor, w_gate_up, activation: str = "silu"):
+def expert_input_norms(x: torch.Tensor, topk_ids: torch.Tensor, w_gate_up, activation: str = "silu",
+                       gate_up_bias=None):
     """Per-expert input-column norms: (E, hidden) seen by gate/up and (E, ffn) seen by down."""
     num_experts = w_gate_up.shape[0]
     layout = route(topk_ids, num_experts)
-    cdt = compute_dtype(x.dtype)
-    rows = x.to(cdt)[layout.gather_index.long()]
-    expert_of_row = topk_ids.reshape(-1)[layout.row_assignment.long()].long()
-    gate_up = grouped_linear(rows, dense_weight(w_gate_up, cdt), layout)
-    ffn = gate_up.shape[1] // 2
-    hidden = ACTIVATIONS[activation](gate_up[:, :ffn]) * gate_up[:, ffn:]
+    rows = x.to(compute_dtype(x.dtype))[layout.gather_index.long()]
+    expert_of_row = expert_of_rows(topk_ids, layout)
+    hidden = expert_hidden(rows, w_gate_up, activation, layout, gate_up_bias, expert_of_row)
     return _column_norms(rows, expert_of_row, num_experts), _column_norms(hidden, expert_of_row, num_experts)
 
 

@@ -124,10 +124,12 @@ def dispatch(x, topk_ids, w_gate_up_local, w_down_local, group=None) -> Dispatch
     return Dispatched(rows, local_ids, layout, send_rows, recv_rows)
 
 
-def run_local_experts(d: Dispatched, w_gate_up_local, w_down_local, activation: str = "silu") -> torch.Tensor:
+def run_local_experts(d: Dispatched, w_gate_up_local, w_down_local, activation: str = "silu", gate_up_bias_local=None,
+                      down_bias_local=None) -> torch.Tensor:
     """Step 4: this rank's experts on the rows it received (routing weights are applied by the sender)."""
     ones = torch.ones(d.rows.shape[0], 1, dtype=d.rows.dtype, device=d.rows.device)
-    return moe(d.rows, d.local_ids[:, None], ones, w_gate_up_local, w_down_local, activation=activation)
+    return moe(d.rows, d.local_ids[:, None], ones, w_gate_up_local, w_down_local, activation=activation,
+               gate_up_bias=gate_up_bias_local, down_bias=down_bias_local)
 
 
 def combine(y: torch.Tensor, d: Dispatched, topk_weights: torch.Tensor, group=None) -> torch.Tensor:
@@ -140,13 +142,14 @@ def combine(y: torch.Tensor, d: Dispatched, topk_weights: torch.Tensor, group=No
 
 
 def ep_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_gate_up_local, w_down_local,
-           group=None, activation: str = "silu") -> torch.Tensor:
+           group=None, activation: str = "silu", gate_up_bias_local=None, down_bias_local=None) -> torch.Tensor:
     """``hare.moe`` with the experts sharded over the ranks of ``group``; every rank calls it with its own tokens.
 
     ``topk_ids`` are global expert ids in [0, E), E = W·(local experts). Returns (T, hidden) on this rank, equal to
-    ``hare.moe`` on this rank's tokens with all E experts. Any rank may have zero tokens.
+    ``hare.moe`` on this rank's tokens with all E experts. Any rank may have zero tokens. Expert biases, if any, are
+    this rank's shards too (``shard_experts`` of the (E, ·) biases).
     """
     _check_args(x, topk_ids, topk_weights, w_gate_up_local, w_down_local)
     d = dispatch(x, topk_ids, w_gate_up_local, w_down_local, group)
-    y = run_local_experts(d, w_gate_up_local, w_down_local, activation)
+    y = run_local_experts(d, w_gate_up_local, w_down_local, activation, gate_up_bias_local, down_bias_local)
     return combine(y, d, topk_weights, group)

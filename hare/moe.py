@@ -14,7 +14,7 @@ import torch
 from ._checks import check_float, check_int, check_same_device, check_topk_ids
 from .blocknm import PANEL, BlockNM
 from .errors import InvalidArgumentError
-from .reference import ACTIVATIONS, reference_moe
+from .reference import ACTIVATIONS, glu_function, reference_moe
 
 
 def _check_weight(name: str, w, experts: int | None, rows: int | None, cols: int, x_dtype: torch.dtype):
@@ -34,7 +34,16 @@ def _check_weight(name: str, w, experts: int | None, rows: int | None, cols: int
     return shape
 
 
-def check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, check_ids: bool = True) -> None:
+def _check_bias(name: str, b, shape: tuple[int, int]) -> None:
+    if b is None:
+        return
+    check_float(name, b, ndim=2)
+    if tuple(b.shape) != shape:
+        raise InvalidArgumentError(f"{name}: expected shape {shape} (one row per expert), got {tuple(b.shape)}")
+
+
+def check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, check_ids: bool = True,
+                   gate_up_bias=None, down_bias=None) -> None:
     check_float("x", x, ndim=2)
     check_int("topk_ids", topk_ids, ndim=2)
     check_float("topk_weights", topk_weights, ndim=2)
@@ -42,14 +51,21 @@ def check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, che
         raise InvalidArgumentError(f"topk_ids: expected {x.shape[0]} rows (one per token of x), got {tuple(topk_ids.shape)}")
     if topk_weights.shape != topk_ids.shape:
         raise InvalidArgumentError(f"topk_weights: expected topk_ids' shape {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}")
-    if activation not in ACTIVATIONS:
-        raise InvalidArgumentError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if not isinstance(activation, str):
+        raise InvalidArgumentError(f"activation: expected a name such as 'silu', got {activation!r}")
+    try:
+        glu_function(activation)
+    except ValueError as e:
+        raise InvalidArgumentError(f"activation: {e}") from None
     hidden = x.shape[1]
     experts, two_ffn, _ = _check_weight("w_gate_up", w_gate_up, None, None, hidden, x.dtype)
     if two_ffn % 2:
         raise InvalidArgumentError(f"w_gate_up: expected an even number of rows (gate and up stacked), got {two_ffn}")
     _check_weight("w_down", w_down, experts, hidden, two_ffn // 2, x.dtype)
+    _check_bias("gate_up_bias", gate_up_bias, (experts, two_ffn))
+    _check_bias("down_bias", down_bias, (experts, hidden))
     tensors = dict(x=x, topk_ids=topk_ids, topk_weights=topk_weights)
+    tensors.update({k: b for k, b in (("gate_up_bias", gate_up_bias), ("down_bias", down_bias)) if b is not None})
     for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
         tensors[name] = w.values if isinstance(w, BlockNM) else w
     check_same_device(**tensors)
@@ -66,10 +82,13 @@ def _contiguous(w):
     return w if isinstance(w, BlockNM) else w.contiguous()
 
 
-def backend(x: torch.Tensor, w_gate_up, w_down) -> tuple[str, str]:
+def backend(x: torch.Tensor, w_gate_up, w_down, activation: str = "silu", biased: bool = False) -> tuple[str, str]:
     """("hopper", "") when ``moe`` on these arguments runs the GPU kernels, else ("reference", why not)."""
     if not x.is_cuda:
         return "reference", f"tensors on {x.device}"
+    if activation not in ACTIVATIONS or biased:
+        return "reference", (f"the Hopper kernels compute {'/'.join(ACTIVATIONS)} gated experts without biases; "
+                             f"this layer has activation {activation!r}{' and expert biases' if biased else ''}")
     if x.dtype != torch.bfloat16:
         return "reference", f"the Hopper kernels take bf16, got {x.dtype}"
     for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
@@ -90,19 +109,23 @@ def backend(x: torch.Tensor, w_gate_up, w_down) -> tuple[str, str]:
 
 
 def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_gate_up, w_down,
-        activation: str = "silu", deterministic: bool = True, check_ids: bool = True) -> torch.Tensor:
+        activation: str = "silu", deterministic: bool = True, check_ids: bool = True, gate_up_bias=None,
+        down_bias=None) -> torch.Tensor:
     """MoE experts: out[t] = Σ_j topk_weights[t, j] · W_down[e] (act(W_gate[e] x_t) ⊙ W_up[e] x_t), e = topk_ids[t, j].
 
     x (T, hidden); topk_ids, topk_weights (T, k); w_gate_up (E, 2·ffn, hidden) with the gate in rows [0:ffn] and
     the up projection in [ffn:2·ffn]; w_down (E, hidden, ffn). Weights are dense tensors or ``BlockNM``;
-    ``activation`` is "silu" or "gelu" (tanh). Returns (T, hidden) in x's dtype. ``deterministic`` (GPU only):
+    ``activation`` is "silu" or "gelu" (tanh), or a clamped gated unit: "clamped-silu:limit=L", "gpt-oss"
+    (GPT-OSS's clamped SwiGLU), "gpt-oss:alpha=A,limit=L" (``reference.glu_function``).
+    Optional expert biases ``gate_up_bias`` (E, 2·ffn) and ``down_bias`` (E, hidden) are added after each
+    projection, before the routing weight (the reference path runs those). Returns (T, hidden) in x's dtype. ``deterministic`` (GPU only):
     sum the top-k results in slot order rather than with atomics, for bitwise-reproducible outputs.
     ``check_ids=False`` skips the range and duplicate check of ``topk_ids``, which reads values back to the host
     (a sync per call on GPU); only for callers whose ids come from a top-k over the experts, such as a model's
     own router (``hare.patch`` passes it). Out-of-range ids are then undefined behaviour on the GPU path.
     """
-    check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, check_ids)
-    path, why = backend(x, w_gate_up, w_down)
+    check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, check_ids, gate_up_bias, down_bias)
+    path, why = backend(x, w_gate_up, w_down, activation, gate_up_bias is not None or down_bias is not None)
     if path == "hopper":
         from .gpu import fused_moe
 
@@ -111,4 +134,5 @@ def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_g
     if x.is_cuda and why not in _warned:
         _warned.add(why)
         warnings.warn(f"hare.moe: using the reference path on {x.device}: {why}", stacklevel=2)
-    return reference_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation)
+    return reference_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation, gate_up_bias=gate_up_bias,
+                         down_bias=down_bias)

@@ -7,16 +7,69 @@ nothing. Arithmetic is float32 for half-precision inputs, the input's dtype othe
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from .blocknm import BlockNM
 from .routing import RoutingLayout, route
 
-ACTIVATIONS = {
+ACTIVATIONS = {  # act in act(gate) ⊙ up, the gated experts of most MoE models (and of the Hopper kernels)
     "silu": F.silu,
     "gelu": lambda t: F.gelu(t, approximate="tanh"),
 }
+GPT_OSS_ALPHA, GPT_OSS_LIMIT = 1.702, 7.0
+
+
+def _clamped_silu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """SiLU gating with the gate clamped above and up clamped to ±limit (DeepSeek-V4, GLM-5-Next, HY-V4)."""
+    return F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+
+
+def _gpt_oss(gate: torch.Tensor, up: torch.Tensor, alpha: float = GPT_OSS_ALPHA,
+             limit: float = GPT_OSS_LIMIT) -> torch.Tensor:
+    """GPT-OSS's clamped SwiGLU: (clamp(up, ±limit) + 1) · g·σ(alpha·g), g = min(gate, limit)."""
+    gate = gate.clamp(max=limit)
+    return (up.clamp(-limit, limit) + 1) * gate * torch.sigmoid(alpha * gate)
+
+
+# Gated units with parameters, named "family:key=value,...": "clamped-silu:limit=10.0", "gpt-oss" (its defaults)
+# or "gpt-oss:alpha=1.702,limit=7.0".
+GLU_FAMILIES = {"clamped-silu": (_clamped_silu, ("limit",), ("limit",)),  # (fn, parameters, required)
+                "gpt-oss": (_gpt_oss, ("alpha", "limit"), ())}
+ACTIVATION_FORMS = (*ACTIVATIONS, "clamped-silu:limit=L", "gpt-oss", "gpt-oss:alpha=A,limit=L")
+
+
+@functools.lru_cache(maxsize=None)
+def glu_function(activation: str):
+    """The gated unit hidden = f(gate, up) that ``activation`` names (one of ``ACTIVATION_FORMS``); ValueError if
+    it names none."""
+    if activation in ACTIVATIONS:
+        act = ACTIVATIONS[activation]
+        return lambda gate, up: act(gate) * up
+    family, _, params = activation.partition(":")
+    if family not in GLU_FAMILIES:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {list(ACTIVATION_FORMS)}")
+    fn, names, required = GLU_FAMILIES[family]
+    kwargs = {}
+    for item in filter(None, params.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in names:
+            raise ValueError(f"activation {activation!r}: {family} takes {', '.join(names)}")
+        kwargs[key] = float(value)
+    missing = [k for k in required if k not in kwargs]
+    if missing:
+        raise ValueError(f"activation {activation!r}: {family} needs {', '.join(missing)}")
+    return functools.partial(fn, **kwargs)
+
+
+def glu(activation: str, gate_up: torch.Tensor) -> torch.Tensor:
+    """(R, 2·ffn) gate/up projections, gate first -> (R, ffn) hidden state."""
+    ffn = gate_up.shape[1] // 2
+    return glu_function(activation)(gate_up[:, :ffn], gate_up[:, ffn:])
+
+
 _GATHER_BUDGET = 256 * 2**20  # bytes of expert weights gathered for one chunk of row blocks
 
 
@@ -44,17 +97,33 @@ def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, layout: RoutingLayo
     return out[:num_rows]
 
 
+def expert_of_rows(topk_ids: torch.Tensor, layout: RoutingLayout) -> torch.Tensor:
+    """(R,) the expert of each row of the layout, in its row order."""
+    return topk_ids.reshape(-1)[layout.row_assignment.long()].long()
+
+
+def expert_hidden(rows, w_gate_up, activation: str, layout: RoutingLayout, gate_up_bias=None, expert_of_row=None):
+    """The hidden state glu(W_gate_up[e] x + b[e]) of rows sorted by expert (float32 or finer ``rows``)."""
+    gate_up = grouped_linear(rows, dense_weight(w_gate_up, rows.dtype), layout)
+    if gate_up_bias is not None:
+        gate_up = gate_up + gate_up_bias.to(rows.dtype)[expert_of_row]
+    return glu(activation, gate_up)
+
+
 def reference_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str = "silu",
-                  layout: RoutingLayout | None = None) -> torch.Tensor:
-    """out[t] = Σ_j topk_weights[t, j] · W_down[e] (act(W_gate[e] x_t) ⊙ W_up[e] x_t), e = topk_ids[t, j]."""
+                  layout: RoutingLayout | None = None, gate_up_bias=None, down_bias=None) -> torch.Tensor:
+    """out[t] = Σ_j topk_weights[t, j] · (W_down[e] glu(W_gate_up[e] x_t + b_gate_up[e]) + b_down[e]),
+    e = topk_ids[t, j]; glu(gate, up) = act(gate) ⊙ up unless ``activation`` names another (``glu_function``); biases
+    (E, 2·ffn) and (E, hidden) are optional."""
     cdt = compute_dtype(x.dtype)
     num_experts = w_gate_up.shape[0]
     layout = layout if layout is not None else route(topk_ids, num_experts)
     num_tokens, top_k = topk_ids.shape
     rows = x.to(cdt)[layout.gather_index.long()]
-    gate_up = grouped_linear(rows, dense_weight(w_gate_up, cdt), layout)
-    ffn = gate_up.shape[1] // 2
-    hidden = ACTIVATIONS[activation](gate_up[:, :ffn]) * gate_up[:, ffn:]
+    expert = expert_of_rows(topk_ids, layout) if gate_up_bias is not None or down_bias is not None else None
+    hidden = expert_hidden(rows, w_gate_up, activation, layout, gate_up_bias, expert)
     y = grouped_linear(hidden, dense_weight(w_down, cdt), layout)
+    if down_bias is not None:
+        y = y + down_bias.to(cdt)[expert]
     y = y[layout.assignment_row.long()].view(num_tokens, top_k, x.shape[1])
     return (topk_weights.to(cdt)[..., None] * y).sum(1).to(x.dtype)

@@ -93,9 +93,36 @@ def test_moe_errors(change, match, gen):
         hare.moe(**_bad(gen, **change))
 
 
-def test_moe_rejects_unknown_activation(gen):
+@pytest.mark.parametrize("activation", ["relu", "clamped-silu", "clamped-silu:limit", "gpt-oss:beta=2",
+                                        "gpt-oss:limit=x", 3])
+def test_moe_rejects_unknown_activation(activation, gen):
     with pytest.raises(hare.InvalidArgumentError, match="activation"):
-        hare.moe(**_bad(gen), activation="relu")
+        hare.moe(**_bad(gen), activation=activation)
+
+
+@pytest.mark.parametrize("activation", ["gpt-oss", "gpt-oss:alpha=1.2,limit=2.5", "clamped-silu:limit=1.5", "silu"])
+@pytest.mark.parametrize("biases", [(True, True), (True, False), (False, True)])
+def test_clamped_units_and_expert_biases_match_naive_loop(activation, biases, gen):
+    """Inputs scaled so that many gate/up values pass the clamps; biases are added before the routing weight."""
+    x, ids, w, wg, wd = make_case(70, 6, 3, 32, 24, gen)
+    x = x * 4
+    bg = torch.randn(6, 48, generator=gen, dtype=torch.float64) if biases[0] else None
+    bd = torch.randn(6, 32, generator=gen, dtype=torch.float64) if biases[1] else None
+    out = hare.moe(x, ids, w, wg, wd, activation=activation, gate_up_bias=bg, down_bias=bd)
+    assert rel_error(out, naive_moe(x, ids, w, wg, wd, activation, bg, bd)) < 1e-12
+    sparse = hare.moe(x, ids, w, hare.sparsify(wg, bn=1, bm=2), wd, activation=activation, gate_up_bias=bg,
+                      down_bias=bd)
+    assert rel_error(sparse, naive_moe(x, ids, w, hare.sparsify(wg, bn=1, bm=2).to_dense(), wd, activation, bg,
+                                       bd)) < 1e-12
+
+
+@pytest.mark.parametrize("name,bias,match", [("gate_up_bias", torch.zeros(4, 47), r"gate_up_bias: expected shape \(4, 48\)"),
+                                             ("down_bias", torch.zeros(4, 32, 1), "down_bias: expected 2"),
+                                             ("down_bias", torch.zeros(4, 32, dtype=torch.long), "floating"),
+                                             ("down_bias", torch.zeros(4, 32, device="meta"), "one device")])
+def test_moe_refuses_bad_biases(name, bias, match, gen):
+    with pytest.raises(hare.InvalidArgumentError, match=match):
+        hare.moe(**_bad(gen), **{name: bias})
 
 
 def test_check_ids_false_skips_only_the_id_check(gen):

@@ -6,7 +6,8 @@ layer (activation-aware with calibration text) and writes:
 - every file of the source folder but the shards, as it was (config, tokenizer, generation config);
 - each safetensors shard rewritten without its expert tensors, shard by shard (the others byte-for-byte values),
   and the shard index without them;
-- one Hare file (``hare.save``) per MoE layer with its ``gate_up`` and ``down`` BlockNM weights;
+- one Hare file (``hare.save``) per MoE layer with its ``gate_up`` and ``down`` BlockNM weights (and, for models
+  with expert biases, the dense ``gate_up_bias`` and ``down_bias``);
 - ``hare_model.json``: format, version, sparsity and which file holds which experts module.
 
 Memory: the dense model is loaded once and pruned in place layer by layer, shards are streamed one at a time.
@@ -196,17 +197,23 @@ def load_model(folder, device=None, dtype=None):
         raise CheckpointError(f"{folder}: {MANIFEST} lists experts modules {sorted(manifest['experts'])[:3]}…, "
                               f"the model has {sorted(modules)[:3]}…")
     for name, module in modules.items():
-        weights = load_hare_file(folder / manifest["experts"][name], device=next(model.parameters()).device)
-        if set(weights) != {"gate_up", "down"}:
-            raise CheckpointError(f"{folder / manifest['experts'][name]}: expected entries gate_up and down")
-        w_gate_up, w_down, activation = dense_experts(module)
-        for part, dense in (("gate_up", w_gate_up), ("down", w_down)):
-            if tuple(weights[part].shape) != tuple(dense.shape):
-                raise CheckpointError(f"{folder / manifest['experts'][name]}: {part} has shape "
-                                      f"{tuple(weights[part].shape)}, the model's is {tuple(dense.shape)}")
-        del w_gate_up, w_down
+        path = folder / manifest["experts"][name]
+        weights = load_hare_file(path, device=next(model.parameters()).device)
+        dense = dense_experts(module)
+        expected = {"gate_up": dense.gate_up, "down": dense.down,
+                    **{k: b for k, b in (("gate_up_bias", dense.gate_up_bias), ("down_bias", dense.down_bias))
+                       if b is not None}}
+        if set(weights) != set(expected):
+            raise CheckpointError(f"{path}: entries {sorted(weights)}; this model's experts need {sorted(expected)}")
+        for part, want in expected.items():
+            if tuple(weights[part].shape) != tuple(want.shape):
+                raise CheckpointError(f"{path}: {part} has shape {tuple(weights[part].shape)}, the model's is "
+                                      f"{tuple(want.shape)}")
+        activation = dense.activation
+        del dense, expected
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr,
-                HareExperts(weights["gate_up"], weights["down"], activation))
+                HareExperts(weights["gate_up"], weights["down"], activation, None, weights.get("gate_up_bias"),
+                            weights.get("down_bias")))
     return model
 

@@ -17,8 +17,7 @@ from ..blocknm import sparsify
 from ..calibration import activation_score, expert_input_norms
 from ..distributed import shard_experts
 from ..errors import InvalidArgumentError
-from .architectures import (UnsupportedModelError, activation_name, architecture_of, check_plain_experts,
-                            unsupported_message)
+from .architectures import ExpertWeights, UnsupportedModelError, architecture_of, unsupported_message
 from .experts import HareExperts
 
 
@@ -35,18 +34,16 @@ class Calibration:
     inputs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
-def dense_experts(module) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(w_gate_up, w_down, activation) of a supported transformers experts module or a dense HareExperts."""
+def dense_experts(module) -> ExpertWeights:
+    """The weights of a supported transformers experts module or a dense HareExperts, in Hare's layout; raises
+    ``UnsupportedModelError`` for an experts module that hare.moe cannot compute."""
     if isinstance(module, HareExperts):
         if module.group is not None:
             raise InvalidArgumentError("hare.patch: this model's experts are already sharded over ranks")
         if module.sparse:
             raise InvalidArgumentError("hare.patch: this model is already pruned; patch the dense model instead")
-        return module.weight("gate_up"), module.weight("down"), module.activation
-    arch = architecture_of(module)
-    check_plain_experts(module)
-    w_gate_up, w_down = arch.weights(module)
-    return w_gate_up, w_down, activation_name(arch.activation_of(module))
+        return ExpertWeights(module.weight("gate_up"), module.weight("down"), module.activation, **module.biases())
+    return architecture_of(module).weights(module)
 
 
 def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -88,21 +85,28 @@ def patch(model: nn.Module, bn: int | None = None, bm: int | None = None, bw: in
     """
     _check_ratio_args(bn, bm, score)
     modules = experts_modules(model)
+    for module in modules.values():  # refuse before the first layer is replaced: never a half-patched model
+        if isinstance(module, HareExperts):
+            dense_experts(module)
+        else:
+            architecture_of(module).activation(module)
     names = list(modules)
     if progress:
         from tqdm.auto import tqdm
         names = tqdm(names, desc="pruning experts" if bn else "patching experts", unit="layer")
     for name in names:
-        w_gate_up, w_down, activation = dense_experts(modules[name])
+        dense = dense_experts(modules[name])
+        w_gate_up, w_down, biases = dense.gate_up, dense.down, (dense.gate_up_bias, dense.down_bias)
         norms = score.norms.get(name) if score is not None else None
         if score is not None and norms is None:
             raise InvalidArgumentError(f"score: the calibration has no statistics for {name!r}; run "
                                        "hare.calibrate on this model")
         if ep_group is not None:
             w_gate_up, w_down = shard_experts(w_gate_up, ep_group), shard_experts(w_down, ep_group)
+            biases = tuple(None if b is None else shard_experts(b, ep_group) for b in biases)
             norms = None if norms is None else tuple(shard_experts(n, ep_group) for n in norms)
         if bn is None:
-            new = HareExperts(w_gate_up, w_down, activation, group=ep_group)
+            new = HareExperts(w_gate_up, w_down, dense.activation, ep_group, *biases)
         else:
             scores = ((None, None) if norms is None else
                       (activation_score(w_gate_up, norms[0].to(w_gate_up.device)),
@@ -110,8 +114,8 @@ def patch(model: nn.Module, bn: int | None = None, bm: int | None = None, bw: in
             dtype = w_gate_up.dtype
             sparse = [sparsify(w, bn=bn, bm=bm, bw=bw, score=s, dtype=dtype)
                       for w, s in ((w_gate_up, scores[0]), (w_down, scores[1]))]
-            new = HareExperts(*sparse, activation, group=ep_group)
-        del w_gate_up, w_down
+            new = HareExperts(*sparse, dense.activation, ep_group, *biases)
+        del w_gate_up, w_down, dense
         _replace(model, name, new)
         modules[name] = None  # drop our reference so the dense weights can be freed now
     return model
@@ -128,13 +132,14 @@ def calibrate(model: nn.Module, input_ids: torch.Tensor, *, seq_len: int = 512, 
     squares: dict[str, list[torch.Tensor]] = {}
 
     def hook_for(name, module):
-        w_gate_up, _, activation = dense_experts(module)
+        dense_experts(module)  # refuses an unsupported module before anything runs
 
         def hook(_, args):
             hidden, ids, weights = args[:3]
             x = hidden.reshape(-1, hidden.shape[-1])
             ids, weights = ids.reshape(x.shape[0], -1), weights.reshape(x.shape[0], -1)
-            n_in, n_hidden = expert_input_norms(x, ids, w_gate_up, activation)
+            dense = dense_experts(module)  # per call: a transposed layout is copied, one layer at a time
+            n_in, n_hidden = expert_input_norms(x, ids, dense.gate_up, dense.activation, dense.gate_up_bias)
             acc = squares.setdefault(name, [torch.zeros_like(n_in, dtype=torch.float32),
                                             torch.zeros_like(n_hidden, dtype=torch.float32)])
             acc[0] += n_in.float().square()

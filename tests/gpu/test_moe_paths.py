@@ -57,6 +57,24 @@ def test_blocknm_the_kernels_do_not_take_says_why_once_and_matches():
     assert rel_err(out, reference(x, ids, w, sgu.to_dense(), sd.to_dense())) < 1e-2
 
 
+def test_biased_gpt_oss_experts_run_the_reference_path_on_the_gpu_and_match_the_cpu():
+    """The Hopper kernels have no bias or clamped-gate epilogue: such layers say so once and run the reference."""
+    H, F, E, k, T = 256, 128, 8, 2, 64
+    wgu, wd = make_weights(E, H, F, "cuda")
+    ids, w = make_routing(T, E, k, "cuda")
+    x = make_x(T, H, "cuda") * 4
+    bgu, bd = (torch.randn(E, n, device="cuda").to(torch.bfloat16) for n in (2 * F, H))
+    path, why = backend(x, wgu, wd, "gpt-oss", biased=True)
+    assert path == "reference" and "biases" in why
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = hare.moe(x, ids, w, wgu, wd, "gpt-oss", gate_up_bias=bgu, down_bias=bd)
+    assert sum("reference path" in str(c.message) for c in caught) == 1
+    x64, w64, wgu64, wd64, bgu64, bd64 = (t.cpu().double() for t in (x, w, wgu, wd, bgu, bd))
+    cpu = hare.moe(x64, ids.cpu(), w64, wgu64, wd64, "gpt-oss", gate_up_bias=bgu64, down_bias=bd64)
+    assert out.dtype == torch.bfloat16 and rel_err(out.cpu(), cpu) < 1e-2
+
+
 def test_sparsify_on_the_gpu_equals_the_cpu():
     w = torch.randn(4, 300, 256, device="cuda")
     for bn, bm in ((1, 1), (1, 2), (1, 5), (1, 10)):
