@@ -156,16 +156,18 @@ def _candidates(module) -> list[str]:
 
 def _match(what: str, apply_gate, concatenated: bool, candidates) -> str:
     """The first of ``candidates`` whose gated unit equals ``apply_gate`` (which takes gate/up in the module's
-    layout) on the probe, to float64 rounding."""
-    gate, up = _probe()
-    laid_out = torch.cat([gate, up], 1) if concatenated else torch.stack([gate, up], -1).flatten(1)
-    try:
-        got = apply_gate(laid_out)
-    except Exception as e:  # a gate that cannot run on a probe is surely not one of ours
-        raise UnsupportedModelError(f"{what} could not be evaluated: {e}") from None
-    for name in candidates:
-        if got.shape == gate.shape and torch.allclose(got, glu_function(name)(gate, up), rtol=1e-12, atol=1e-12):
-            return name
+    layout) on the probe, to float64 rounding; or, for a gate that computes in float32 itself, to float32's."""
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        gate, up = (t.to(dtype) for t in _probe())
+        laid_out = torch.cat([gate, up], 1) if concatenated else torch.stack([gate, up], -1).flatten(1)
+        try:
+            got = apply_gate(laid_out)
+        except Exception as e:  # a gate that cannot run on a probe is surely not one of ours
+            raise UnsupportedModelError(f"{what} could not be evaluated: {e}") from None
+        for name in candidates:
+            want = glu_function(name)(gate, up)
+            if got.shape == want.shape and torch.allclose(got.to(dtype), want, rtol=tol, atol=tol):
+                return name
     raise UnsupportedModelError(f"{what} is none of Hare's gated units {list(ACTIVATION_FORMS)} (exact GELU, erf, "
                                 "is not one: use SiLU or tanh-GELU models)")
 
