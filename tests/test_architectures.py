@@ -69,7 +69,7 @@ def test_the_scan_finds_the_named_architectures():
     names = {c for _, c in CLASSES}
     assert len(names) >= 20
     assert {"MixtralExperts", "Qwen3MoeExperts", "DeepseekV3Experts", "GptOssExperts"} <= names
-    assert {a.experts_class for a in ARCHITECTURES} - {"DbrxExperts"} <= names
+    assert {a.experts_class for a in ARCHITECTURES} - {"DbrxExperts", "Llama4TextExperts"} <= names  # not standard
 
 
 @pytest.mark.parametrize("module_name,class_name", CLASSES, ids=[c for _, c in CLASSES])

@@ -84,6 +84,12 @@ def _dbrx_activation(module) -> str:
     return activation_name(module.mlp.activation_fn)
 
 
+def _llama4(module) -> ExpertWeights:
+    """Llama-4 keeps gate_up_proj (E, H, 2F) and down_proj (E, F, H) for x @ W, gate columns first."""
+    return ExpertWeights(module.gate_up_proj.transpose(1, 2).contiguous(),
+                         module.down_proj.transpose(1, 2).contiguous(), activation_name(module.act_fn))
+
+
 @dataclass(frozen=True)
 class Architecture:
     name: str
@@ -114,15 +120,14 @@ ARCHITECTURES = (
     _arch("GraniteMoE", ["granitemoe"], "GraniteMoeExperts"),
     _arch("DBRX", ["dbrx"], "DbrxExperts", weights=_dbrx, activation=_dbrx_activation),
     _arch("GPT-OSS", ["gpt_oss"], "GptOssExperts"),
+    # its MoE block is rewritten first (``llama4.HareLlama4Moe``): the score scales the expert input
+    _arch("Llama-4", ["llama4_text"], "Llama4TextExperts", weights=_llama4,
+          activation=lambda module: activation_name(module.act_fn)),
 )
 BY_EXPERTS_CLASS = {a.experts_class: a for a in ARCHITECTURES}
 
 # MoE models of transformers that Hare does not patch, and why (hare.moe cannot compute them exactly).
-_LLAMA4 = ("Llama-4 multiplies each expert's input (not its output) by the router score, which hare.moe's "
-           "weighted combine does not express")
 NOT_SUPPORTED = {
-    "llama4": _LLAMA4,
-    "llama4_text": _LLAMA4,
     "minicpm3": "MiniCPM3 in transformers has no MoE layer",
 }
 

@@ -36,6 +36,8 @@ TINY = {
     "hunyuan_v1_moe": dict(num_experts=8, moe_topk=2, head_dim=8),
     "flex_olmo": dict(num_experts=4, num_experts_per_tok=2),
     "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2),
+    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, intermediate_size_mlp=64,
+                        head_dim=8, interleave_moe_layer_step=1),
     "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, head_dim=8, sliding_window=4),
     "dbrx": dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=256,
                  attn_config={"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0},

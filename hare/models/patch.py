@@ -19,6 +19,7 @@ from ..distributed import shard_experts
 from ..errors import InvalidArgumentError
 from .architectures import ExpertWeights, UnsupportedModelError, architecture_of, unsupported_message
 from .experts import HareExperts
+from .llama4 import route_llama4_blocks
 
 
 @dataclass
@@ -47,7 +48,9 @@ def dense_experts(module) -> ExpertWeights:
 
 
 def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The experts modules Hare can replace, by name; raises ``UnsupportedModelError`` when there is none."""
+    """The experts modules Hare can replace, by name; raises ``UnsupportedModelError`` when there is none. Llama-4
+    MoE blocks are first rewritten in place to route through dense Hare experts (``llama4``; same outputs)."""
+    route_llama4_blocks(model, lambda experts: architecture_of(experts).weights(experts))
     found = {name: m for name, m in model.named_modules()
              if isinstance(m, HareExperts) or architecture_of(m) is not None}
     if not found:
