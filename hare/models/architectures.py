@@ -138,11 +138,15 @@ def supported_list() -> str:
             f"that is gated, has no post-expert norm and gates with one of {list(ACTIVATION_FORMS)}")
 
 
-def _probe(ffn: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 gate and up values of both signs from 1e-3 to 1e4: past any clamp a real model sets."""
+_PROBE_FFN = 8
+
+
+def _probe() -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 gate and up values (64, _PROBE_FFN) of both signs from 1e-3 to 1e4: past any clamp a real model
+    sets."""
     g = torch.Generator().manual_seed(0)
-    magnitude = 10 ** (torch.rand(2, 64, ffn, generator=g, dtype=torch.float64) * 7 - 3)
-    sign = torch.randint(0, 2, (2, 64, ffn), generator=g).double() * 2 - 1
+    magnitude = 10 ** (torch.rand(2, 64, _PROBE_FFN, generator=g, dtype=torch.float64) * 7 - 3)
+    sign = torch.randint(0, 2, (2, 64, _PROBE_FFN), generator=g).double() * 2 - 1
     gate, up = sign * magnitude
     return gate, up
 
@@ -185,8 +189,8 @@ def glu_name(module) -> str:
 
 def activation_name(fn) -> str:
     """Hare's name of ``act`` in act(gate) ⊙ up, for an activation function ``fn``."""
-    ffn = 8
-    return _match(f"expert activation {fn!r}", lambda t: fn(t[:, :ffn]) * t[:, ffn:], True, list(ACTIVATIONS))
+    return _match(f"expert activation {fn!r}", lambda t: fn(t[:, :_PROBE_FFN]) * t[:, _PROBE_FFN:], True,
+                  list(ACTIVATIONS))
 
 
 def architecture_of(module) -> Architecture | None:
