@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .architectures import BY_EXPERTS_CLASS
 from .experts import HareExperts
 
 BLOCK_CLASS = "Llama4TextMoe"
@@ -36,12 +37,12 @@ class HareLlama4Moe(nn.Module):
         return out, router_logits
 
 
-def route_llama4_blocks(model: nn.Module, dense_weights) -> int:
+def route_llama4_blocks(model: nn.Module) -> int:
     """Rewrites, in place, every Llama-4 MoE block of ``model`` into ``HareLlama4Moe`` with dense Hare experts (same
-    outputs); ``dense_weights`` reads a ``Llama4TextExperts`` into ``ExpertWeights``. Returns how many."""
+    outputs); returns how many."""
     blocks = [(name, m) for name, m in model.named_modules() if type(m).__name__ == BLOCK_CLASS]
     for name, block in blocks:
-        w = dense_weights(block.experts)
+        w = BY_EXPERTS_CLASS[type(block.experts).__name__].weights(block.experts)
         new = HareLlama4Moe(block, HareExperts(w.gate_up, w.down, w.activation))
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)

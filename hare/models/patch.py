@@ -50,12 +50,22 @@ def dense_experts(module) -> ExpertWeights:
 def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The experts modules Hare can replace, by name; raises ``UnsupportedModelError`` when there is none. Llama-4
     MoE blocks are first rewritten in place to route through dense Hare experts (``llama4``; same outputs)."""
-    route_llama4_blocks(model, lambda experts: architecture_of(experts).weights(experts))
+    route_llama4_blocks(model)
     found = {name: m for name, m in model.named_modules()
              if isinstance(m, HareExperts) or architecture_of(m) is not None}
     if not found:
         raise UnsupportedModelError(unsupported_message(model))
     return found
+
+
+def _refuse_unsupported(modules: dict[str, nn.Module]) -> None:
+    """Raises for the first experts module hare.moe cannot compute, reading no weights: before any layer changes,
+    so a model is never left half-patched."""
+    for module in modules.values():
+        if isinstance(module, HareExperts):
+            dense_experts(module)
+        else:
+            architecture_of(module).activation(module)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -88,11 +98,7 @@ def patch(model: nn.Module, bn: int | None = None, bm: int | None = None, bw: in
     """
     _check_ratio_args(bn, bm, score)
     modules = experts_modules(model)
-    for module in modules.values():  # refuse before the first layer is replaced: never a half-patched model
-        if isinstance(module, HareExperts):
-            dense_experts(module)
-        else:
-            architecture_of(module).activation(module)
+    _refuse_unsupported(modules)
     names = list(modules)
     if progress:
         from tqdm.auto import tqdm
@@ -134,9 +140,9 @@ def calibrate(model: nn.Module, input_ids: torch.Tensor, *, seq_len: int = 512, 
     calib = Calibration()
     squares: dict[str, list[torch.Tensor]] = {}
 
-    def hook_for(name, module):
-        dense_experts(module)  # refuses an unsupported module before anything runs
+    _refuse_unsupported(modules)
 
+    def hook_for(name, module):
         def hook(_, args):
             hidden, ids, weights = args[:3]
             x = hidden.reshape(-1, hidden.shape[-1])
