@@ -118,8 +118,9 @@ def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_g
     ``activation`` is "silu" or "gelu" (tanh), or a clamped gated unit: "clamped-silu:limit=L", "gpt-oss"
     (GPT-OSS's clamped SwiGLU), "gpt-oss:alpha=A,limit=L" (``reference.glu_function``).
     Optional expert biases ``gate_up_bias`` (E, 2·ffn) and ``down_bias`` (E, hidden) are added after each
-    projection, before the routing weight (the reference path runs those). Returns (T, hidden) in x's dtype. ``deterministic`` (GPU only):
-    sum the top-k results in slot order rather than with atomics, for bitwise-reproducible outputs.
+    projection, before the routing weight (the reference path runs those). Returns (T, hidden) in x's dtype.
+    ``deterministic`` (GPU only): sum the top-k results in slot order rather than with atomics, for
+    bitwise-reproducible outputs.
     ``check_ids=False`` skips the range and duplicate check of ``topk_ids``, which reads values back to the host
     (a sync per call on GPU); only for callers whose ids come from a top-k over the experts, such as a model's
     own router (``hare.patch`` passes it). Out-of-range ids are then undefined behaviour on the GPU path.

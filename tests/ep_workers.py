@@ -142,12 +142,13 @@ def patched_model_equals_single_process(rank, world, queue):
     from hare.models.configs import tiny_model
 
     ids = torch.randint(4, 96, (1 + rank, 7 + 3 * rank), generator=torch.Generator().manual_seed(rank))
-    # GPT-OSS: expert biases (sharded with the experts) and its clamped SwiGLU
-    for arch, overrides, experts in (("qwen3_moe", dict(num_experts=8), 8), ("gpt_oss", {}, 4)):
+    # GPT-OSS: expert biases (sharded with the experts) and its clamped SwiGLU; Llama-4: its rewritten MoE block
+    for arch, overrides, experts in (("qwen3_moe", dict(num_experts=8), 8), ("gpt_oss", {}, 4), ("llama4_text", {}, 4)):
         for bn, bm in ((None, None), (1, 2)):
             reference = patch(tiny_model(arch, **overrides), bn=bn, bm=bm)
             sharded = patch(tiny_model(arch, **overrides), bn=bn, bm=bm, ep_group=dist.group.WORLD)
             with torch.no_grad():
                 err = rel_error(sharded(ids).logits, reference(ids).logits)
             assert err < 1e-5, f"{arch} bn:bm {bn}:{bm}, rank {rank}: relative logits error {err}"
-            assert all(m.num_experts == experts // world for m in sharded.modules() if type(m).__name__ == "HareExperts")
+            shards = [m.num_experts for m in sharded.modules() if type(m).__name__ == "HareExperts"]
+            assert shards and all(n == experts // world for n in shards)

@@ -68,3 +68,14 @@ def test_packed_attention_traces_as_one_graph():
     compiled = torch.compile(lambda *a: attention.packed_gqa_sdpa(module, *a, scaling=0.3)[0], backend="eager",
                              fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v, mask), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("feature", [dict(softcap=30.0), dict(s_aux=torch.zeros(4)), dict(output_attentions=True)])
+def test_calls_beyond_plain_sdpa_keep_transformers_path(feature, monkeypatch):
+    model = _model("qwen3_moe")
+    module = model.model.layers[0].self_attn
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    calls = []
+    monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **kw: calls.append(kw) or (None, None))
+    attention.packed_gqa_sdpa(module, q, k, v, None, **feature)
+    assert len(calls) == 1 and all(calls[0][key] is value for key, value in feature.items())

@@ -116,10 +116,12 @@ def test_clamped_units_and_expert_biases_match_naive_loop(activation, biases, ge
                                        bd)) < 1e-12
 
 
-@pytest.mark.parametrize("name,bias,match", [("gate_up_bias", torch.zeros(4, 47), r"gate_up_bias: expected shape \(4, 48\)"),
-                                             ("down_bias", torch.zeros(4, 32, 1), "down_bias: expected 2"),
-                                             ("down_bias", torch.zeros(4, 32, dtype=torch.long), "floating"),
-                                             ("down_bias", torch.zeros(4, 32, device="meta"), "one device")])
+@pytest.mark.parametrize("name,bias,match", [
+    ("gate_up_bias", torch.zeros(4, 47), r"gate_up_bias: expected shape \(4, 48\)"),
+    ("down_bias", torch.zeros(4, 32, 1), "down_bias: expected 2"),
+    ("down_bias", torch.zeros(4, 32, dtype=torch.long), "floating"),
+    ("down_bias", torch.zeros(4, 32, device="meta"), "one device"),
+])
 def test_moe_refuses_bad_biases(name, bias, match, gen):
     with pytest.raises(hare.InvalidArgumentError, match=match):
         hare.moe(**_bad(gen), **{name: bias})

@@ -18,6 +18,8 @@ from torch.nn import functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 ATTENTION_NAME = "hare_packed_gqa_sdpa"
+# attention features beyond plain SDPA (biases, soft-capping, sinks): such calls keep transformers' own path
+_NOT_PLAIN_SDPA = ("position_bias", "softcap", "s_aux")
 
 
 def packed_gqa_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
@@ -28,7 +30,7 @@ def packed_gqa_sdpa(module, query, key, value, attention_mask, dropout: float = 
     batch, heads, q_len, _ = query.shape
     packable = (q_len == 1 and groups > 1 and key.shape[1] * groups == heads
                 and (attention_mask is None or attention_mask.shape[1] == 1)
-                and kwargs.get("position_bias") is None and not kwargs.get("output_attentions", False))
+                and all(kwargs.get(k) is None for k in _NOT_PLAIN_SDPA) and not kwargs.get("output_attentions", False))
     if not packable:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
