@@ -1,8 +1,9 @@
 """``hare.moe``: the MoE experts of a layer, routed rows in, combined tokens out.
 
 Checks every argument first, then runs the fastest path the device allows: the Hopper kernels (``hare.gpu``) for
-bf16 CUDA tensors with dense weights on an sm_90 GPU with nvcc, the reference path (``hare.reference``) everywhere
-else. On a CUDA device where the kernels cannot run, it says why once (a warning) and runs the reference path.
+bf16 CUDA tensors on an sm_90 GPU with nvcc; for layers they do not compute (expert biases, clamped gated units)
+PyTorch's grouped GEMM (``hare.grouped_mm``); the reference path (``hare.reference``) everywhere else. On a CUDA
+device where the kernels cannot run, it says why once (a warning) and which path it runs instead.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from ._checks import check_float, check_int, check_same_device, check_topk_ids
 from .blocknm import PANEL, BlockNM
 from .errors import InvalidArgumentError
+from . import grouped_mm
 from .reference import ACTIVATIONS, glu_function, reference_moe
 
 
@@ -83,12 +85,15 @@ def _contiguous(w):
 
 
 def backend(x: torch.Tensor, w_gate_up, w_down, activation: str = "silu", biased: bool = False) -> tuple[str, str]:
-    """("hopper", "") when ``moe`` on these arguments runs the GPU kernels, else ("reference", why not)."""
+    """("hopper", "") when ``moe`` on these arguments runs the GPU kernels, else ("grouped_mm" or "reference", why
+    not the kernels)."""
     if not x.is_cuda:
         return "reference", f"tensors on {x.device}"
     if activation not in ACTIVATIONS or biased:
-        return "reference", (f"the Hopper kernels compute {'/'.join(ACTIVATIONS)} gated experts without biases; "
-                             f"this layer has activation {activation!r}{' and expert biases' if biased else ''}")
+        why = (f"the Hopper kernels compute {'/'.join(ACTIVATIONS)} gated experts without biases; this layer has "
+               f"activation {activation!r}{' and expert biases' if biased else ''}")
+        ok, why_not = grouped_mm.available(x, w_gate_up, w_down)
+        return ("grouped_mm", why) if ok else ("reference", f"{why}; {why_not}")
     if x.dtype != torch.bfloat16:
         return "reference", f"the Hopper kernels take bf16, got {x.dtype}"
     for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
@@ -134,6 +139,8 @@ def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_g
                          deterministic)
     if x.is_cuda and why not in _warned:
         _warned.add(why)
-        warnings.warn(f"hare.moe: using the reference path on {x.device}: {why}", stacklevel=2)
-    return reference_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation, gate_up_bias=gate_up_bias,
-                         down_bias=down_bias)
+        name = "PyTorch's grouped GEMM" if path == "grouped_mm" else "the reference path"
+        warnings.warn(f"hare.moe: using {name} on {x.device}: {why}", stacklevel=2)
+    run = grouped_mm.grouped_mm_moe if path == "grouped_mm" else reference_moe
+    return run(x, topk_ids, topk_weights, w_gate_up, w_down, activation, gate_up_bias=gate_up_bias,
+               down_bias=down_bias)

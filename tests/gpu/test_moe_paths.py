@@ -8,6 +8,7 @@ import torch
 import hare
 from hare.models import experts_modules, patch
 from hare.models.configs import tiny_model, tiny_tokenizer
+from hare.bench.model import capture_graph
 from hare.models.generation import generate
 from hare.moe import backend
 
@@ -57,22 +58,28 @@ def test_blocknm_the_kernels_do_not_take_says_why_once_and_matches():
     assert rel_err(out, reference(x, ids, w, sgu.to_dense(), sd.to_dense())) < 1e-2
 
 
-def test_biased_gpt_oss_experts_run_the_reference_path_on_the_gpu_and_match_the_cpu():
-    """The Hopper kernels have no bias or clamped-gate epilogue: such layers say so once and run the reference."""
+def test_biased_gpt_oss_experts_run_the_grouped_gemm_path_on_the_gpu_match_the_cpu_and_capture():
+    """The Hopper kernels have no bias or clamped-gate epilogue: such layers say so once and run PyTorch's grouped
+    GEMM, which matches the float64 CPU result and replays in a CUDA graph."""
     H, F, E, k, T = 256, 128, 8, 2, 64
     wgu, wd = make_weights(E, H, F, "cuda")
     ids, w = make_routing(T, E, k, "cuda")
     x = make_x(T, H, "cuda") * 4
     bgu, bd = (torch.randn(E, n, device="cuda").to(torch.bfloat16) for n in (2 * F, H))
     path, why = backend(x, wgu, wd, "gpt-oss", biased=True)
-    assert path == "reference" and "biases" in why
+    assert path == "grouped_mm" and "biases" in why
+    run = lambda: hare.moe(x, ids, w, wgu, wd, "gpt-oss", check_ids=False, gate_up_bias=bgu, down_bias=bd)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = hare.moe(x, ids, w, wgu, wd, "gpt-oss", gate_up_bias=bgu, down_bias=bd)
-    assert sum("reference path" in str(c.message) for c in caught) == 1
+        out = run()
+    assert sum("grouped GEMM" in str(c.message) for c in caught) == 1
     x64, w64, wgu64, wd64, bgu64, bd64 = (t.cpu().double() for t in (x, w, wgu, wd, bgu, bd))
     cpu = hare.moe(x64, ids.cpu(), w64, wgu64, wd64, "gpt-oss", gate_up_bias=bgu64, down_bias=bd64)
     assert out.dtype == torch.bfloat16 and rel_err(out.cpu(), cpu) < 1e-2
+    replay = capture_graph(run, x.device)
+    x.copy_(make_x(T, H, "cuda") * 4)  # new inputs in place: the replay must recompute
+    again = hare.moe(x.cpu().double(), ids.cpu(), w64, wgu64, wd64, "gpt-oss", gate_up_bias=bgu64, down_bias=bd64)
+    assert rel_err(replay().cpu(), again) < 1e-2
 
 
 def test_sparsify_on_the_gpu_equals_the_cpu():
