@@ -123,7 +123,8 @@ def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_g
     ``activation`` is "silu" or "gelu" (tanh), or a clamped gated unit: "clamped-silu:limit=L", "gpt-oss"
     (GPT-OSS's clamped SwiGLU), "gpt-oss:alpha=A,limit=L" (``reference.glu_function``).
     Optional expert biases ``gate_up_bias`` (E, 2·ffn) and ``down_bias`` (E, hidden) are added after each
-    projection, before the routing weight (the reference path runs those). Returns (T, hidden) in x's dtype.
+    projection, before the routing weight (on a GPU such layers run on the grouped GEMM path). Returns (T, hidden)
+    in x's dtype.
     ``deterministic`` (GPU only): sum the top-k results in slot order rather than with atomics, for
     bitwise-reproducible outputs.
     ``check_ids=False`` skips the range and duplicate check of ``topk_ids``, which reads values back to the host
