@@ -104,6 +104,20 @@ def test_patched_model_on_gpu_generates_the_same_with_and_without_cuda_graphs():
     assert torch.equal(eager.cpu(), graphed.cpu())
 
 
+@pytest.mark.parametrize("arch,overrides", [
+    ("gpt_oss", dict(hidden_size=128, intermediate_size=128, head_dim=32)),  # biases, clamped SwiGLU: grouped GEMM
+    ("llama4_text", dict(hidden_size=128, intermediate_size=128, intermediate_size_mlp=256, head_dim=32)),  # kernels
+])
+def test_patched_gpt_oss_and_llama4_on_the_gpu_keep_their_logits(arch, overrides):
+    model = tiny_model(arch, **overrides).to("cuda", torch.bfloat16)
+    ids = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+        patch(model)
+        out = model(ids).logits
+    assert rel_err(out, ref) < 2e-2
+
+
 @pytest.mark.parametrize("bm", [None, 2])
 def test_bench_decode_step_replayed_as_a_cuda_graph_equals_the_eager_step(bm):
     """`hare bench model` times decode as one captured CUDA graph: the patched model (dense, or sparse at 25%) must
