@@ -99,6 +99,13 @@ def test_unsupported_models_say_what_is_supported():
     with pytest.raises(UnsupportedModelError, match="Mixtral.*GPT-OSS.*standard layout"):
         patch(llama)
 
+    class Mxfp4GptOssExperts(torch.nn.Module):  # stands for transformers' quantized experts module
+        pass
+
+    llama.model.layers[0].mlp.experts = Mxfp4GptOssExperts()
+    with pytest.raises(UnsupportedModelError, match="Mxfp4GptOssExperts: quantized experts must be loaded dequantized"):
+        patch(llama)
+
 
 
 def test_density_mapping():
