@@ -207,7 +207,7 @@ def unsupported_message(model) -> str:
     reason = NOT_SUPPORTED.get(model_type, "no MoE experts module of a supported class was found in it")
     foreign = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Experts")})
     if foreign:  # e.g. quantized experts (MXFP4 GPT-OSS), which Hare reads only once dequantized
-        reason += f" (it has {', '.join(foreign)}: quantized experts must be loaded dequantized)"
+        reason += f" (it has {', '.join(foreign)}; quantized experts, such as MXFP4's, must be loaded dequantized)"
     return (f"hare.patch cannot patch this {type(model).__name__} (model_type {model_type!r}): {reason}. "
             f"Supported: {supported_list()}.")
 
