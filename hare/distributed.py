@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ._checks import FLOAT_DTYPES, check_float, check_int
 from .blocknm import BlockNM
 from .errors import DistributedError, InvalidArgumentError
-from .moe import moe
+from .moe import check_bias, moe
 from .reference import compute_dtype
 from .routing import RoutingLayout, route
 
@@ -87,7 +87,8 @@ class Dispatched:
     recv_rows: list[int]
 
 
-def _check_args(x, topk_ids, topk_weights, w_gate_up_local, w_down_local) -> None:
+def _check_args(x, topk_ids, topk_weights, w_gate_up_local, w_down_local, gate_up_bias_local=None,
+                down_bias_local=None) -> None:
     check_float("x", x, ndim=2)
     check_int("topk_ids", topk_ids, ndim=2)
     check_float("topk_weights", topk_weights, ndim=2)
@@ -97,6 +98,9 @@ def _check_args(x, topk_ids, topk_weights, w_gate_up_local, w_down_local) -> Non
     if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != x.shape[0]:
         raise InvalidArgumentError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
                                    f"must both be (T, k) with T = {x.shape[0]} tokens of x")
+    local, two_ffn, hidden = w_gate_up_local.shape
+    check_bias("gate_up_bias_local", gate_up_bias_local, (local, two_ffn))  # before any collective: every rank
+    check_bias("down_bias_local", down_bias_local, (local, hidden))        # refuses alike, none waits for another
 
 
 def dispatch(x, topk_ids, w_gate_up_local, w_down_local, group=None) -> Dispatched:
@@ -149,7 +153,7 @@ def ep_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, 
     ``hare.moe`` on this rank's tokens with all E experts. Any rank may have zero tokens. Expert biases, if any, are
     this rank's shards too (``shard_experts`` of the (E, ·) biases).
     """
-    _check_args(x, topk_ids, topk_weights, w_gate_up_local, w_down_local)
+    _check_args(x, topk_ids, topk_weights, w_gate_up_local, w_down_local, gate_up_bias_local, down_bias_local)
     d = dispatch(x, topk_ids, w_gate_up_local, w_down_local, group)
     y = run_local_experts(d, w_gate_up_local, w_down_local, activation, gate_up_bias_local, down_bias_local)
     return combine(y, d, topk_weights, group)

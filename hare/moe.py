@@ -36,7 +36,8 @@ def _check_weight(name: str, w, experts: int | None, rows: int | None, cols: int
     return shape
 
 
-def _check_bias(name: str, b, shape: tuple[int, int]) -> None:
+def check_bias(name: str, b, shape: tuple[int, int]) -> None:
+    """An optional per-expert bias: None, or a float tensor of ``shape``."""
     if b is None:
         return
     check_float(name, b, ndim=2)
@@ -64,8 +65,8 @@ def check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, che
     if two_ffn % 2:
         raise InvalidArgumentError(f"w_gate_up: expected an even number of rows (gate and up stacked), got {two_ffn}")
     _check_weight("w_down", w_down, experts, hidden, two_ffn // 2, x.dtype)
-    _check_bias("gate_up_bias", gate_up_bias, (experts, two_ffn))
-    _check_bias("down_bias", down_bias, (experts, hidden))
+    check_bias("gate_up_bias", gate_up_bias, (experts, two_ffn))
+    check_bias("down_bias", down_bias, (experts, hidden))
     tensors = dict(x=x, topk_ids=topk_ids, topk_weights=topk_weights)
     tensors.update({k: b for k, b in (("gate_up_bias", gate_up_bias), ("down_bias", down_bias)) if b is not None})
     for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):

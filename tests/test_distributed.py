@@ -36,3 +36,17 @@ def test_ep_bench_runs_on_gloo(tmp_path):
 def test_patch_with_ep_group_equals_single_process(tmp_path):
     results = run_ranks(patched_model_equals_single_process, 2, tmp_path)
     assert all(v == "ok" for v in results.values()), results
+
+
+def test_ep_moe_refuses_bad_bias_shards_before_any_collective():
+    """No process group exists here: the refusal must come from the argument check, before any communication."""
+    import torch
+
+    import hare
+
+    x, ids, w = torch.randn(3, 16), torch.tensor([[0, 1], [1, 0], [0, 1]]), torch.rand(3, 2)
+    wg, wd = torch.randn(2, 8, 16), torch.randn(2, 16, 4)
+    with pytest.raises(hare.InvalidArgumentError, match=r"gate_up_bias_local: expected shape \(2, 8\)"):
+        hare.ep_moe(x, ids, w, wg, wd, gate_up_bias_local=torch.zeros(2, 9))
+    with pytest.raises(hare.InvalidArgumentError, match=r"down_bias_local: expected shape \(2, 16\)"):
+        hare.ep_moe(x, ids, w, wg, wd, down_bias_local=torch.zeros(3, 16))
