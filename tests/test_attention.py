@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import hare.models.attention as attention
+from hare.models.attention import use_packed_gqa_attention
 from hare.bench.model import static_decode_step
-from hare.models import use_packed_gqa_attention
 from hare.models.configs import tiny_config
 
 
