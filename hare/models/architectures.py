@@ -87,7 +87,11 @@ def _dbrx_activation(module) -> str:
 def _llama4(module) -> ExpertWeights:
     """Llama-4 keeps gate_up_proj (E, H, 2F) and down_proj (E, F, H) for x @ W, gate columns first."""
     return ExpertWeights(module.gate_up_proj.transpose(1, 2).contiguous(),
-                         module.down_proj.transpose(1, 2).contiguous(), activation_name(module.act_fn))
+                         module.down_proj.transpose(1, 2).contiguous(), _llama4_activation(module))
+
+
+def _llama4_activation(module) -> str:
+    return activation_name(module.act_fn)
 
 
 @dataclass(frozen=True)
@@ -121,8 +125,7 @@ ARCHITECTURES = (
     _arch("DBRX", ["dbrx"], "DbrxExperts", weights=_dbrx, activation=_dbrx_activation),
     _arch("GPT-OSS", ["gpt_oss"], "GptOssExperts"),
     # its MoE block is rewritten first (``llama4.HareLlama4Moe``): the score scales the expert input
-    _arch("Llama-4", ["llama4_text"], "Llama4TextExperts", weights=_llama4,
-          activation=lambda module: activation_name(module.act_fn)),
+    _arch("Llama-4", ["llama4_text"], "Llama4TextExperts", weights=_llama4, activation=_llama4_activation),
 )
 BY_EXPERTS_CLASS = {a.experts_class: a for a in ARCHITECTURES}
 

@@ -27,7 +27,7 @@ from ..blocknm import DENSITIES
 from ..checkpoint import load as load_hare_file, save as save_hare_file
 from ..errors import CheckpointError, InvalidArgumentError
 from .experts import HareExperts
-from .patch import calibrate, dense_experts, experts_modules, patch
+from .patch import calibrate, dense_experts, experts_modules, patch, replace_module
 
 FORMAT = "hare-model"
 VERSION = 1
@@ -211,9 +211,7 @@ def load_model(folder, device=None, dtype=None):
                                       f"{tuple(want.shape)}")
         activation = dense.activation
         del dense, expected
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr,
-                HareExperts(weights["gate_up"], weights["down"], activation, None, weights.get("gate_up_bias"),
-                            weights.get("down_bias")))
+        replace_module(model, name, HareExperts(weights["gate_up"], weights["down"], activation, None,
+                                                weights.get("gate_up_bias"), weights.get("down_bias")))
     return model
 

@@ -8,6 +8,8 @@ exactly, with only the chosen experts computed. The router and the shared expert
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -37,13 +39,11 @@ class HareLlama4Moe(nn.Module):
         return out, router_logits
 
 
-def route_llama4_blocks(model: nn.Module) -> int:
-    """Rewrites, in place, every Llama-4 MoE block of ``model`` into ``HareLlama4Moe`` with dense Hare experts (same
-    outputs); returns how many."""
-    blocks = [(name, m) for name, m in model.named_modules() if type(m).__name__ == BLOCK_CLASS]
-    for name, block in blocks:
+def hare_llama4_blocks(model: nn.Module) -> Iterator[tuple[str, HareLlama4Moe]]:
+    """(name, ``HareLlama4Moe`` with dense Hare experts, same outputs) for every Llama-4 MoE block of ``model``, one
+    at a time: the caller puts each in place, freeing the old experts, before the next is built."""
+    names = [name for name, m in model.named_modules() if type(m).__name__ == BLOCK_CLASS]
+    for name in names:
+        block = model.get_submodule(name)
         w = BY_EXPERTS_CLASS[type(block.experts).__name__].weights(block.experts)
-        new = HareLlama4Moe(block, HareExperts(w.gate_up, w.down, w.activation))
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, new)
-    return len(blocks)
+        yield name, HareLlama4Moe(block, HareExperts(w.gate_up, w.down, w.activation))

@@ -19,7 +19,7 @@ from ..distributed import shard_experts
 from ..errors import InvalidArgumentError
 from .architectures import ExpertWeights, UnsupportedModelError, architecture_of, unsupported_message
 from .experts import HareExperts
-from .llama4 import route_llama4_blocks
+from .llama4 import hare_llama4_blocks
 
 
 @dataclass
@@ -50,7 +50,8 @@ def dense_experts(module) -> ExpertWeights:
 def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The experts modules Hare can replace, by name; raises ``UnsupportedModelError`` when there is none. Llama-4
     MoE blocks are first rewritten in place to route through dense Hare experts (``llama4``; same outputs)."""
-    route_llama4_blocks(model)
+    for name, block in hare_llama4_blocks(model):
+        replace_module(model, name, block)
     found = {name: m for name, m in model.named_modules()
              if isinstance(m, HareExperts) or architecture_of(m) is not None}
     if not found:
@@ -68,7 +69,7 @@ def _refuse_unsupported(modules: dict[str, nn.Module]) -> None:
             architecture_of(module).activation(module)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
 
@@ -125,7 +126,7 @@ def patch(model: nn.Module, bn: int | None = None, bm: int | None = None, bw: in
                       for w, s in ((w_gate_up, scores[0]), (w_down, scores[1]))]
             new = HareExperts(*sparse, dense.activation, ep_group, *biases)
         del w_gate_up, w_down, dense
-        _replace(model, name, new)
+        replace_module(model, name, new)
         modules[name] = None  # drop our reference so the dense weights can be freed now
     return model
 
