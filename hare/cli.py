@@ -119,8 +119,8 @@ def bench_model(models: str = typer.Option("all", help="comma-separated names fr
                 out_json: Path = typer.Option(None, help="default: bench/results/model_<gpu>.json"),
                 layers: int = typer.Option(None, min=1, help="decoder layers per model (default: as many as fit)"),
                 quick: bool = typer.Option(False, help="2 layers per model (a smoke run)"),
-                attention: str = typer.Option("packed-gqa", help="comma-separated: sdpa (transformers' own), "
-                                              "packed-gqa (decode over the KV cache as stored); every variant alike"),
+                attention: str = typer.Option("hare", help="comma-separated: sdpa (transformers' own), hare "
+                                              "(decode over the KV cache as stored); every variant alike"),
                 batches: str = typer.Option("1,8,32,128", help="comma-separated decode batch sizes"),
                 densities: str = typer.Option("0.5,0.25,0.1", help="comma-separated Block N:M densities"),
                 prefill_tokens: int = typer.Option(4096, min=0, help="prompt of the prefill case (0: no prefill)")):

@@ -1,4 +1,4 @@
-"""Independent, deliberately naive implementations the library is checked against."""
+"""Independent, deliberately naive implementations the library is checked against, and small models to check it on."""
 
 import torch
 import torch.nn.functional as F
@@ -44,3 +44,39 @@ def naive_moe(x, ids, weights, w_gate_up, w_down, activation="silu", gate_up_bia
 def rel_error(a, b) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+# small sizes every MoE config understands (unknown keys are dropped per model type)
+SMALL = dict(hidden_size=32, intermediate_size=24, moe_intermediate_size=24, num_experts=4, num_local_experts=4,
+             n_routed_experts=4, moe_num_experts=4, num_experts_per_tok=2)
+SMALL_MODEL = dict(SMALL, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                   vocab_size=96, first_k_dense_replace=0, shared_expert_intermediate_size=24, n_shared_experts=1,
+                   max_position_embeddings=128, kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8,
+                   qk_rope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1)
+
+
+def small_causal_lm(model_type: str, **overrides):
+    """A float32 causal LM of ``model_type`` at small sizes (``SMALL_MODEL`` updated by ``overrides``) with real-scale
+    expert weights, or None where the small sizes do not make a model this transformers can build and run
+    (per-layer attributes, Mamba constraints...)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        defaults = type(AutoConfig.for_model(model_type))()
+        config = AutoConfig.for_model(model_type, **{k: v for k, v in {**SMALL_MODEL, **overrides}.items()
+                                                        if hasattr(defaults, k)})
+        with torch.device("meta"):
+            if sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters()) > 3 * 10**7:
+                return None
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval().requires_grad_(False)
+    except Exception:  # noqa: BLE001 - a config these sizes do not fit is not a case of this test
+        return None
+    gen = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if ".experts." in name and p.dim() >= 2:
+            p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)
+    for name, b in model.named_buffers():
+        if name.endswith("tid2eid"):  # DeepSeek-V4's hash routing table is zeros until a checkpoint fills it
+            b.copy_(torch.stack([torch.randperm(4, generator=gen)[:b.shape[1]] for _ in range(b.shape[0])]))
+    return model

@@ -18,10 +18,7 @@ from hare.models import ARCHITECTURES, HareExperts, UnsupportedModelError, patch
 from hare.models.configs import tiny_model
 from hare.models.patch import dense_experts
 
-from helpers import rel_error
-
-_SMALL = dict(hidden_size=32, intermediate_size=24, moe_intermediate_size=24, num_experts=4, num_local_experts=4,
-              n_routed_experts=4, moe_num_experts=4, num_experts_per_tok=2)
+from helpers import SMALL, rel_error, small_causal_lm
 
 
 def _standard_classes() -> list[tuple[str, str]]:
@@ -51,7 +48,7 @@ def _small_module(module_name: str, class_name: str) -> nn.Module:
     for config_class in sorted(set(configs), key=lambda c: ("Text" not in c.__name__, c.__name__)):
         try:
             config = config_class()
-            for key, value in _SMALL.items():
+            for key, value in SMALL.items():
                 if hasattr(config, key):
                     old = getattr(config, key)
                     setattr(config, key, [value] * len(old) if isinstance(old, list) else value)
@@ -153,37 +150,6 @@ def test_a_gate_hare_does_not_compute_is_refused_by_name_before_any_layer_is_rep
     assert type(model.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
 
 
-_SMALL_MODEL = dict(_SMALL, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                    vocab_size=96, first_k_dense_replace=0, shared_expert_intermediate_size=24, n_shared_experts=1,
-                    max_position_embeddings=128, kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8,
-                    qk_rope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1)
-
-
-def _small_causal_lm(model_type: str):
-    """A float32 causal LM of ``model_type`` at small sizes with real-scale expert weights, or None where the small
-    sizes do not make a model this transformers can build and run (per-layer attributes, Mamba constraints...)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        defaults = type(AutoConfig.for_model(model_type))()
-        config = AutoConfig.for_model(model_type, **{k: v for k, v in _SMALL_MODEL.items() if hasattr(defaults, k)})
-        with torch.device("meta"):
-            if sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters()) > 3 * 10**7:
-                return None
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval().requires_grad_(False)
-    except Exception:  # noqa: BLE001 - a config these sizes do not fit is not a case of this test
-        return None
-    gen = torch.Generator().manual_seed(1)
-    for name, p in model.named_parameters():
-        if ".experts." in name and p.dim() >= 2:
-            p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)
-    for name, b in model.named_buffers():
-        if name.endswith("tid2eid"):  # DeepSeek-V4's hash routing table is zeros until a checkpoint fills it
-            b.copy_(torch.stack([torch.randperm(4, generator=gen)[:b.shape[1]] for _ in range(b.shape[0])]))
-    return model
-
-
 def test_every_causal_lm_with_standard_experts_patches_to_its_own_logits_or_is_refused():
     """Model level, beyond ARCHITECTURES: each causal-LM type whose package declares standard experts and that
     builds and runs at small sizes has the same logits after ``patch`` (float32), or is refused by name."""
@@ -197,7 +163,7 @@ def test_every_causal_lm_with_standard_experts_patches_to_its_own_logits_or_is_r
             package = type(transformers.AutoConfig.for_model(model_type)).__module__.split(".")[2]
         except Exception:  # noqa: BLE001 - model types whose config needs arguments
             continue
-        model = _small_causal_lm(model_type) if package in packages else None
+        model = small_causal_lm(model_type) if package in packages else None
         if model is None:
             continue
         try:

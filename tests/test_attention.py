@@ -1,5 +1,5 @@
 """hare.models.attention: single-token decode over the KV cache as stored gives transformers' logits, and is the
-path those calls take (transformers' SDPA function is made to fail on them)."""
+path those calls take (transformers' SDPA function, or the latent expansion, is made to fail on them)."""
 
 import pytest
 import torch
@@ -7,9 +7,11 @@ from transformers import AutoModelForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import hare.models.attention as attention
-from hare.models.attention import use_packed_gqa_attention
+from hare.models.attention import use_decode_attention
 from hare.bench.model import static_decode_step
 from hare.models.configs import tiny_config
+
+from helpers import small_causal_lm
 
 
 def _model(arch, **overrides):
@@ -17,15 +19,16 @@ def _model(arch, **overrides):
     return AutoModelForCausalLM.from_config(tiny_config(arch, **overrides)).eval().requires_grad_(False)
 
 
-@pytest.mark.parametrize("arch,heads,kv_heads", [("qwen3_moe", 4, 2), ("mixtral", 8, 2), ("olmoe", 4, 1)])
+@pytest.mark.parametrize("arch,heads,kv_heads", [("qwen3_moe", 4, 2), ("mixtral", 8, 2), ("olmoe", 4, 1),
+                                                  ("deepseek_v2", 4, 4), ("deepseek_v3", 4, 4)])
 def test_packed_decode_equals_the_full_forward_and_skips_transformers_sdpa(arch, heads, kv_heads, monkeypatch):
     model = _model(arch, num_attention_heads=heads, num_key_value_heads=kv_heads)
     tokens = torch.randint(0, model.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(input_ids=tokens).logits[:, -1]
-    assert use_packed_gqa_attention(model)
+    assert use_decode_attention(model)
     assert model.config._attn_implementation == attention.ATTENTION_NAME
-    assert ALL_ATTENTION_FUNCTIONS[attention.ATTENTION_NAME] is attention.packed_gqa_sdpa
+    assert ALL_ATTENTION_FUNCTIONS[attention.ATTENTION_NAME] is attention.decode_sdpa
     stock = attention.sdpa_attention_forward
     calls = []
 
@@ -46,7 +49,7 @@ def test_models_without_grouped_heads_and_other_attentions_are_left_to_transform
     tokens = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(input_ids=tokens).logits[:, -1]
-    use_packed_gqa_attention(model)
+    use_decode_attention(model)
     calls = []
     stock = attention.sdpa_attention_forward
     monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: calls.append(1) or stock(*a, **k))
@@ -54,7 +57,7 @@ def test_models_without_grouped_heads_and_other_attentions_are_left_to_transform
     torch.testing.assert_close(step()[:, -1], full, rtol=1e-5, atol=1e-5)
     assert calls
     eager = AutoModelForCausalLM.from_config(tiny_config("qwen3_moe"), attn_implementation="eager")
-    assert not use_packed_gqa_attention(eager) and eager.config._attn_implementation == "eager"
+    assert not use_decode_attention(eager) and eager.config._attn_implementation == "eager"
 
 
 def test_packed_attention_traces_as_one_graph():
@@ -65,7 +68,7 @@ def test_packed_attention_traces_as_one_graph():
     mask = torch.rand(2, 1, 1, 7) > 0.3
     mask[..., 0] = True
     ref = attention.sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)[0]
-    compiled = torch.compile(lambda *a: attention.packed_gqa_sdpa(module, *a, scaling=0.3)[0], backend="eager",
+    compiled = torch.compile(lambda *a: attention.decode_sdpa(module, *a, scaling=0.3)[0], backend="eager",
                              fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v, mask), ref, rtol=1e-5, atol=1e-6)
 
@@ -77,5 +80,72 @@ def test_calls_beyond_plain_sdpa_keep_transformers_path(feature, monkeypatch):
     q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
     calls = []
     monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **kw: calls.append(kw) or (None, None))
-    attention.packed_gqa_sdpa(module, q, k, v, None, **feature)
+    attention.decode_sdpa(module, q, k, v, None, **feature)
     assert len(calls) == 1 and all(calls[0][key] is value for key, value in feature.items())
+
+
+def _latent_attention_types() -> list[str]:
+    """Causal-LM types of the installed transformers whose attention keeps a latent cache (an ``expand_kv``)."""
+    import importlib
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    found = []
+    for model_type in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        try:
+            module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+        except ImportError:
+            continue
+        if any(callable(getattr(c, "expand_kv", None)) for c in vars(module).values() if isinstance(c, type)):
+            found.append(model_type)
+    return found
+
+
+def test_latent_attention_decodes_over_the_compressed_cache_to_the_same_logits(monkeypatch):
+    """Every latent-attention model that builds and decodes at small sizes: after the switch its decode step
+    never expands the cache and gives the full forward's last logits."""
+    types = _latent_attention_types()
+    assert {"deepseek_v2", "deepseek_v3"} <= set(types)
+    checked = []
+    for model_type in types:
+        model = small_causal_lm(model_type, num_key_value_heads=4)  # latent attention: one key per head
+        if model is None:
+            continue
+        tokens = torch.randint(4, 90, (2, 8), generator=torch.Generator().manual_seed(3))
+        try:
+            with torch.no_grad():
+                full = model(input_ids=tokens).logits[:, -1]
+            static_decode_step(model, tokens[:, :7], tokens[:, 7:])
+        except Exception:  # noqa: BLE001 - the unswitched model does not decode at these sizes: not a case
+            continue
+        classes = {type(m) for m in model.modules() if callable(getattr(type(m), "expand_kv", None))}
+        expansions = []
+        for cls in classes:
+            stock_expand = cls.expand_kv
+            monkeypatch.setattr(cls, "expand_kv", lambda self, kv, rot, _f=stock_expand: expansions.append(
+                kv.shape[2]) or _f(self, kv, rot))
+        assert use_decode_attention(model)
+        switched = [m for m in model.modules() if attention._keeps_latent(m)]
+        assert switched and all(type(m) in classes for m in switched), model_type
+        step = static_decode_step(model, tokens[:, :7], tokens[:, 7:])
+        assert expansions, "the cache prefill expands the latents"
+        expansions.clear()
+        torch.testing.assert_close(step()[:, -1], full, rtol=1e-5, atol=1e-5, msg=model_type)
+        assert not expansions, f"{model_type}: a decode step expanded the latent cache"
+        checked.append(model_type)
+        monkeypatch.undo()
+    assert {"deepseek_v2", "deepseek_v3"} <= set(checked) and len(checked) >= 8, checked
+
+
+def test_latent_modules_leave_the_switch_with_their_own_expansion():
+    """A latent module whose projection is not a plain bias-free linear is not switched, and a switched module
+    expands as before when the model goes back to SDPA."""
+    model = _model("deepseek_v2")
+    attn = model.model.layers[0].self_attn
+    attn.kv_b_proj.bias = torch.nn.Parameter(torch.zeros(attn.kv_b_proj.out_features))
+    use_decode_attention(model)
+    assert not attention._keeps_latent(attn) and attention._keeps_latent(model.model.layers[1].self_attn)
+    model.set_attn_implementation("sdpa")
+    other = model.model.layers[1].self_attn
+    latent, rot = torch.randn(1, 1, 5, other.kv_lora_rank), torch.randn(1, 1, 5, other.qk_rope_head_dim)
+    key, value = other.expand_kv(latent, rot)
+    assert key.shape[1] == model.config.num_attention_heads and key.shape[2] == 5

@@ -200,13 +200,13 @@ def test_bench_model_records_on_a_tiny_model():
     for r in records:
         assert r["bench"] == "model" and r["ours_ms"] > 0 and r["baseline_ms"] > 0 and 0 <= r["moe_share"] < 1
         assert r["speedup_vs_transformers"] == pytest.approx(r["baseline_ms"] / r["ours_ms"])
-        assert r["attention"] == "packed-gqa"
+        assert r["attention"] == "hare"
     assert {r["mode"] for r in records} == {"eager"}  # no CUDA graphs on the CPU
     stock = bench_one("tiny", tiny_config("qwen3_moe"), torch.device("cpu"), torch.float32, 2, prefill_tokens=0,
                       batches=(2,), context=8, densities=(), attention="sdpa", say=lambda s: None)
     assert {(r["case"], r["variant"], r["attention"]) for r in stock} == {("tiny/decode-b2", "hare-dense", "sdpa")}
     means = summary(records + stock)
-    assert means["packed-gqa/eager/mean_speedup_vs_transformers_at_0.25"] > 0
+    assert means["hare/eager/mean_speedup_vs_transformers_at_0.25"] > 0
     assert means["sdpa/eager/mean_speedup_vs_grouped_mm_at_1"] == pytest.approx(stock[0]["speedup_vs_grouped_mm"])
     assert "sdpa/eager/mean_speedup_vs_grouped_mm_at_0.25" not in means  # no 25% record ran with sdpa
 
@@ -263,8 +263,8 @@ def test_bench_model_combine_joins_runs_of_one_commit_and_refuses_mixed_ones(tmp
         combine([run("a"), run("b", commit="def")])
     with pytest.raises(InvalidArgumentError, match="more than one run"):
         combine([run("a"), run("a")])
-    both = combine([run("a"), run("a", speedup=6.0, attention="packed-gqa")])  # one model, two attentions
-    assert both["summary"]["packed-gqa/eager/mean_speedup_vs_grouped_mm_at_0.25"] == pytest.approx(3.0)
+    both = combine([run("a"), run("a", speedup=6.0, attention="hare")])  # one model, two attentions
+    assert both["summary"]["hare/eager/mean_speedup_vs_grouped_mm_at_0.25"] == pytest.approx(3.0)
     (tmp_path / "bad.json").write_text("{")
     result = CliRunner().invoke(app, ["bench", "model-combine", str(tmp_path / "bad.json"), "--out-json",
                                       str(tmp_path / "out.json")])

@@ -5,8 +5,10 @@ GPU, the same weights run with: transformers' own eager experts, transformers' `
 and Hare at 50/25/10% density (pruned by magnitude: random weights carry no signal for calibration). Cases:
 prefill of 4096 tokens (batch 1) and one decode step at batch 1, 8, 32, 128 over 1024 tokens of context. Every
 variant runs the same attention: transformers' SDPA as installed ("sdpa"), or with single-token decode over the
-cache as stored (``hare.models.attention``, "packed-gqa", the default; transformers 5.24 and later do the same
-themselves, older releases copy the whole KV cache per layer and step). The MoE
+cache as stored (``hare.models.attention``, "hare", the default: grouped-query heads packed as query rows, which
+transformers 5.24 and later do themselves while older releases copy the whole KV cache per layer and step; latent
+attention over the compressed cache with ``kv_b_proj`` absorbed, where transformers expands the whole cache every
+step). The MoE
 share of a step is 1 − t(no experts)/t(variant), where "no experts" replaces every experts module by zeros.
 Timing: CUDA events, median of a few repetitions after warm-up. Prefill steps run eagerly; decode steps run eagerly and
 (on a GPU) also as replayed CUDA graphs over transformers' static cache, for every variant that can be captured
@@ -28,12 +30,12 @@ from ..blocknm import DENSITIES
 from ..errors import InvalidArgumentError, UnsupportedDeviceError
 from .common import median_ms, run_info
 from ..models import experts_modules, patch
-from ..models.attention import use_packed_gqa_attention
+from ..models.attention import use_decode_attention
 from ..moe import backend
 from ..models.configs import REAL, real_config
 
 DENSITY_CASES = (0.5, 0.25, 0.1)
-ATTENTIONS = ("sdpa", "packed-gqa")
+ATTENTIONS = ("sdpa", "hare")
 DECODE_BATCHES = (1, 8, 32, 128)
 PREFILL_TOKENS = 4096
 CONTEXT = 1024
@@ -51,8 +53,8 @@ def _build(config, device, dtype, attention: str, seed: int = 0):
     with torch.device(device):
         # no parameter needs a gradient: otherwise every KV cache step would keep its autograd graph alive
         model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval().requires_grad_(False)
-    if attention == "packed-gqa":
-        use_packed_gqa_attention(model)
+    if attention == "hare":
+        use_decode_attention(model)
     return model
 
 
@@ -145,7 +147,7 @@ def _cases(model, device, prefill_tokens: int, batches, context: int, vocab: int
 
 
 def bench_one(name: str, config, device, dtype, layers: int, prefill_tokens=PREFILL_TOKENS, batches=DECODE_BATCHES,
-              context=CONTEXT, densities=DENSITY_CASES, attention: str = "packed-gqa", say=print) -> list[dict]:
+              context=CONTEXT, densities=DENSITY_CASES, attention: str = "hare", say=print) -> list[dict]:
     """All variants of one model with one attention; returns the records (one per case and Hare variant).
     ``prefill_tokens=0`` leaves the prefill case out."""
     ms: dict[tuple[str, str], dict[str, float]] = {}  # (case, mode) -> variant -> ms
@@ -284,7 +286,7 @@ def combine(results: list[dict]) -> dict:
 
 
 def main(models: str = "all", out_json=None, quick: bool = False, layers: int | None = None,
-         attentions=("packed-gqa",), prefill_tokens: int = PREFILL_TOKENS, batches=DECODE_BATCHES,
+         attentions=("hare",), prefill_tokens: int = PREFILL_TOKENS, batches=DECODE_BATCHES,
          densities=DENSITY_CASES) -> dict:
     names = list(REAL) if models == "all" else [m.strip() for m in models.split(",")]
     unknown = [n for n in names if n not in REAL]

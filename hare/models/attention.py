@@ -1,37 +1,53 @@
-"""Decode attention for grouped-query models that reads each cached key/value head once.
+"""Single-token decode attention that reads the KV cache as stored.
 
-Given a mask (a static KV cache always gives one), transformers' SDPA attention up to 5.2x repeats every key/value
-head ``num_key_value_groups`` times before calling SDPA, so each decode step copies the whole cache once per layer:
-2.2 ms of every Qwen3-30B-A3B layer at batch 128 over 1024 cached tokens on the H100 (notes/model.md), more than
-its experts. For a single query token the query heads that share a key/value head can instead be laid out as that
-head's query rows; SDPA then runs on the cache as stored and computes the same thing. Every other call (prefill,
-per-head masks, position biases, models without grouped heads) goes to transformers' SDPA unchanged.
+transformers' decode steps spend most of their non-expert time copying the cache, in two ways:
 
-``use_packed_gqa_attention(model)`` switches a model that uses SDPA to this function; the benchmark applies it to
-every variant alike, and ``hare generate`` uses it for its static-cache decoding.
+* Grouped-query heads (Mixtral, Qwen3-MoE, OLMoE ...): given a mask (a static cache always gives one), its SDPA
+  function up to 5.2x repeats every key/value head ``num_key_value_groups`` times, a copy of the whole cache per
+  layer; 2.2 ms of every Qwen3-30B-A3B layer at batch 128 over 1024 cached tokens on the H100 (notes/model.md).
+  For a single query token the query heads that share a key/value head are laid out as that head's query rows, and
+  SDPA runs on the cache as stored.
+* Multi-head latent attention (DeepSeek-V2/V3 and the other ``expand_kv`` models): the cache holds the compressed
+  latent, and every step expands all of it into per-head keys and values through ``kv_b_proj``, a GEMM and a
+  write of ``heads * (k + v)`` values for every cached token. For a single query token ``kv_b_proj`` is absorbed
+  instead: the query's no-position part goes through the key half of ``kv_b_proj`` into latent space, attention
+  runs over the latent cache as one key/value head (the query heads as its rows), and the value half of
+  ``kv_b_proj`` maps the attended latent back to each head. The same sum, in another order.
+
+Every other call (prefill, per-head masks, position biases, soft-capping, sinks) goes to transformers' SDPA
+unchanged. ``use_decode_attention(model)`` switches a model that uses SDPA to this path; the benchmark applies it
+to every variant alike, and ``hare generate`` uses it for its static-cache decoding.
 """
 
 from __future__ import annotations
 
+import types
+
 import torch
+from torch import nn
 from torch.nn import functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-ATTENTION_NAME = "hare_packed_gqa_sdpa"
+ATTENTION_NAME = "hare_decode_sdpa"
 # attention features beyond plain SDPA (biases, soft-capping, sinks): such calls keep transformers' own path
 _NOT_PLAIN_SDPA = ("position_bias", "softcap", "s_aux")
 
 
-def packed_gqa_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
-                    **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function signature: query (b, heads, q, d), key/value (b, kv_heads, L, d); returns
-    (b, q, heads, dv) and no weights."""
-    groups = getattr(module, "num_key_value_groups", 1)
+def decode_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
+                **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: query (b, heads, q, d), key/value (b, kv_heads, L, d), or for a
+    latent-attention module switched by ``use_decode_attention`` the latent (b, 1, L, rank) and the position key
+    (b, 1, L, rope); returns (b, q, heads, dv) and no weights."""
     batch, heads, q_len, _ = query.shape
-    packable = (q_len == 1 and groups > 1 and key.shape[1] * groups == heads
-                and (attention_mask is None or attention_mask.shape[1] == 1)
-                and all(kwargs.get(k) is None for k in _NOT_PLAIN_SDPA) and not kwargs.get("output_attentions", False))
-    if not packable:
+    single_plain_query = (q_len == 1 and (attention_mask is None or attention_mask.shape[1] == 1)
+                          and all(kwargs.get(k) is None for k in _NOT_PLAIN_SDPA)
+                          and not kwargs.get("output_attentions", False))
+    if _keeps_latent(module):
+        if single_plain_query:
+            return _absorbed_latent_attention(module, query, key, value, attention_mask, dropout, scaling), None
+        key, value = type(module).expand_kv(module, key, value)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if not (single_plain_query and groups > 1 and key.shape[1] * groups == heads):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     # head h = g * groups + r attends with key/value head g (repeat_kv's order): row r of group g's query
@@ -40,15 +56,69 @@ def packed_gqa_sdpa(module, query, key, value, attention_mask, dropout: float = 
     return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
-def use_packed_gqa_attention(model) -> bool:
-    """Switches ``model`` from SDPA to ``packed_gqa_sdpa`` (masks built as for SDPA); True if it was switched. Models
-    on another attention implementation are left as they are."""
+def _absorbed_latent_attention(module, query, latent, rope_key, attention_mask, dropout, scaling) -> torch.Tensor:
+    """One query token over the latent cache: (b, heads, 1, nope + rope) query -> (b, 1, heads, v)."""
+    batch, heads, _, qk_dim = query.shape
+    nope, rank = module.qk_nope_head_dim, module.kv_lora_rank
+    w_key, w_value = module.kv_b_proj.weight.view(heads, nope + module.v_head_dim, rank).split(
+        [nope, module.v_head_dim], dim=1)
+    q_latent = torch.einsum("bhn,hnr->bhr", query[:, :, 0, :nope], w_key)
+    rows = torch.cat([q_latent, query[:, :, 0, nope:]], dim=-1).unsqueeze(1)  # (b, 1, heads, rank + rope)
+    keys = torch.cat([latent, rope_key], dim=-1)  # (b, 1, L, rank + rope); the values are its first rank columns
+    scale = scaling if scaling is not None else qk_dim ** -0.5
+    out = F.scaled_dot_product_attention(rows, keys, keys[..., :rank], attn_mask=attention_mask, dropout_p=dropout,
+                                         scale=scale)
+    return torch.einsum("bhr,hvr->bhv", out[:, 0], w_value).unsqueeze(1)
+
+
+def _keep_latent(self, kv_nope, k_rot):
+    """Instance ``expand_kv`` of a switched latent-attention module: under this attention the latents go to
+    ``decode_sdpa`` as they are (it expands them itself where it must)."""
+    if self.config._attn_implementation == ATTENTION_NAME:
+        return kv_nope, k_rot
+    return type(self).expand_kv(self, kv_nope, k_rot)
+
+
+def _keeps_latent(module) -> bool:
+    return getattr(module.__dict__.get("expand_kv"), "__func__", None) is _keep_latent
+
+
+def _absorbable(module) -> bool:
+    """Whether ``module.expand_kv`` is the latent expansion ``_absorbed_latent_attention`` reorders: keys
+    [kv_b_proj's key half of the latent, the shared position key] and values its value half, per head. Checked
+    on the module's own weights."""
+    proj = getattr(module, "kv_b_proj", None)
+    names = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+    if not (callable(getattr(type(module), "expand_kv", None)) and type(proj) is nn.Linear and proj.bias is None
+            and not proj.weight.is_meta and all(isinstance(getattr(module, n, None), int) for n in names)):
+        return False
+    rank, nope, rope, v = (getattr(module, n) for n in names)
+    heads, rest = divmod(proj.out_features, nope + v)
+    if rest or proj.in_features != rank:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    latent, k_rot = (torch.randn(1, 1, 3, d, generator=gen).to(proj.weight) for d in (rank, rope))
+    with torch.no_grad():
+        key, value = type(module).expand_kv(module, latent, k_rot)
+        kv = F.linear(latent[0, 0], proj.weight).view(3, heads, nope + v).transpose(0, 1)
+    expected_key = torch.cat([kv[..., :nope], k_rot[0].expand(heads, 3, rope)], dim=-1)
+    return (key.shape == (1, heads, 3, nope + rope) and value.shape == (1, heads, 3, v)
+            and torch.allclose(key[0], expected_key) and torch.allclose(value[0], kv[..., nope:]))
+
+
+def use_decode_attention(model) -> bool:
+    """Switches ``model`` from SDPA to ``decode_sdpa`` (masks built as for SDPA), and its latent-attention modules
+    to keeping their cache compressed until attention; True if it was switched. Models on another attention
+    implementation are left as they are."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(ATTENTION_NAME, packed_gqa_sdpa)
+    AttentionInterface.register(ATTENTION_NAME, decode_sdpa)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
     if model.config._attn_implementation != "sdpa":
         return model.config._attn_implementation == ATTENTION_NAME
     model.set_attn_implementation(ATTENTION_NAME)
+    for module in model.modules():
+        if not _keeps_latent(module) and _absorbable(module):
+            module.expand_kv = types.MethodType(_keep_latent, module)
     return model.config._attn_implementation == ATTENTION_NAME

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, InvalidArgumentError
-from .attention import use_packed_gqa_attention
+from .attention import use_decode_attention
 
 
 def load_tokenizer(folder):
@@ -38,7 +38,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, cuda_graph
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     out = None
     if device.type == "cuda" and cuda_graphs:
-        use_packed_gqa_attention(model)
+        use_decode_attention(model)
         try:
             out = model.generate(**inputs, **kwargs, cache_implementation="static")
         except Exception as e:  # noqa: BLE001 - any failure of the compiled path falls back to eager decoding

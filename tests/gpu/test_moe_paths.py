@@ -137,3 +137,30 @@ def test_bench_decode_step_replayed_as_a_cuda_graph_equals_the_eager_step(bm):
         replay().fill_(float("nan"))  # the next replay must rewrite the logits
         assert rel_err(replay().float(), eager.float()) < 1e-3
     assert rel_err(step().float(), eager.float()) < 1e-3  # every replay rewound the cache
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("deepseek_v2", dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=8, kv_lora_rank=64,
+                         qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)),  # latent attention absorbed
+    ("qwen3_moe", dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32)),  # GQA packed
+])
+def test_decode_attention_on_the_gpu_matches_the_float32_forward_and_replays(arch, overrides):
+    """``use_decode_attention`` on bf16 CUDA: its decode step is as close to the float32 full forward as
+    transformers' own SDPA step, and replays as a CUDA graph."""
+    from hare.bench.model import static_decode_step
+    from hare.models.attention import use_decode_attention
+
+    model = tiny_model(arch, **overrides).cuda().requires_grad_(False)
+    tokens = torch.randint(4, 90, (3, 40), device="cuda")
+    with torch.no_grad():
+        ref = model(tokens).logits[:, -1].float()
+    model = model.to(torch.bfloat16)
+    stock = static_decode_step(model, tokens[:, :39], tokens[:, 39:])()[:, -1].float()
+    assert use_decode_attention(model)
+    step = static_decode_step(model, tokens[:, :39], tokens[:, 39:])
+    ours = step()[:, -1].float()
+    assert rel_err(ours, ref) < max(2 * rel_err(stock, ref), 1e-2)
+    eager = step().clone()
+    replay = capture_graph(step, torch.device("cuda"))
+    replay().fill_(float("nan"))
+    assert rel_err(replay().float(), eager.float()) < 1e-3
