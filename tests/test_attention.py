@@ -149,3 +149,21 @@ def test_latent_modules_leave_the_switch_with_their_own_expansion():
     latent, rot = torch.randn(1, 1, 5, other.kv_lora_rank), torch.randn(1, 1, 5, other.qk_rope_head_dim)
     key, value = other.expand_kv(latent, rot)
     assert key.shape[1] == model.config.num_attention_heads and key.shape[2] == 5
+
+
+def test_models_built_on_one_config_are_each_switched():
+    """transformers' models keep the config object they are built from: a second model on a config the first
+    switch changed is switched too, latent modules included; the benchmark builds each variant on its own copy."""
+    from hare.bench.model import _build
+
+    config = tiny_config("deepseek_v2")
+    first = AutoModelForCausalLM.from_config(config)
+    assert use_decode_attention(first) and config._attn_implementation == attention.ATTENTION_NAME
+    second = AutoModelForCausalLM.from_config(config)
+    assert use_decode_attention(second)
+    assert any(attention._keeps_latent(m) for m in second.modules())
+    fresh = tiny_config("deepseek_v2")
+    built = _build(fresh, torch.device("cpu"), torch.float32, "hare")
+    assert built.config._attn_implementation == attention.ATTENTION_NAME
+    assert fresh._attn_implementation != attention.ATTENTION_NAME
+    assert _build(fresh, torch.device("cpu"), torch.float32, "sdpa").config._attn_implementation == "sdpa"

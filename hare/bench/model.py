@@ -18,6 +18,7 @@ Timing: CUDA events, median of a few repetitions after warm-up. Prefill steps ru
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import time
@@ -49,6 +50,7 @@ class _NoExperts(nn.Module):
 def _build(config, device, dtype, attention: str, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
+    config = copy.deepcopy(config)  # the model keeps its config object, and the attention switch changes it
     torch.manual_seed(seed)
     with torch.device(device):
         # no parameter needs a gradient: otherwise every KV cache step would keep its autograd graph alive

@@ -115,10 +115,12 @@ def use_decode_attention(model) -> bool:
 
     AttentionInterface.register(ATTENTION_NAME, decode_sdpa)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-    if model.config._attn_implementation != "sdpa":
-        return model.config._attn_implementation == ATTENTION_NAME
-    model.set_attn_implementation(ATTENTION_NAME)
+    if model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation(ATTENTION_NAME)
+    if model.config._attn_implementation != ATTENTION_NAME:
+        return False
+    # also where the config already named this attention (models built from one config object share it)
     for module in model.modules():
         if not _keeps_latent(module) and _absorbable(module):
             module.expand_kv = types.MethodType(_keep_latent, module)
-    return model.config._attn_implementation == ATTENTION_NAME
+    return True
