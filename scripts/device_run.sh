@@ -4,11 +4,13 @@
 # 0.5 0.25 0.1 0.05, bw 16 (--sparse: bench/results/<name with kernels -> kernels_sparse>.json, e.g.
 # kernels_sparse_h100.json), the Hare paper's real and synthetic settings (--paper: <name with kernels -> paper>,
 # e.g. paper_h100.json), programmatic dependent launch on/off (--launch: <name with kernels -> launch>), the demo
-# on the GPU and the end-to-end model benchmark (bench/results/model_<gpu>.json).
+# on the GPU, the decode attention benchmark (--attention: $OUT/attention.json) and the end-to-end model benchmark
+# (bench/results/model_<gpu>.json).
 # Logs, the JSON files and the plots go to $OUT (default ./device_out). --sparse and --paper each stop after
 # SPARSE_TIMEOUT / PAPER_TIMEOUT seconds (default 300); their JSON is rewritten as they go, so it keeps what ran.
 #
-#   scripts/device_run.sh [--tests] [--sanitize] [--bench] [--sparse] [--paper] [--launch] [--demo] [--model]
+#   scripts/device_run.sh [--tests] [--sanitize] [--bench] [--sparse] [--paper] [--launch] [--demo] [--attention]
+#                         [--model]
 #                         [--name NAME]
 #                         [-- extra bench args]
 # With no selection flags all run. Extra args go to --bench and --sparse (hare.bench.kernels options).
@@ -25,7 +27,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export HARE_CACHE_DIR=${HARE_CACHE_DIR:-/tmp/hare_cache}
 PY=${PYTHON:-python3}
-DO_TESTS=0; DO_SAN=0; DO_BENCH=0; DO_SPARSE=0; DO_PAPER=0; DO_LAUNCH=0; DO_DEMO=0; DO_MODEL=0; NAME=kernels_h100; EXTRA=()
+DO_TESTS=0; DO_SAN=0; DO_BENCH=0; DO_SPARSE=0; DO_PAPER=0; DO_LAUNCH=0; DO_DEMO=0; DO_ATTN=0; DO_MODEL=0; NAME=kernels_h100; EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests) DO_TESTS=1 ;;
@@ -35,6 +37,7 @@ while [ $# -gt 0 ]; do
     --paper) DO_PAPER=1 ;;
     --launch) DO_LAUNCH=1 ;;
     --demo) DO_DEMO=1 ;;
+    --attention) DO_ATTN=1 ;;
     --model) DO_MODEL=1 ;;
     --name) NAME=$2; shift ;;
     --) shift; EXTRA=("$@"); break ;;
@@ -42,8 +45,8 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-if [ $((DO_TESTS + DO_SAN + DO_BENCH + DO_SPARSE + DO_PAPER + DO_LAUNCH + DO_DEMO + DO_MODEL)) = 0 ]; then
-  DO_TESTS=1; DO_SAN=1; DO_BENCH=1; DO_SPARSE=1; DO_PAPER=1; DO_LAUNCH=1; DO_DEMO=1; DO_MODEL=1
+if [ $((DO_TESTS + DO_SAN + DO_BENCH + DO_SPARSE + DO_PAPER + DO_LAUNCH + DO_DEMO + DO_ATTN + DO_MODEL)) = 0 ]; then
+  DO_TESTS=1; DO_SAN=1; DO_BENCH=1; DO_SPARSE=1; DO_PAPER=1; DO_LAUNCH=1; DO_DEMO=1; DO_ATTN=1; DO_MODEL=1
 fi
 # NAME with "kernels" replaced by $1 (or NAME_$1 when it has no "kernels")
 derived_name() { local n=${NAME/kernels/$1}; [ "$n" = "$NAME" ] && n=${NAME}_$1; echo "$n"; }
@@ -98,6 +101,10 @@ fi
 t5=$(date +%s)
 if [ $DO_DEMO = 1 ]; then
   $PY -m hare.cli demo 2>&1 | tee "$OUT/demo.log" | tail -40
+  [ ${PIPESTATUS[0]} = 0 ] || STATUS=1
+fi
+if [ $DO_ATTN = 1 ]; then
+  $PY -m hare.bench.attention --out-json "$OUT/attention.json" 2>&1 | tee "$OUT/bench_attention.log" | tail -40
   [ ${PIPESTATUS[0]} = 0 ] || STATUS=1
 fi
 if [ $DO_MODEL = 1 ]; then

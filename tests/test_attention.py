@@ -167,3 +167,30 @@ def test_models_built_on_one_config_are_each_switched():
     assert built.config._attn_implementation == attention.ATTENTION_NAME
     assert fresh._attn_implementation != attention.ATTENTION_NAME
     assert _build(fresh, torch.device("cpu"), torch.float32, "sdpa").config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("rows_from", [0, 10**9])  # heads as the latent's query rows / over a view per head
+def test_both_latent_layouts_decode_to_the_full_forward(arch, rows_from, monkeypatch):
+    monkeypatch.setattr(attention, "LATENT_ROWS_MIN_BATCH", rows_from)
+    model = _model(arch, num_attention_heads=4, num_key_value_heads=4)
+    tokens = torch.randint(0, model.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(input_ids=tokens).logits[:, -1]
+    assert use_decode_attention(model)
+    step = static_decode_step(model, tokens[:, :9], tokens[:, 9:])
+    torch.testing.assert_close(step()[:, -1], full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,kv_heads", [("deepseek_v2", 4), ("qwen3_moe", 2)])
+def test_the_attention_benchmark_times_paths_that_compute_the_same(arch, kv_heads):
+    """hare.bench.attention compares transformers' decode attention with Hare's on the same cache: every variant
+    it times gives transformers' output."""
+    from hare.bench.attention import _variants
+
+    module = _model(arch, num_attention_heads=4, num_key_value_heads=kv_heads).model.layers[0].self_attn
+    cache_bytes, fns = _variants(module, 3, 11, torch.device("cpu"), torch.Generator().manual_seed(5))
+    assert cache_bytes > 0 and len(fns) == (3 if arch == "deepseek_v2" else 2)
+    expected = fns.pop("transformers")()
+    for variant, fn in fns.items():
+        torch.testing.assert_close(fn(), expected, rtol=1e-5, atol=1e-5, msg=variant)

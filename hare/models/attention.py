@@ -31,6 +31,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 ATTENTION_NAME = "hare_decode_sdpa"
 # attention features beyond plain SDPA (biases, soft-capping, sinks): such calls keep transformers' own path
 _NOT_PLAIN_SDPA = ("position_bias", "softcap", "s_aux")
+# latent attention lays the heads out as query rows from this batch size up (measured: hare.bench.attention)
+LATENT_ROWS_MIN_BATCH = 16
 
 
 def decode_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
@@ -44,7 +46,8 @@ def decode_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
                           and not kwargs.get("output_attentions", False))
     if _keeps_latent(module):
         if single_plain_query:
-            return _absorbed_latent_attention(module, query, key, value, attention_mask, dropout, scaling), None
+            return _absorbed_latent_attention(module, query, key, value, attention_mask, dropout, scaling,
+                                              heads_as_rows=batch >= LATENT_ROWS_MIN_BATCH), None
         key, value = type(module).expand_kv(module, key, value)
     groups = getattr(module, "num_key_value_groups", 1)
     if not (single_plain_query and groups > 1 and key.shape[1] * groups == heads):
@@ -56,19 +59,27 @@ def decode_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
-def _absorbed_latent_attention(module, query, latent, rope_key, attention_mask, dropout, scaling) -> torch.Tensor:
-    """One query token over the latent cache: (b, heads, 1, nope + rope) query -> (b, 1, heads, v)."""
+def _absorbed_latent_attention(module, query, latent, rope_key, attention_mask, dropout, scaling,
+                               heads_as_rows: bool) -> torch.Tensor:
+    """One query token over the latent cache: (b, heads, 1, nope + rope) query -> (b, 1, heads, v).
+    ``heads_as_rows``: the heads are the query rows of the one latent head, so each latent is read once by one
+    block; otherwise each head attends over a broadcast view of the latent, a block per head, which keeps a small
+    batch from running on a handful of SMs (``LATENT_ROWS_MIN_BATCH``)."""
     batch, heads, _, qk_dim = query.shape
     nope, rank = module.qk_nope_head_dim, module.kv_lora_rank
     w_key, w_value = module.kv_b_proj.weight.view(heads, nope + module.v_head_dim, rank).split(
         [nope, module.v_head_dim], dim=1)
     q_latent = torch.einsum("bhn,hnr->bhr", query[:, :, 0, :nope], w_key)
-    rows = torch.cat([q_latent, query[:, :, 0, nope:]], dim=-1).unsqueeze(1)  # (b, 1, heads, rank + rope)
+    rows = torch.cat([q_latent, query[:, :, 0, nope:]], dim=-1)  # (b, heads, rank + rope)
     keys = torch.cat([latent, rope_key], dim=-1)  # (b, 1, L, rank + rope); the values are its first rank columns
+    if heads_as_rows:
+        rows = rows.unsqueeze(1)
+    else:
+        rows, keys = rows.unsqueeze(2), keys.expand(-1, heads, -1, -1)
     scale = scaling if scaling is not None else qk_dim ** -0.5
     out = F.scaled_dot_product_attention(rows, keys, keys[..., :rank], attn_mask=attention_mask, dropout_p=dropout,
                                          scale=scale)
-    return torch.einsum("bhr,hvr->bhv", out[:, 0], w_value).unsqueeze(1)
+    return torch.einsum("bhr,hvr->bhv", out.reshape(batch, heads, rank), w_value).unsqueeze(1)
 
 
 def _keep_latent(self, kv_nope, k_rot):
