@@ -3,8 +3,8 @@
 For each model of ``hare.models.configs.REAL`` (its first attention module, bf16) and a cache of 1024 tokens at
 batch 1 to 128, from the cache as stored to the per-head output: transformers' path as installed (SDPA after the
 grouped-query repeat, or for latent attention the expansion through ``kv_b_proj`` and SDPA) against
-``hare.models.attention``'s (grouped heads packed as query rows; for latent attention ``kv_b_proj`` absorbed, timed
-in both layouts, which is what sets ``LATENT_ROWS_MIN_BATCH``). CUDA-graph replays, L2 flushed before each. Reports
+``hare.models.attention``'s (grouped heads packed as query rows; for latent attention ``kv_b_proj`` absorbed).
+CUDA-graph replays, L2 flushed before each. Reports
 ms, the speedup, and the cache bytes read per second against the copy bandwidth measured in the same run.
 """
 
@@ -63,10 +63,8 @@ def _variants(module, batch: int, context: int, device, gen):
             key, value = type(module).expand_kv(module, latent, rope_key)
             return sdpa_attention_forward(module, query, key, value, mask, scaling=scale)[0]
 
-        def absorbed(rows):
-            return lambda: attention._absorbed_latent_attention(module, query, latent, rope_key, mask, 0.0, scale,
-                                                                heads_as_rows=rows)
-        hare = {"hare-rows": absorbed(True), "hare-heads": absorbed(False)}
+        def hare_path():
+            return attention._absorbed_latent_attention(module, query, latent, rope_key, mask, scale)
         cache_bytes = latent.nbytes + rope_key.nbytes
     else:
         kv_heads, dim = config.num_key_value_heads, module.head_dim
@@ -75,14 +73,15 @@ def _variants(module, batch: int, context: int, device, gen):
 
         def transformers_path():
             return sdpa_attention_forward(module, query, key, value, mask, scaling=scale)[0]
-        hare = {"hare": lambda: attention.decode_sdpa(module, query, key, value, mask, scaling=scale)[0]}
+
+        def hare_path():
+            return attention.decode_sdpa(module, query, key, value, mask, scaling=scale)[0]
         cache_bytes = key.nbytes + value.nbytes
-    return cache_bytes, {"transformers": transformers_path, **hare}
+    return cache_bytes, {"transformers": transformers_path, "hare": hare_path}
 
 
 @torch.no_grad()
 def run(models=None, batches=BATCHES, context: int = CONTEXT, out_json=None, device="cuda") -> dict:
-    from ..models.attention import LATENT_ROWS_MIN_BATCH
     from ..models.configs import REAL
 
     device = torch.device(device)
@@ -94,24 +93,22 @@ def run(models=None, batches=BATCHES, context: int = CONTEXT, out_json=None, dev
         for batch in batches:
             cache_bytes, fns = _variants(module, batch, context, device, gen)
             ms = {variant: timer.time_graph(fn, budget_s=0.05) for variant, fn in fns.items()}
-            shipped = "hare" if "hare" in ms else ("hare-rows" if batch >= LATENT_ROWS_MIN_BATCH else "hare-heads")
             for variant, t in ms.items():
                 if variant == "transformers":
                     continue
                 tbps = cache_bytes / (t * 1e-3) / 1e12
                 records.append({"bench": "attention", "case": f"{name}/decode-b{batch}", "model": name,
                                 "tokens": batch, "context": context, "variant": variant,
-                                "shipped": variant == shipped, "ours_ms": t, "baseline": "transformers",
+                                "ours_ms": t, "baseline": "transformers",
                                 "baseline_ms": ms["transformers"], "speedup": ms["transformers"] / t,
                                 "cache_bytes": cache_bytes, "ours_tbps": tbps,
                                 "frac_copy_bw": tbps / ceilings["copy_tbps"]})
-                print(f"{name:>18} b{batch:<4} {variant:>10}{' *' if variant == shipped else '  '} {t:8.4f} ms  "
+                print(f"{name:>18} b{batch:<4} {variant:>6} {t:8.4f} ms  "
                       f"transformers {ms['transformers']:8.4f} ms  x{ms['transformers'] / t:5.2f}  "
                       f"{tbps:5.2f} TB/s ({100 * tbps / ceilings['copy_tbps']:3.0f}% of copy)", flush=True)
         del module
-    shipped = [r for r in records if r["shipped"]]
-    summary = {"geomean_speedup": float(torch.tensor([r["speedup"] for r in shipped]).log().mean().exp()),
-               "latent_rows_min_batch": LATENT_ROWS_MIN_BATCH, **ceilings}
+    summary = {"geomean_speedup": float(torch.tensor([r["speedup"] for r in records]).log().mean().exp()),
+               **ceilings}
     result = {**run_info(device), "summary": summary, "records": records}
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)

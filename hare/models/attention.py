@@ -11,7 +11,7 @@ transformers' decode steps spend most of their non-expert time copying the cache
   latent, and every step expands all of it into per-head keys and values through ``kv_b_proj``, a GEMM and a
   write of ``heads * (k + v)`` values for every cached token. For a single query token ``kv_b_proj`` is absorbed
   instead: the query's no-position part goes through the key half of ``kv_b_proj`` into latent space, attention
-  runs over the latent cache as one key/value head (the query heads as its rows), and the value half of
+  runs over the latent cache as one key/value head shared by all query heads, and the value half of
   ``kv_b_proj`` maps the attended latent back to each head. The same sum, in another order.
 
 Every other call (prefill, per-head masks, position biases, soft-capping, sinks) goes to transformers' SDPA
@@ -31,8 +31,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 ATTENTION_NAME = "hare_decode_sdpa"
 # attention features beyond plain SDPA (biases, soft-capping, sinks): such calls keep transformers' own path
 _NOT_PLAIN_SDPA = ("position_bias", "softcap", "s_aux")
-# latent attention lays the heads out as query rows from this batch size up (measured: hare.bench.attention)
-LATENT_ROWS_MIN_BATCH = 16
 
 
 def decode_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
@@ -45,9 +43,8 @@ def decode_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
                           and all(kwargs.get(k) is None for k in _NOT_PLAIN_SDPA)
                           and not kwargs.get("output_attentions", False))
     if _keeps_latent(module):
-        if single_plain_query:
-            return _absorbed_latent_attention(module, query, key, value, attention_mask, dropout, scaling,
-                                              heads_as_rows=batch >= LATENT_ROWS_MIN_BATCH), None
+        if single_plain_query and not dropout:
+            return _absorbed_latent_attention(module, query, key, value, attention_mask, scaling), None
         key, value = type(module).expand_kv(module, key, value)
     groups = getattr(module, "num_key_value_groups", 1)
     if not (single_plain_query and groups > 1 and key.shape[1] * groups == heads):
@@ -59,27 +56,32 @@ def decode_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
-def _absorbed_latent_attention(module, query, latent, rope_key, attention_mask, dropout, scaling,
-                               heads_as_rows: bool) -> torch.Tensor:
-    """One query token over the latent cache: (b, heads, 1, nope + rope) query -> (b, 1, heads, v).
-    ``heads_as_rows``: the heads are the query rows of the one latent head, so each latent is read once by one
-    block; otherwise each head attends over a broadcast view of the latent, a block per head, which keeps a small
-    batch from running on a handful of SMs (``LATENT_ROWS_MIN_BATCH``)."""
+def _absorbed_latent_attention(module, query, latent, rope_key, attention_mask, scaling) -> torch.Tensor:
+    """One query token over the latent cache: (b, heads, 1, nope + rope) query -> (b, 1, heads, v). Two batched
+    GEMMs over the cache as stored (no concatenated copy): float32 scores, probabilities rounded to the cache's
+    dtype for the value product, as flash attention does. (SDPA over a 576-wide latent head falls to a slow
+    kernel: 0.12 ms at any batch up to 8 on the H200, notes/model.md.)"""
     batch, heads, _, qk_dim = query.shape
     nope, rank = module.qk_nope_head_dim, module.kv_lora_rank
     w_key, w_value = module.kv_b_proj.weight.view(heads, nope + module.v_head_dim, rank).split(
         [nope, module.v_head_dim], dim=1)
     q_latent = torch.einsum("bhn,hnr->bhr", query[:, :, 0, :nope], w_key)
-    rows = torch.cat([q_latent, query[:, :, 0, nope:]], dim=-1)  # (b, heads, rank + rope)
-    keys = torch.cat([latent, rope_key], dim=-1)  # (b, 1, L, rank + rope); the values are its first rank columns
-    if heads_as_rows:
-        rows = rows.unsqueeze(1)
-    else:
-        rows, keys = rows.unsqueeze(2), keys.expand(-1, heads, -1, -1)
-    scale = scaling if scaling is not None else qk_dim ** -0.5
-    out = F.scaled_dot_product_attention(rows, keys, keys[..., :rank], attn_mask=attention_mask, dropout_p=dropout,
-                                         scale=scale)
-    return torch.einsum("bhr,hvr->bhv", out.reshape(batch, heads, rank), w_value).unsqueeze(1)
+    latent = latent[:, 0]  # (b, L, rank): keys and values at once
+    scores = _float32_bmm(q_latent, latent.transpose(1, 2)) + _float32_bmm(query[:, :, 0, nope:],
+                                                                           rope_key[:, 0].transpose(1, 2))
+    scores = scores * (scaling if scaling is not None else qk_dim ** -0.5)  # (b, heads, L)
+    if attention_mask is not None:
+        mask = attention_mask[:, 0]  # (b, 1, L)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    out = torch.bmm(scores.softmax(dim=-1).to(latent.dtype), latent)
+    return torch.einsum("bhr,hvr->bhv", out, w_value).unsqueeze(1)
+
+
+def _float32_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated and returned in float32 without a float32 copy of b on CUDA."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
 
 
 def _keep_latent(self, kv_nope, k_rot):

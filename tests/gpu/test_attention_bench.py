@@ -12,9 +12,7 @@ pytestmark = pytest.mark.gpu
 def test_attention_benchmark_short_run(tmp_path):
     out = tmp_path / "attention.json"
     result = run(models=["DeepSeek-V2-Lite", "Qwen3-30B-A3B"], batches=[1, 32], context=128, out_json=out)
-    variants = {(r["model"], r["tokens"], r["variant"]) for r in result["records"]}
-    assert variants == {(m, b, v) for b in (1, 32) for m, v in [("DeepSeek-V2-Lite", "hare-rows"),
-                        ("DeepSeek-V2-Lite", "hare-heads"), ("Qwen3-30B-A3B", "hare")]}
-    assert sum(r["shipped"] for r in result["records"]) == 4
+    cases = sorted((r["model"], r["tokens"], r["variant"]) for r in result["records"])
+    assert cases == sorted((m, b, "hare") for m in ("DeepSeek-V2-Lite", "Qwen3-30B-A3B") for b in (1, 32))
     assert all(r["ours_ms"] > 0 and math.isfinite(r["frac_copy_bw"]) for r in result["records"])
     assert out.exists() and result["gpu"]
