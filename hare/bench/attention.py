@@ -1,7 +1,7 @@
 """``python -m hare.bench.attention``: single-token decode attention over a cache, on the real models' shapes.
 
-For each model of ``hare.models.configs.REAL`` (its first attention module, bf16) and a cache of 1024 tokens at
-batch 1 to 128, from the cache as stored to the per-head output: transformers' path as installed (SDPA after the
+For each model of ``hare.models.configs.REAL`` (its first attention module, bf16) and a cache of 1024 and of 1025
+tokens (an aligned length, and the model benchmark's static cache of 1024 + 1) at batch 1 to 128, from the cache as stored to the per-head output: transformers' path as installed (SDPA after the
 grouped-query repeat, or for latent attention the expansion through ``kv_b_proj`` and SDPA) against
 ``hare.models.attention``'s (grouped heads packed as query rows; for latent attention ``kv_b_proj`` absorbed).
 CUDA-graph replays, L2 flushed before each. Reports
@@ -20,7 +20,7 @@ from .common import run_info
 from .kernels import Timer, measure_ceilings
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
-CONTEXT = 1024
+CONTEXTS = (1024, 1025)
 
 
 def _attention_module(name: str, device):
@@ -81,7 +81,7 @@ def _variants(module, batch: int, context: int, device, gen):
 
 
 @torch.no_grad()
-def run(models=None, batches=BATCHES, context: int = CONTEXT, out_json=None, device="cuda") -> dict:
+def run(models=None, batches=BATCHES, contexts=CONTEXTS, out_json=None, device="cuda") -> dict:
     from ..models.configs import REAL
 
     device = torch.device(device)
@@ -90,20 +90,20 @@ def run(models=None, batches=BATCHES, context: int = CONTEXT, out_json=None, dev
     records = []
     for name in models or list(REAL):
         module = _attention_module(name, device)
-        for batch in batches:
+        for context, batch in ((c, b) for c in contexts for b in batches):
             cache_bytes, fns = _variants(module, batch, context, device, gen)
             ms = {variant: timer.time_graph(fn, budget_s=0.05) for variant, fn in fns.items()}
             for variant, t in ms.items():
                 if variant == "transformers":
                     continue
                 tbps = cache_bytes / (t * 1e-3) / 1e12
-                records.append({"bench": "attention", "case": f"{name}/decode-b{batch}", "model": name,
+                records.append({"bench": "attention", "case": f"{name}/decode-b{batch}-L{context}", "model": name,
                                 "tokens": batch, "context": context, "variant": variant,
                                 "ours_ms": t, "baseline": "transformers",
                                 "baseline_ms": ms["transformers"], "speedup": ms["transformers"] / t,
                                 "cache_bytes": cache_bytes, "ours_tbps": tbps,
                                 "frac_copy_bw": tbps / ceilings["copy_tbps"]})
-                print(f"{name:>18} b{batch:<4} {variant:>6} {t:8.4f} ms  "
+                print(f"{name:>18} L{context} b{batch:<4} {variant:>6} {t:8.4f} ms  "
                       f"transformers {ms['transformers']:8.4f} ms  x{ms['transformers'] / t:5.2f}  "
                       f"{tbps:5.2f} TB/s ({100 * tbps / ceilings['copy_tbps']:3.0f}% of copy)", flush=True)
         del module
@@ -123,10 +123,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(REAL), default=None)
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
-    parser.add_argument("--context", type=int, default=CONTEXT)
+    parser.add_argument("--contexts", nargs="+", type=int, default=list(CONTEXTS))
     parser.add_argument("--out-json", default=None)
     args = parser.parse_args(argv)
-    run(args.models, args.batches, args.context, args.out_json)
+    run(args.models, args.batches, args.contexts, args.out_json)
 
 
 if __name__ == "__main__":

@@ -59,22 +59,23 @@ def decode_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
 def _absorbed_latent_attention(module, query, latent, rope_key, attention_mask, scaling) -> torch.Tensor:
     """One query token over the latent cache: (b, heads, 1, nope + rope) query -> (b, 1, heads, v). Two batched
     GEMMs over the cache as stored (no concatenated copy): float32 scores, probabilities rounded to the cache's
-    dtype for the value product, as flash attention does. (SDPA over a 576-wide latent head falls to a slow
-    kernel: 0.12 ms at any batch up to 8 on the H200, notes/model.md.)"""
+    dtype for the value product, as flash attention does. Scores are laid out (b, L, heads) so that no GEMM
+    operand has the cache length as its leading dimension: an odd length (a static cache of 1024 + 1) would take
+    cuBLAS off its aligned kernels. (SDPA over a 576-wide latent head falls to a slow kernel: 0.12 ms at any batch
+    up to 8 on the H200, notes/model.md.)"""
     batch, heads, _, qk_dim = query.shape
     nope, rank = module.qk_nope_head_dim, module.kv_lora_rank
     w_key, w_value = module.kv_b_proj.weight.view(heads, nope + module.v_head_dim, rank).split(
         [nope, module.v_head_dim], dim=1)
-    q_latent = torch.einsum("bhn,hnr->bhr", query[:, :, 0, :nope], w_key)
+    q_latent = torch.einsum("bhn,hnr->brh", query[:, :, 0, :nope], w_key)  # (b, rank, heads)
     latent = latent[:, 0]  # (b, L, rank): keys and values at once
-    scores = _float32_bmm(q_latent, latent.transpose(1, 2)) + _float32_bmm(query[:, :, 0, nope:],
-                                                                           rope_key[:, 0].transpose(1, 2))
-    scores = scores * (scaling if scaling is not None else qk_dim ** -0.5)  # (b, heads, L)
+    scores = _float32_bmm(latent, q_latent) + _float32_bmm(rope_key[:, 0], query[:, :, 0, nope:].transpose(1, 2))
+    scores = scores * (scaling if scaling is not None else qk_dim ** -0.5)  # (b, L, heads)
     if attention_mask is not None:
-        mask = attention_mask[:, 0]  # (b, 1, L)
+        mask = attention_mask[:, 0].transpose(1, 2)  # (b, L, 1)
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    out = torch.bmm(scores.softmax(dim=-1).to(latent.dtype), latent)
-    return torch.einsum("bhr,hvr->bhv", out, w_value).unsqueeze(1)
+    out = torch.bmm(latent.transpose(1, 2), scores.softmax(dim=1).to(latent.dtype))  # (b, rank, heads)
+    return torch.einsum("brh,hvr->bhv", out, w_value).unsqueeze(1)
 
 
 def _float32_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
