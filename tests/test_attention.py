@@ -21,9 +21,10 @@ def _model(arch, **overrides):
 
 @pytest.mark.parametrize("arch,heads,kv_heads", [("qwen3_moe", 4, 2), ("mixtral", 8, 2), ("olmoe", 4, 1),
                                                   ("deepseek_v2", 4, 4), ("deepseek_v3", 4, 4)])
-def test_packed_decode_equals_the_full_forward_and_skips_transformers_sdpa(arch, heads, kv_heads, monkeypatch):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_packed_decode_equals_the_full_forward_and_skips_transformers_sdpa(arch, heads, kv_heads, batch, monkeypatch):
     model = _model(arch, num_attention_heads=heads, num_key_value_heads=kv_heads)
-    tokens = torch.randint(0, model.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, model.config.vocab_size, (batch, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(input_ids=tokens).logits[:, -1]
     assert use_decode_attention(model)
@@ -182,13 +183,14 @@ def test_the_attention_benchmark_times_paths_that_compute_the_same(arch, kv_head
 
 
 @pytest.mark.parametrize("additive", [False, True])
-def test_absorbed_latent_attention_applies_the_mask(additive):
+@pytest.mark.parametrize("b", [1, 3])  # scores laid out by head, and by cache slot
+def test_absorbed_latent_attention_applies_the_mask(additive, b):
     """Cache slots masked out (padding, unfilled static slots) are skipped as transformers' SDPA skips them."""
     model = _model("deepseek_v2", num_attention_heads=4, num_key_value_heads=4)
     assert use_decode_attention(model)
     module = model.model.layers[0].self_attn
     gen = torch.Generator().manual_seed(6)
-    b, L = 3, 9
+    L = 9
     query = torch.randn(b, 4, 1, module.qk_nope_head_dim + module.qk_rope_head_dim, generator=gen)
     latent = torch.randn(b, 1, L, module.kv_lora_rank, generator=gen)
     rope_key = torch.randn(b, 1, L, module.qk_rope_head_dim, generator=gen)

@@ -31,6 +31,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 ATTENTION_NAME = "hare_decode_sdpa"
 # attention features beyond plain SDPA (biases, soft-capping, sinks): such calls keep transformers' own path
 _NOT_PLAIN_SDPA = ("position_bias", "softcap", "s_aux")
+# latent attention: the largest batch whose scores are laid out (b, heads, L) (measured: hare.bench.attention)
+LATENT_BY_HEAD_MAX_BATCH = 2
 
 
 def decode_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
@@ -59,23 +61,29 @@ def decode_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
 def _absorbed_latent_attention(module, query, latent, rope_key, attention_mask, scaling) -> torch.Tensor:
     """One query token over the latent cache: (b, heads, 1, nope + rope) query -> (b, 1, heads, v). Two batched
     GEMMs over the cache as stored (no concatenated copy): float32 scores, probabilities rounded to the cache's
-    dtype for the value product, as flash attention does. Scores are laid out (b, L, heads) so that no GEMM
-    operand has the cache length as its leading dimension: an odd length (a static cache of 1024 + 1) would take
-    cuBLAS off its aligned kernels. (SDPA over a 576-wide latent head falls to a slow kernel: 0.12 ms at any batch
-    up to 8 on the H200, notes/model.md.)"""
+    dtype for the value product, as flash attention does. Above ``LATENT_BY_HEAD_MAX_BATCH`` the scores are laid out
+    (b, L, heads), so that no GEMM operand has the cache length as its leading dimension: an odd length (a static
+    cache of 1024 + 1) takes cuBLAS off its aligned kernels, 0.37 ms per layer at batch 128; at batch 1-2 the
+    (b, heads, L) layout is the faster one (hare.bench.attention). SDPA over one 576-wide latent head instead
+    falls to a slow kernel: 0.12 ms at any batch up to 8 on the H200 (notes/model.md)."""
     batch, heads, _, qk_dim = query.shape
     nope, rank = module.qk_nope_head_dim, module.kv_lora_rank
     w_key, w_value = module.kv_b_proj.weight.view(heads, nope + module.v_head_dim, rank).split(
         [nope, module.v_head_dim], dim=1)
-    q_latent = torch.einsum("bhn,hnr->brh", query[:, :, 0, :nope], w_key)  # (b, rank, heads)
-    latent = latent[:, 0]  # (b, L, rank): keys and values at once
-    scores = _float32_bmm(latent, q_latent) + _float32_bmm(rope_key[:, 0], query[:, :, 0, nope:].transpose(1, 2))
-    scores = scores * (scaling if scaling is not None else qk_dim ** -0.5)  # (b, L, heads)
+    q_latent, q_rope = torch.einsum("bhn,hnr->bhr", query[:, :, 0, :nope], w_key), query[:, :, 0, nope:]
+    latent, rope_key = latent[:, 0], rope_key[:, 0]  # (b, L, rank): keys and values at once; (b, L, rope)
+    by_head = batch <= LATENT_BY_HEAD_MAX_BATCH
+    if by_head:  # (b, heads, L)
+        scores = _float32_bmm(q_latent, latent.mT) + _float32_bmm(q_rope, rope_key.mT)
+    else:  # (b, L, heads)
+        scores = _float32_bmm(latent, q_latent.mT) + _float32_bmm(rope_key, q_rope.mT)
+    scores = scores * (scaling if scaling is not None else qk_dim ** -0.5)
     if attention_mask is not None:
-        mask = attention_mask[:, 0].transpose(1, 2)  # (b, L, 1)
+        mask = attention_mask[:, 0] if by_head else attention_mask[:, 0].mT  # (b, 1, L) or (b, L, 1)
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    out = torch.bmm(latent.transpose(1, 2), scores.softmax(dim=1).to(latent.dtype))  # (b, rank, heads)
-    return torch.einsum("brh,hvr->bhv", out, w_value).unsqueeze(1)
+    probs = scores.softmax(dim=-1 if by_head else 1).to(latent.dtype)
+    out = torch.bmm(probs, latent) if by_head else torch.bmm(latent.mT, probs).mT  # (b, heads, rank)
+    return torch.einsum("bhr,hvr->bhv", out, w_value).unsqueeze(1)
 
 
 def _float32_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
