@@ -31,7 +31,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 ATTENTION_NAME = "hare_decode_sdpa"
 # attention features beyond plain SDPA (biases, soft-capping, sinks): such calls keep transformers' own path
 _NOT_PLAIN_SDPA = ("position_bias", "softcap", "s_aux")
-# latent attention: the largest batch whose scores are laid out (b, heads, L) (measured: hare.bench.attention)
+# latent attention over an unaligned cache length: the largest batch whose scores are still laid out (b, heads, L)
+# (measured: bench/results/attention_h200*.json, model_attention_deepseek_h200*.json)
 LATENT_BY_HEAD_MAX_BATCH = 2
 
 
@@ -61,18 +62,18 @@ def decode_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
 def _absorbed_latent_attention(module, query, latent, rope_key, attention_mask, scaling) -> torch.Tensor:
     """One query token over the latent cache: (b, heads, 1, nope + rope) query -> (b, 1, heads, v). Two batched
     GEMMs over the cache as stored (no concatenated copy): float32 scores, probabilities rounded to the cache's
-    dtype for the value product, as flash attention does. Above ``LATENT_BY_HEAD_MAX_BATCH`` the scores are laid out
-    (b, L, heads), so that no GEMM operand has the cache length as its leading dimension: an odd length (a static
-    cache of 1024 + 1) takes cuBLAS off its aligned kernels, 0.37 ms per layer at batch 128; at batch 1-2 the
-    (b, heads, L) layout is the faster one (hare.bench.attention). SDPA over one 576-wide latent head instead
-    falls to a slow kernel: 0.12 ms at any batch up to 8 on the H200 (notes/model.md)."""
+    dtype for the value product, as flash attention does. The scores are laid out (b, heads, L), except for a
+    cache length that is not a multiple of 8 above batch ``LATENT_BY_HEAD_MAX_BATCH``: there they are laid out
+    (b, L, heads), since an operand whose leading dimension is an odd length (a static cache of 1024 + 1) takes
+    cuBLAS off its aligned kernels, 0.37 ms more per layer at batch 128 on the H200 (notes/model.md). SDPA over
+    one 576-wide latent head instead falls to a slow kernel: 0.12 ms at any batch up to 8."""
     batch, heads, _, qk_dim = query.shape
     nope, rank = module.qk_nope_head_dim, module.kv_lora_rank
     w_key, w_value = module.kv_b_proj.weight.view(heads, nope + module.v_head_dim, rank).split(
         [nope, module.v_head_dim], dim=1)
     q_latent, q_rope = torch.einsum("bhn,hnr->bhr", query[:, :, 0, :nope], w_key), query[:, :, 0, nope:]
     latent, rope_key = latent[:, 0], rope_key[:, 0]  # (b, L, rank): keys and values at once; (b, L, rope)
-    by_head = batch <= LATENT_BY_HEAD_MAX_BATCH
+    by_head = batch <= LATENT_BY_HEAD_MAX_BATCH or latent.shape[1] % 8 == 0
     if by_head:  # (b, heads, L)
         scores = _float32_bmm(q_latent, latent.mT) + _float32_bmm(q_rope, rope_key.mT)
     else:  # (b, L, heads)
