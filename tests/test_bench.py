@@ -232,10 +232,22 @@ def test_bench_session_checks_the_device_and_logs_the_ceilings_it_measured(monke
     assert log.read_text().splitlines() == [f"ceilings: {a.ceil}", "case 1"]
 
 
-def test_launch_bench_refuses_without_a_gpu(monkeypatch, capsys):
-    from hare.bench import launch
+@pytest.mark.parametrize("bench,argv", [("launch", ["--tokens", "1"]), ("attention", ["--batches", "1"])])
+def test_gpu_benches_refuse_without_a_gpu(bench, argv, monkeypatch, capsys):
+    import importlib
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as exit_info:
-        launch.main(["--tokens", "1"])
+        importlib.import_module(f"hare.bench.{bench}").main(argv)
     assert exit_info.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_results_file_records_the_run_and_the_geometric_mean(tmp_path, capsys):
+    from hare.bench.common import geomean, write_results
+
+    assert geomean([2.0, 8.0]) == pytest.approx(4.0) and geomean(x for x in [3.0]) == pytest.approx(3.0)
+    out = tmp_path / "sub" / "r.json"
+    result = write_results("cpu", {"geomean_speedup": 1.5}, [{"case": "a"}], out)
+    assert json.loads(out.read_text()) == result
+    assert result["gpu"] == "cpu" and result["commit"] and result["records"] == [{"case": "a"}]
+    assert json.loads(capsys.readouterr().out) == {"geomean_speedup": 1.5}

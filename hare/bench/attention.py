@@ -11,12 +11,10 @@ ms, the speedup, and the cache bytes read per second against the copy bandwidth 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
-from .common import run_info
+from .common import geomean, write_results
 from .kernels import Timer, measure_ceilings
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -107,14 +105,8 @@ def run(models=None, batches=BATCHES, contexts=CONTEXTS, out_json=None, device="
                       f"transformers {ms['transformers']:8.4f} ms  x{ms['transformers'] / t:5.2f}  "
                       f"{tbps:5.2f} TB/s ({100 * tbps / ceilings['copy_tbps']:3.0f}% of copy)", flush=True)
         del module
-    summary = {"geomean_speedup": float(torch.tensor([r["speedup"] for r in records]).log().mean().exp()),
-               **ceilings}
-    result = {**run_info(device), "summary": summary, "records": records}
-    if out_json:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(result, indent=1))
-    print(json.dumps(summary))
-    return result
+    summary = {"geomean_speedup": geomean(r["speedup"] for r in records), **ceilings}
+    return write_results(device, summary, records, out_json)
 
 
 def main(argv=None):
@@ -126,6 +118,8 @@ def main(argv=None):
     parser.add_argument("--contexts", nargs="+", type=int, default=list(CONTEXTS))
     parser.add_argument("--out-json", default=None)
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
     run(args.models, args.batches, args.contexts, args.out_json)
 
 

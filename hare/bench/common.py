@@ -1,8 +1,11 @@
-"""What every results file records about the run (GPU, commit, date, torch version), and the median timer."""
+"""What every results file records about the run (GPU, commit, date, torch version), how a benchmark with a summary
+writes it, and the median timer."""
 
 from __future__ import annotations
 
 import datetime
+import json
+import math
 import os
 import subprocess
 import time
@@ -27,6 +30,22 @@ def run_info(device=None) -> dict:
     return {"gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__}
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def write_results(device, summary: dict, records: list[dict], out_json=None) -> dict:
+    """The results file of a benchmark run (``run_info``, summary, records), written to ``out_json`` if given; the
+    summary is printed."""
+    result = {**run_info(device), "summary": summary, "records": records}
+    if out_json:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(result, indent=1))
+    print(json.dumps(summary))
+    return result
 
 
 def median_ms(fn, device, warmup: int = 2, reps: int = 5) -> float:

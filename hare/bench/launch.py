@@ -10,13 +10,11 @@ tokens, dense and at 25% and 5% density.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-from pathlib import Path
 
 import torch
 
-from .common import run_info
+from .common import geomean, write_results
 from .kernels import SHAPES, Timer, make_case, make_weights
 from .sparse import sparsify_experts
 
@@ -68,14 +66,8 @@ def run(shapes=None, tokens=TOKENS, out_json=None, device="cuda", seed=0) -> dic
                                 "speedup": ms[False] / ms[True]})
                 print(f"{shape:18s} T={T:<4d} density {density:<5g} plain {ms[False] * 1e3:8.1f} us   "
                       f"PDL {ms[True] * 1e3:8.1f} us   {ms[False] / ms[True]:.3f}x", flush=True)
-    summary = {f"geomean_speedup_T{T}": math.exp(sum(math.log(r["speedup"]) for r in records if r["tokens"] == T)
-                                                 / sum(r["tokens"] == T for r in records)) for T in tokens}
-    result = {**run_info(dev), "summary": summary, "records": records}
-    if out_json:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(result, indent=1))
-    print(json.dumps(summary))
-    return result
+    summary = {f"geomean_speedup_T{T}": geomean(r["speedup"] for r in records if r["tokens"] == T) for T in tokens}
+    return write_results(dev, summary, records, out_json)
 
 
 def main(argv=None):
