@@ -1,7 +1,8 @@
 """``hare.save`` / ``hare.load``: BlockNM weights (and plain tensors) in safetensors files.
 
 A Hare file is an ordinary safetensors file whose header metadata holds ``format = "hare"``, the format
-``version`` and, per entry, its kind and sparsity parameters. A BlockNM entry ``name`` is stored as the tensors
+``version``, per entry its kind and sparsity parameters and, optionally, the caller's own string fields
+(``load_metadata``; Hare model checkpoints record there which layer a file belongs to). A BlockNM entry ``name`` is stored as the tensors
 ``name.values``, ``name.meta`` and ``name.block_idx``; a plain tensor as ``name``. Loading checks everything (the
 metadata, every tensor's shape, dtype and index range) and raises ``CheckpointError`` on a foreign or corrupt file.
 Writes go to a temporary file in the target folder that is renamed into place, so a reader never sees half a file.
@@ -36,8 +37,12 @@ def _describe(name: str, obj) -> tuple[dict, dict[str, torch.Tensor]]:
     raise InvalidArgumentError(f"save: entry {name!r} is a {type(obj).__name__}; expected a BlockNM or a torch.Tensor")
 
 
-def save(path, obj) -> None:
-    """Write a BlockNM, or a dict of names to BlockNM / tensors, to ``path`` atomically."""
+def save(path, obj, metadata: dict[str, str] | None = None) -> None:
+    """Write a BlockNM, or a dict of names to BlockNM / tensors, to ``path`` atomically; ``metadata`` (str -> str)
+    is stored beside Hare's own and read back by ``load_metadata``."""
+    if metadata is not None and not (isinstance(metadata, dict) and
+                                     all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise InvalidArgumentError("save: metadata must be a dict of str to str")
     single = not isinstance(obj, dict)
     items = {_SINGLE: obj} if single else obj
     entries, tensors = {}, {}
@@ -49,7 +54,8 @@ def save(path, obj) -> None:
         if clash:
             raise InvalidArgumentError(f"save: tensor names collide: {sorted(clash)}")
         tensors.update({k: v.detach().contiguous().cpu() for k, v in parts.items()})
-    meta = {"format": FORMAT, "version": str(VERSION), "single": json.dumps(single), "entries": json.dumps(entries)}
+    meta = {"format": FORMAT, "version": str(VERSION), "single": json.dumps(single), "entries": json.dumps(entries),
+            "user": json.dumps(metadata or {})}
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -79,6 +85,20 @@ def _read_header(path: Path) -> dict:
     if meta.get("version") != str(VERSION):
         raise CheckpointError(f"{path}: Hare format version {meta.get('version')!r}; this Hare reads version {VERSION}")
     return meta
+
+
+def load_metadata(path) -> dict[str, str]:
+    """The ``metadata`` a file was saved with (empty if none), reading only its header."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        user = json.loads(_read_header(path).get("user", "{}"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: malformed Hare metadata ({e})") from None
+    if not isinstance(user, dict):
+        raise CheckpointError(f"{path}: malformed Hare metadata (user fields are not a mapping)")
+    return user
 
 
 def load(path, device="cpu"):

@@ -3,19 +3,67 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+import warnings
+from importlib.metadata import version as package_version
 from pathlib import Path
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from .errors import HareError, InvalidArgumentError
 
-app = typer.Typer(help="Hare: fast sparse Mixture-of-Experts inference on Hopper GPUs.", no_args_is_help=True,
-                  add_completion=False)
+if "COLUMNS" not in os.environ and not sys.stdout.isatty():
+    os.environ["COLUMNS"] = "100"  # help and tables off a terminal: 100 columns (rich would cut them at 80)
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+class _Commands(TyperGroup):
+    """Every command's failures as one line on stderr: Hare's errors and the predictable ones (files, encodings)
+    as ``error: …`` with exit status 2, anything else with how to see its traceback (``hare --debug``) and status
+    1; warnings as ``warning: …``."""
+
+    def invoke(self, ctx: click.Context):
+        with warnings.catch_warnings():
+            warnings.showwarning = lambda message, *_: typer.echo(f"warning: {_one_line(message)}", err=True)
+            try:
+                return super().invoke(ctx)
+            except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+                raise
+            except Exception as e:  # noqa: BLE001 - reported as one line unless --debug asks for the traceback
+                if (ctx.obj or {}).get("debug"):
+                    raise
+                if isinstance(e, (HareError, OSError, UnicodeError)):
+                    typer.echo(f"error: {_one_line(e)}", err=True)
+                    raise typer.Exit(2) from None
+                typer.echo(f"error: unexpected {type(e).__name__}: {_one_line(e)} (`hare --debug "
+                           f"{ctx.invoked_subcommand or ''} …` shows the traceback)", err=True)
+                raise typer.Exit(1) from None
+
+
+app = typer.Typer(cls=_Commands, help="Hare: fast sparse Mixture-of-Experts inference on Hopper GPUs.",
+                  no_args_is_help=True, add_completion=False, context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def _print_version(value: bool):
+    if value:
+        typer.echo(f"hare {package_version('hare')} (torch {package_version('torch')}, "
+                   f"transformers {package_version('transformers')})")
+        raise typer.Exit()
 
 
 @app.callback()
-def main():
+def main(ctx: typer.Context,
+         debug: bool = typer.Option(False, "--debug", help="show the traceback of an unexpected error"),
+         version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="print Hare's version and exit")):
     """Hare: fast sparse Mixture-of-Experts inference on Hopper GPUs."""
+    ctx.obj = {"debug": debug}
 
 
 @app.command()
@@ -31,10 +79,18 @@ def demo(tokens: int = typer.Option(512, min=1, help="tokens to route through th
         run_model_demo(device=device, seed=seed)
 
 
-def _fail(error: Exception):
-    """Print a Hare error (bad input, foreign folder) as one line and exit with status 2."""
-    typer.echo(f"error: {error}", err=True)
-    raise typer.Exit(2)
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidArgumentError(f"{what} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _device(device: str | None):
+    """The torch device asked for, checked before any model loads (default: cuda if present, else cpu)."""
+    from .models.checkpoint import resolve_device
+
+    return resolve_device(device or ("cuda" if torch_cuda_available() else "cpu"))
 
 
 @app.command()
@@ -51,12 +107,9 @@ def sparsify(model_dir: Path = typer.Argument(..., help="transformers checkpoint
 
     from .models.checkpoint import sparsify_checkpoint
 
-    text = calib.read_text(encoding="utf-8") if calib else None
-    try:
-        reports = sparsify_checkpoint(model_dir, out_dir, density, bw=bw, calib_text=text, calib_tokens=calib_tokens,
-                                      device=device)
-    except HareError as e:
-        _fail(e)
+    text = _read_text(calib, "--calib") if calib else None
+    reports = sparsify_checkpoint(model_dir, out_dir, density, bw=bw, calib_text=text, calib_tokens=calib_tokens,
+                                  device=device)
     source = f"calibration text {calib.name}" if calib else "random token ids (no --calib: magnitude pruning)"
     table = Table(title=f"{out_dir}: experts at {density:.0%} density; relative output error on {source}")
     for col in ("layer", "rel. error", "bytes vs dense"):
@@ -73,34 +126,41 @@ def generate(model_dir: Path = typer.Argument(..., help="transformers or Hare ch
              device: str = typer.Option(None, help="cuda or cpu (default: cuda if present)"),
              cuda_graphs: bool = typer.Option(True, help="on CUDA, decode with a static cache and CUDA graphs")):
     """Continue a prompt greedily with a dense or Hare checkpoint (tokenizer from the folder)."""
-    from .models.checkpoint import load_model
+    from transformers import TextStreamer
+
+    from .models.checkpoint import load_model, read_config
     from .models.generation import generate as run_generate, load_tokenizer
 
-    dev = device or ("cuda" if torch_cuda_available() else "cpu")
-    try:
-        model = load_model(model_dir, device=dev)
-        text, _ = run_generate(model, load_tokenizer(model_dir), prompt, max_new_tokens, cuda_graphs)
-    except HareError as e:
-        _fail(e)
-    typer.echo(prompt + text)
+    dev = _device(device)
+    read_config(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    if not tokenizer(prompt).input_ids:
+        raise InvalidArgumentError("--prompt: it encodes to no tokens")
+    model = load_model(model_dir, device=dev)
+    typer.echo(prompt, nl=False)
+    run_generate(model, tokenizer, prompt, max_new_tokens, cuda_graphs,
+                 streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
 
 
 @app.command(name="eval")
 def evaluate(model_dir: Path = typer.Argument(..., help="transformers or Hare checkpoint folder"),
              text: Path = typer.Option(..., exists=True, dir_okay=False, help="UTF-8 text file to score"),
-             window: int = typer.Option(512, min=2, help="tokens per scored window"),
+             window: int = typer.Option(None, min=2, help="tokens per scored window (default: 512, or the model's "
+                                        "max_position_embeddings if fewer)"),
              device: str = typer.Option(None, help="cuda or cpu (default: cuda if present)")):
     """Perplexity of a dense or Hare checkpoint on a text file."""
-    from .models.checkpoint import load_model
-    from .models.generation import load_tokenizer, perplexity
+    from .models.checkpoint import load_model, read_config
+    from .models.generation import check_window, default_window, load_tokenizer, perplexity
 
-    dev = device or ("cuda" if torch_cuda_available() else "cpu")
-    try:
-        model = load_model(model_dir, device=dev)
-        ids = load_tokenizer(model_dir)(text.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
-        ppl, count = perplexity(model, ids, window)
-    except HareError as e:
-        _fail(e)
+    dev = _device(device)
+    config = read_config(model_dir)
+    window = default_window(config) if window is None else window
+    check_window(config, window)
+    ids = load_tokenizer(model_dir)(_read_text(text, "--text"), return_tensors="pt").input_ids[0]
+    if ids.numel() < 2:
+        raise InvalidArgumentError(f"--text {text}: {ids.numel()} token(s); at least 2 are needed to score")
+    model = load_model(model_dir, device=dev)
+    ppl, count = perplexity(model, ids, window, progress=True)
     typer.echo(f"perplexity {ppl:.4f} over {count} tokens ({model_dir})")
 
 
@@ -127,12 +187,9 @@ def bench_model(models: str = typer.Option("all", help="comma-separated names fr
     """End-to-end prefill/decode of real-shaped MoE models: transformers' experts, grouped_mm, Hare dense/sparse."""
     from .bench.model import main as bench_main
 
-    try:
-        bench_main(models=models, out_json=out_json, quick=quick, layers=layers,
-                   attentions=_csv(attention, str, "attention"), prefill_tokens=prefill_tokens,
-                   batches=_csv(batches, int, "batches"), densities=_csv(densities, float, "densities"))
-    except HareError as e:
-        _fail(e)
+    bench_main(models=models, out_json=out_json, quick=quick, layers=layers,
+               attentions=_csv(attention, str, "attention"), prefill_tokens=prefill_tokens,
+               batches=_csv(batches, int, "batches"), densities=_csv(densities, float, "densities"))
 
 
 def _csv(text: str, kind, what: str) -> tuple:
@@ -151,26 +208,25 @@ def bench_model_combine(parts: list[Path] = typer.Argument(..., help="results fi
     try:
         results = [json.loads(p.read_text()) for p in parts]
     except (OSError, ValueError) as e:
-        _fail(InvalidArgumentError(f"cannot read a results file: {e}"))
-    try:
-        result = combine(results)
-    except HareError as e:
-        _fail(e)
+        raise InvalidArgumentError(f"cannot read a results file: {e}") from None
+    result = combine(results)
     out_json.write_text(json.dumps(result, indent=1))
     plot(result, out_json.with_suffix(".png"))
     typer.echo(f"{len(result['records'])} records -> {out_json}")
 
 
-@bench_app.command(name="kernels", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@bench_app.command(name="kernels", add_help_option=False,
+                   context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench_kernels(ctx: typer.Context):
     """Fused MoE kernels vs grouped_mm, a cuBLAS loop and a padded layout on six model shapes (GPU).
 
     Options go to hare.bench.kernels: --shapes, --tokens, --routing, --out-json, --plot-dir, --log; --density and
-    --bw time the Block N:M kernels, --suite real synthetic the Hare paper's settings (see --help)."""
-    from .bench.kernels import main as kernels_main
+    --bw time the Block N:M kernels, --suite real synthetic the Hare paper's settings (--help lists them)."""
+    from .bench.kernels import build_parser, main as kernels_main
 
+    build_parser().parse_args(ctx.args)  # --help and bad options are answered here, on any machine
     if not torch_cuda_available():
-        _fail(HareError("hare bench kernels needs a CUDA GPU (sm_90: H100/H200)"))
+        raise HareError("hare bench kernels needs a CUDA GPU (sm_90: H100/H200)")
     kernels_main(ctx.args)
 
 
@@ -184,20 +240,19 @@ def bench_ep(gpus: int = typer.Option(None, min=1, help="processes, one per GPU 
              cpu: bool = typer.Option(False, help="gloo processes on the CPU instead of GPUs (a smoke run)")):
     """Expert-parallel MoE step on several GPUs: dispatch, local experts and combine times (torchrun)."""
     import subprocess
-    import sys
 
     import torch
 
     available = torch.cuda.device_count()
     procs = gpus or (2 if cpu else available)
     if not cpu and (available < 2 or procs > available):
-        _fail(HareError(f"bench ep needs at least 2 GPUs and at most the {available} present; asked for {procs} "
-                        "(use --cpu for a gloo run on the CPU)"))
+        raise HareError(f"bench ep needs at least 2 GPUs and at most the {available} present; asked for {procs} "
+                        "(use --cpu for a gloo run on the CPU)")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
            "-m", "hare.bench.ep", "--tokens", tokens, "--shapes", shapes, "--iters", str(iters)]
     if out_json:
         cmd += ["--out-json", str(out_json)]
-    env = None if not cpu else {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""}
+    env = None if not cpu else {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     raise typer.Exit(subprocess.run(cmd, env=env).returncode)
 
 
