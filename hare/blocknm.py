@@ -304,6 +304,9 @@ def sparsify(weight: torch.Tensor, *, bn: int, bm: int, bw: int = 16, score: tor
     calibration activations. The mask is optimal: a block is worth the sum over the panel's rows of the best 2:4
     score inside it, and each window keeps its ``bn`` most valuable blocks (the last, partial window of r blocks
     keeps ceil(r·bn/bm)). Ties go to the lower index. Values are stored in ``dtype`` (bf16 unless asked).
+
+    On a GPU it returns once the storage is written, so the result is safe to use on any stream (benchmarks and
+    CUDA-graph captures run on side streams that do not wait for the stream sparsify ran on).
     """
     score = _check_sparsify_args(weight, score, bn, bm, bw)
     if dtype not in FLOAT_DTYPES:
@@ -322,5 +325,8 @@ def sparsify(weight: torch.Tensor, *, bn: int, bm: int, bw: int = 16, score: tor
         nibble = kept_pos[..., 0] | (kept_pos[..., 1] << 2)
         metas.append(_pack_meta(nibble[None], meta_steps(block_idx.shape[-1], bw))[0])
         indices.append(block_idx.to(torch.int32))
-    return BlockNM(torch.stack(values), torch.stack(metas), torch.stack(indices),
-                   shape=weight.shape, bn=bn, bm=bm, bw=bw)
+    result = BlockNM(torch.stack(values), torch.stack(metas), torch.stack(indices),
+                     shape=weight.shape, bn=bn, bm=bm, bw=bw)
+    if result.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        torch.cuda.current_stream(result.device).synchronize()
+    return result

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one command that runs on the device (an H100/H200): GPU tests, compute-sanitizer memcheck on a small case,
+# The one command that runs on the device (an H100/H200): GPU tests (the kernel fuzzer among them), compute-sanitizer
+# (memcheck, initcheck, racecheck) on small cases and fixed-seed fuzz subsets,
 # the kernel benchmark (bench/results/<name>.json), the sparse kernel benchmark on the model shapes at densities
 # 0.5 0.25 0.1 0.05, bw 16 (--sparse: bench/results/<name with kernels -> kernels_sparse>.json, e.g.
 # kernels_sparse_h100.json), the Hare paper's real and synthetic settings (--paper: <name with kernels -> paper>,
@@ -56,7 +57,9 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > "$O
 t0=$(date +%s)
 # compile once up front (cached by source hash) so the tests time kernels, not nvcc
 $PY -c "from hare.gpu import _build; print('cubin', _build.cubin_path())" 2>&1 | tee "$OUT/build.log" || STATUS=1
-CUBIN=$(ls -t $HARE_CACHE_DIR/*.cubin 2>/dev/null | head -1)
+# the checked debug build (HARE_DEBUG=1), which tests/gpu/test_fuzz.py runs in subprocesses
+HARE_DEBUG=1 $PY -c "from hare.gpu import _build; print('debug cubin', _build.cubin_path())" 2>&1 | tee -a "$OUT/build.log" || STATUS=1
+CUBIN=$(ls -t $HARE_CACHE_DIR/hare_kernels-*.cubin 2>/dev/null | grep -v -- -debug- | head -1)
 if [ -n "$CUBIN" ] && command -v cuobjdump >/dev/null; then
   cuobjdump -sass "$CUBIN" > "$OUT/sass.txt" 2>&1
   echo "SASS: HGMMA $(grep -c HGMMA "$OUT/sass.txt"), UTMALDG $(grep -c UTMALDG "$OUT/sass.txt"), LDL/STL $(grep -cE 'LDL|STL' "$OUT/sass.txt")"
@@ -68,8 +71,19 @@ if [ $DO_TESTS = 1 ]; then
 fi
 t1=$(date +%s)
 if [ $DO_SAN = 1 ]; then
-  compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 $PY tests/gpu/sanitize_case.py > "$OUT/sanitizer.log" 2>&1
-  rc=$?; tail -6 "$OUT/sanitizer.log"; echo "memcheck exit code: $rc"; [ $rc = 0 ] || STATUS=1
+  # memcheck on the small cases and a fixed-seed fuzz subset (dirty memory, graphs on side streams); initcheck on
+  # eager fuzz cases with every allocation fresh from cudaMalloc (so a read of anything unwritten is reported);
+  # racecheck (shared memory) on a few small fuzz cases
+  sanitize() {
+    local name=$1; shift
+    compute-sanitizer --report-api-errors no --error-exitcode 9 "$@" > "$OUT/sanitizer_$name.log" 2>&1
+    local rc=$?; tail -3 "$OUT/sanitizer_$name.log"; echo "$name exit code: $rc"; [ $rc = 0 ] || STATUS=1
+  }
+  sanitize memcheck_cases --tool memcheck $PY tests/gpu/sanitize_case.py
+  sanitize memcheck_fuzz --tool memcheck $PY -m tests.gpu.fuzz --seed 7 --cases 16 --small --max-tokens 300
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 sanitize initcheck_fuzz --tool initcheck $PY -m tests.gpu.fuzz --seed 8 --cases 10 \
+    --small --max-tokens 300 --modes eager --no-garbage
+  sanitize racecheck_fuzz --tool racecheck $PY -m tests.gpu.fuzz --seed 9 --cases 6 --small --max-tokens 130 --modes eager
 fi
 t2=$(date +%s)
 if [ $DO_BENCH = 1 ]; then

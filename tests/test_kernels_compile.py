@@ -2,6 +2,7 @@
 
 import re
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -12,8 +13,15 @@ NVCC = _build.find_nvcc()
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 def test_all_kernels_compile_for_sm90a(tmp_path):
-    out = tmp_path / "hare_kernels.cubin"
-    report = _build.compile_cubin(out, NVCC, verbose=True)
+    out, debug_out = tmp_path / "hare_kernels.cubin", tmp_path / "hare_kernels-debug.cubin"
+    with ThreadPoolExecutor(2) as pool:  # the release and the checked debug build (HARE_DEBUG=1) side by side
+        release = pool.submit(_build.compile_cubin, out, NVCC, (), True)
+        debug = pool.submit(_build.compile_cubin, debug_out, NVCC, _build.DEBUG_FLAGS)
+        report, _ = release.result(), debug.result()
+    checks = (b"hare device check failed", b"block_idx entry", b"topk_ids[", b"gather_index[", b"row_assignment[")
+    debug_data, data = debug_out.read_bytes(), out.read_bytes()
+    assert all(c in debug_data for c in checks), "the debug build must carry its index checks"
+    assert not any(c in data for c in checks), "the release build must not"
     data = out.read_bytes()
     assert data[:4] == b"\x7fELF"
     for name in _build.KERNEL_NAMES:

@@ -1,7 +1,9 @@
 """Build the CUDA sources of ``hare/gpu/csrc`` into one sm_90a cubin, cached on disk.
 
 The cache key is the SHA-256 of every source file, the nvcc command line and ``nvcc --version``: never the token
-count, the routing or anything else known only at run time, so serving never recompiles. The cache lives in
+count, the routing or anything else known only at run time, so serving never recompiles. ``HARE_DEBUG=1`` builds
+(and caches apart) a debug cubin whose kernels check every index they turn into an address and trap with a
+message naming it (``HARE_DEVICE_CHECK`` in ``csrc/common.cuh``). The cache lives in
 ``$HARE_CACHE_DIR`` (default ``~/.cache/hare/kernels``); a build writes a temporary file and renames it, so
 concurrent first uses are safe.
 """
@@ -19,6 +21,12 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 MAIN_SOURCE = "hare_kernels.cu"
 ARCH_FLAGS = ("-gencode=arch=compute_90a,code=sm_90a",)
 NVCC_FLAGS = ("-cubin", *ARCH_FLAGS, "-O3", "-std=c++17", "-lineinfo")
+DEBUG_FLAGS = ("-DHARE_DEBUG=1",)
+
+
+def debug_build() -> bool:
+    """Whether this process uses the checked debug kernels (HARE_DEBUG=1)."""
+    return os.environ.get("HARE_DEBUG") == "1"
 
 #: Every kernel entry point in the cubin (the compile test checks each one is there).
 GEMM_KINDS = ("gateup_silu", "gateup_gelu", "down_det", "down_fast")
@@ -88,9 +96,10 @@ def cubin_path(nvcc: str | None = None) -> Path:
         raise RuntimeError("nvcc not found (set HARE_NVCC or CUDA_HOME)")
     d = cache_dir()
     d.mkdir(parents=True, exist_ok=True)
-    path = d / f"hare_kernels-{cache_key(nvcc)}.cubin"
+    flags = DEBUG_FLAGS if debug_build() else ()
+    path = d / f"hare_kernels{'-debug' if flags else ''}-{cache_key(nvcc, flags)}.cubin"
     if not path.exists():
         tmp = d / f".{path.name}.{os.getpid()}.tmp"
-        compile_cubin(tmp, nvcc)
+        compile_cubin(tmp, nvcc, flags)
         os.replace(tmp, path)
     return path

@@ -60,6 +60,8 @@ class GemmParams(ctypes.Structure):
         ("bw_log2", ctypes.c_int),
         ("panels", ctypes.c_int),
         ("shared_b", ctypes.c_int),
+        ("num_experts", ctypes.c_int),
+        ("num_slots", ctypes.c_int),
     ]
 
 
@@ -102,7 +104,7 @@ class CombineParams(ctypes.Structure):
 
 # Fast packing (ctypes.Structure construction costs several us per launch): struct formats with the same
 # layout as the ctypes mirrors above (checked at import).
-_GEMM_FMT = struct.Struct("<10Qq16i")
+_GEMM_FMT = struct.Struct("<10Qq18i")
 _LAYOUT_FMT = struct.Struct("<12Q8i")
 _COMBINE_FMT = struct.Struct("<2Qq4i")
 _GLU_FMT = struct.Struct("<2Qq3i4x")  # GluCombineParams: part, h, split_stride, num_rows, ffn, splits
@@ -263,10 +265,10 @@ def sparse_tensor_maps(values: torch.Tensor, meta: torch.Tensor) -> tuple[ctypes
 def tensor_map_2d(t: torch.Tensor, rows: int, cols: int, box_cols: int, box_rows: int, swizzle: int) -> ctypes.Array:
     """2-D TMA descriptor over a contiguous tensor viewed as (rows, cols); reads past its end fill zeros.
 
-    Cached by (pointer, shape, box, device): a tensor that is freed and reallocated at the same address with the
-    same shape gets the same (still valid) descriptor.
+    Cached by (pointer, dtype, shape, box, device), everything the descriptor encodes: a tensor that is freed and
+    reallocated at the same address with the same dtype and shape gets the same (still valid) descriptor.
     """
-    key = (t.data_ptr(), rows, cols, box_cols, box_rows, swizzle, t.device.index)
+    key = (t.data_ptr(), t.dtype, rows, cols, box_cols, box_rows, swizzle, t.device.index)
     tm = _tmaps.get(key)
     if tm is not None:
         return tm

@@ -211,12 +211,12 @@ class _Weights(NamedTuple):
                         bw.bit_length() - 1, block_idx.shape[1], int(kept * bw == K))
 
     def params(self, b_src: int, out: int, lay_ptrs, split_stride: int, K: int, M: int, rows: int, box1: int,
-               m_tile: int, num_m: int, splits: int, kpb: int, k: int, R: int, group: int):
+               m_tile: int, num_m: int, splits: int, kpb: int, k: int, R: int, group: int, E: int, B: int):
         from . import _launch
 
         return _launch.gemm_params(b_src, out, *lay_ptrs, self.block_idx, split_stride, K, M, rows, box1, m_tile,
                                    num_m, splits, kpb, k, R, group, self.k_stages, self.kept, self.bw_log2,
-                                   self.panels, self.shared_b)
+                                   self.panels, self.shared_b, E, B)
 
 
 def fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, gu_bw, w_down, d_meta, d_block_idx,
@@ -271,12 +271,12 @@ def fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, 
     name, smem = f"hare_gateup_{act}{gu.suffix}_bn{bn}", _launch.gemm_smem_bytes(bn, bool(gu.suffix))
     group = raster_group("gateup", bn, H)
     if gsplits == 1:
-        p = gu.params(x.data_ptr(), h_ptr, lay_ptrs, 0, H, F, F2, F, 128, num_m, 1, nk, k, R, group)
+        p = gu.params(x.data_ptr(), h_ptr, lay_ptrs, 0, H, F, F2, F, 128, num_m, 1, nk, k, R, group, E, B)
         mod.launch(name, grid, 384, smem, stream, *gu.maps, p)
     else:
         part = torch.empty(gsplits * R * F2, dtype=torch.float32, device=dev)
         p = gu.params(x.data_ptr(), part.data_ptr(), lay_ptrs, R * F2, H, F, F2, F, 128, num_m, gsplits, gkpb, k, R,
-                      group)
+                      group, E, B)
         mod.launch(name, grid, 384, smem, stream, *gu.maps, p)
         gp = _launch.glu_params(part.data_ptr(), h_ptr, R * F2, R, F, gsplits)
         mod.launch(f"hare_glu_combine_{act}", max(1, min(-(-(R * F) // 256), 8 * mod.num_sms)), 256, 0, stream, gp)
@@ -289,7 +289,7 @@ def fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, 
     group = raster_group("down", bn, F)
     if deterministic:
         y_ptr = out.data_ptr() if direct else h_ptr + 2 * R * F
-        p = dn.params(h_ptr, y_ptr, lay_ptrs, R * H, F, H, H, 128, 256, num_m, splits, kpb, k, R, group)
+        p = dn.params(h_ptr, y_ptr, lay_ptrs, R * H, F, H, H, 128, 256, num_m, splits, kpb, k, R, group, E, B)
         mod.launch(f"hare_down_det{dn.suffix}_bn{bn}", grid, 384, smem, stream, *dn.maps, p)
         if not direct:
             cp = _launch.combine_params(y_ptr, out.data_ptr(), R * H, T, H, k, splits)
@@ -297,7 +297,7 @@ def fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, 
             mod.launch("hare_combine", max(1, min(-(-chunks // 256), 8 * mod.num_sms)), 256, 0, stream, cp)
     else:
         acc = torch.zeros(T, H, dtype=torch.float32, device=dev)
-        p = dn.params(h_ptr, acc.data_ptr(), lay_ptrs, 0, F, H, H, 128, 256, num_m, splits, kpb, k, R, group)
+        p = dn.params(h_ptr, acc.data_ptr(), lay_ptrs, 0, F, H, H, 128, 256, num_m, splits, kpb, k, R, group, E, B)
         mod.launch(f"hare_down_fast{dn.suffix}_bn{bn}", grid, 384, smem, stream, *dn.maps, p)
         out.copy_(acc)
     return out

@@ -1,7 +1,30 @@
 // common.cuh: small device utilities shared by every Hare kernel.
 #pragma once
 #include <cstdint>
+#include <cstdio>
 #include <cuda_bf16.h>
+
+// HARE_DEVICE_CHECK(cond, fmt, ...): in the debug build (HARE_DEBUG=1, see hare/gpu/_build.py) a failed check
+// prints which index left its range, with the CTA and thread, and traps (the CUDA context then reports an error
+// at the next sync). In release builds it compiles to nothing: the checked values are built by the same call
+// (layout) or clamped where they come from the caller (block_idx, topk_ids).
+#ifndef HARE_DEBUG
+#define HARE_DEBUG 0
+#endif
+#if HARE_DEBUG
+#define HARE_DEVICE_CHECK(cond, fmt, ...)                                                                 \
+  do {                                                                                                    \
+    if (!(cond)) {                                                                                        \
+      printf("hare device check failed (block %d thread %d): " fmt "\n", blockIdx.x, threadIdx.x,          \
+             __VA_ARGS__);                                                                                \
+      __trap();                                                                                           \
+    }                                                                                                     \
+  } while (0)
+#else
+#define HARE_DEVICE_CHECK(cond, fmt, ...) \
+  do {                                    \
+  } while (0)
+#endif
 
 namespace hare {
 

@@ -10,6 +10,7 @@
 // Shapes depend on (R, E, block) only; no host sync; graph-capturable.
 #pragma once
 #include <cstdint>
+#include "common.cuh"
 
 namespace hare {
 
@@ -41,9 +42,13 @@ constexpr int kLayoutWarps = kLayoutThreads / 32;
 constexpr int kLayoutItemsPerLane = 8;  // a warp owns 256 consecutive assignments, a CTA 2048
 constexpr int kLayoutTileItems = kLayoutThreads * kLayoutItemsPerLane;
 
+// Expert id of assignment i. Ids come from the caller (unchecked with check_ids=False), and every index the
+// layout writes derives from them, so an id outside [0, E) is clamped into it: a bad id routes a row to a wrong
+// expert, never to memory outside the layout (the debug build reports it instead).
 __device__ __forceinline__ int load_id(const LayoutParams& p, int i) {
-  if (p.ids_is_64) return static_cast<int>(static_cast<const long long*>(p.topk_ids)[i]);
-  return static_cast<const int*>(p.topk_ids)[i];
+  const long long id = p.ids_is_64 ? static_cast<const long long*>(p.topk_ids)[i] : static_cast<const int*>(p.topk_ids)[i];
+  HARE_DEVICE_CHECK(id >= 0 && id < p.num_experts, "topk_ids[%d] = %lld not in [0, %d)", i, id, p.num_experts);
+  return static_cast<int>(min(max(id, 0ll), static_cast<long long>(p.num_experts - 1)));
 }
 
 // Loads this warp's slice of expert ids (lane l holds items begin + 32 j + l), -1 past the end.

@@ -65,6 +65,8 @@ struct GemmParams {
   int panels;                   // sparse: 128-row panels per expert
   int shared_b;                 // sparse with every K block kept (1:1, pure 2:4): both boxes read the same columns,
                                 // so one token tile serves both (half the gathered bytes)
+  int num_experts;              // E (the debug build's index checks)
+  int num_slots;                // B: block slots of the layout (the debug build's index checks)
 };
 
 constexpr int kSmemLimit = 232448;  // 227 KB opt-in per block on sm_90
@@ -93,6 +95,16 @@ struct GemmConfig {
   static_assert(BN % 16 == 0 && BN >= 16 && BN <= 128, "BN");
   static_assert(kStageBytes % 1024 == 0, "stages keep the 1024-byte alignment of 128B-swizzled tiles");
 };
+
+// Kept K block q of a weight panel (its row of block_idx at `panel_idx`). block_idx is the caller's tensor, so
+// the index is clamped into the K blocks before it becomes an address: a corrupt or not-yet-written weight gives
+// wrong numbers, never a read outside b_src (the debug build reports it instead).
+__device__ __forceinline__ int kept_block(const GemmParams& p, const int* panel_idx, int q) {
+  const int v = __ldg(panel_idx + q);
+  const int num_k_blocks = p.K >> p.bw_log2;
+  HARE_DEVICE_CHECK(v >= 0 && v < num_k_blocks, "block_idx entry %d = %d not in [0, %d)", q, v, num_k_blocks);
+  return min(max(v, 0), num_k_blocks - 1);
+}
 
 template <int BN, int KIND, bool SPARSE>
 __device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const CUtensorMap* tmap_meta,
@@ -127,6 +139,8 @@ __device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const C
 
   const TileScheduler sched(*p.num_blocks, p.num_m, p.splits, p.group);
   const int nk_total = p.k_stages;
+  HARE_DEVICE_CHECK(sched.num_blocks >= 0 && sched.num_blocks <= p.num_slots, "num_blocks %d not in [0, %d]",
+                    sched.num_blocks, p.num_slots);
 
   if (wg == 2) {
     // ---------------- producer ----------------
@@ -141,9 +155,18 @@ __device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const C
       int b, m, s;
       sched.get(tile, b, m, s);
       const int e = p.block_expert[b], start = p.block_start[b], height = p.block_height[b];
+      HARE_DEVICE_CHECK(e >= 0 && e < p.num_experts && height >= 1 && height <= BN && start >= 0 &&
+                            start + height <= p.num_rows,
+                        "row block %d: expert %d, rows [%d, +%d) (E %d, R %d, BN %d)", b, e, start, height,
+                        p.num_experts, p.num_rows, BN);
       RowGather<BN, kProducerThreads> g;
       if constexpr (kGateUp) {
-        g.setup(height, tid, [&](int r) { return p.gather_index[start + r]; });
+        g.setup(height, tid, [&](int r) {
+          const int token = p.gather_index[start + r];
+          HARE_DEVICE_CHECK(token >= 0 && token < p.num_rows / p.top_k, "gather_index[%d] = %d not in [0, %d)",
+                            start + r, token, p.num_rows / p.top_k);
+          return token;
+        });
       } else {
         g.setup(height, tid, [&](int r) { return start + r; });
       }
@@ -181,8 +204,8 @@ __device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const C
             const int logical = kb * 64 + g.col;
             const int q = min(logical >> p.bw_log2, p.kept - 1);
             const int off = logical & ((1 << p.bw_log2) - 1);
-            g.load_at(smem_u32(b), p.b_src, p.K, (__ldg(bidx0 + q) << p.bw_log2) + off);
-            g.load_at(smem_u32(b + Cfg::kBTileBytes), p.b_src, p.K, (__ldg(bidx1 + q) << p.bw_log2) + off);
+            g.load_at(smem_u32(b), p.b_src, p.K, (kept_block(p, bidx0, q) << p.bw_log2) + off);
+            g.load_at(smem_u32(b + Cfg::kBTileBytes), p.b_src, p.K, (kept_block(p, bidx1, q) << p.bw_log2) + off);
           }
         } else {
           if (tid == 0) {
@@ -309,6 +332,8 @@ __device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const C
           int d = 0;
           if (n < height) {
             const int ra = p.row_assignment[start + n];
+            HARE_DEVICE_CHECK(ra >= 0 && ra < p.num_rows, "row_assignment[%d] = %d not in [0, %d)", start + n, ra,
+                              p.num_rows);
             w = p.topk_weights[ra];
             d = KIND == kDownFast ? ra / p.top_k : ra;
           }
