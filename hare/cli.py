@@ -71,7 +71,7 @@ def demo(tokens: int = typer.Option(512, min=1, help="tokens to route through th
          device: str = typer.Option(None, help="cuda or cpu (default: cuda if present)"),
          seed: int = typer.Option(0, help="random seed"),
          model: bool = typer.Option(True, help="also run a small transformers MoE model patched dense and pruned")):
-    """Sparsify a small MoE layer at 50/25/10/5% and compare with dense; then a small MoE model end to end."""
+    """A small MoE layer at Block 1:1/1:2/1:5/1:10 (nominal 50/25/10/5%) vs dense; then a small model end to end."""
     from .demo import run_demo, run_model_demo
 
     run_demo(tokens=tokens, device=device, seed=seed)
@@ -100,6 +100,8 @@ def sparsify(model_dir: Path = typer.Argument(..., help="transformers checkpoint
              bw: int = typer.Option(16, help="block width: 16, 32 or 64 columns"),
              calib: Path = typer.Option(None, exists=True, dir_okay=False, help="calibration text file (UTF-8)"),
              calib_tokens: int = typer.Option(512, min=2, help="calibration tokens used from the text"),
+             method: str = typer.Option(None, help="magnitude, activation (|w|·‖x‖) or reconstruct (SparseGPT-style, "
+                                        "kept weights updated); default: activation with --calib, else magnitude"),
              device: str = typer.Option(None, help="where to load and prune the model (default: cpu)")):
     """Prune the experts of a MoE checkpoint to Block N:M and write a Hare checkpoint."""
     from rich.console import Console
@@ -109,8 +111,9 @@ def sparsify(model_dir: Path = typer.Argument(..., help="transformers checkpoint
 
     text = _read_text(calib, "--calib") if calib else None
     reports = sparsify_checkpoint(model_dir, out_dir, density, bw=bw, calib_text=text, calib_tokens=calib_tokens,
-                                  device=device)
-    source = f"calibration text {calib.name}" if calib else "random token ids (no --calib: magnitude pruning)"
+                                  device=device, method=method)
+    source = (f"calibration text {calib.name} ({method or 'activation'})" if calib
+              else "random token ids (no --calib: magnitude pruning)")
     table = Table(title=f"{out_dir}: experts at {density:.0%} density; relative output error on {source}")
     for col in ("layer", "rel. error", "bytes vs dense"):
         table.add_column(col, justify="left" if col == "layer" else "right")
@@ -162,6 +165,34 @@ def evaluate(model_dir: Path = typer.Argument(..., help="transformers or Hare ch
     model = load_model(model_dir, device=dev)
     ppl, count = perplexity(model, ids, window, progress=True)
     typer.echo(f"perplexity {ppl:.4f} over {count} tokens ({model_dir})")
+
+
+@app.command()
+def info(model_dir: Path = typer.Argument(None, help="also say which path each MoE layer of this checkpoint takes"),
+         device: str = typer.Option(None, help="device for MODEL_DIR: cuda or cpu (default: cuda if present)")):
+    """torch, CUDA, GPUs, nvcc, kernel cache; with MODEL_DIR, the path each of its MoE layers takes here.
+
+    The path is the Hopper kernels, PyTorch's grouped GEMM or the reference path, with the reason."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .info import environment, layer_paths
+
+    dev = _device(device) if model_dir is not None else None
+    console = Console()
+    table = Table(title="Hare on this machine", show_header=False)
+    for item, state in environment():
+        table.add_row(item, state)
+    console.print(table)
+    if model_dir is not None:
+        from .models.checkpoint import load_model
+
+        layers = Table(title=f"{model_dir} on {dev}")
+        for col in ("layer", "weights", "path", "why not the Hopper kernels"):
+            layers.add_column(col)
+        for row in layer_paths(load_model(model_dir, device=dev)):
+            layers.add_row(*row)
+        console.print(layers)
 
 
 def torch_cuda_available() -> bool:
@@ -254,6 +285,51 @@ def bench_ep(gpus: int = typer.Option(None, min=1, help="processes, one per GPU 
         cmd += ["--out-json", str(out_json)]
     env = None if not cpu else {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     raise typer.Exit(subprocess.run(cmd, env=env).returncode)
+
+
+@bench_app.command(name="train-moe")
+def bench_train_moe(corpus: Path = typer.Argument(..., help="corpus folder (scripts/fetch_corpus.sh makes .corpus)"),
+                    out_dir: Path = typer.Argument(..., help="folder for the trained transformers checkpoint"),
+                    size: str = typer.Option("small", help="small (~55M parameters) or toy (a CPU smoke run)"),
+                    seed: int = typer.Option(0, help="seeds the initialisation and the batches"),
+                    steps: int = typer.Option(None, min=1, help="optimizer steps (default: the size's epochs)"),
+                    max_seconds: float = typer.Option(300.0, min=1, help="stop training after this long"),
+                    device: str = typer.Option(None, help="cuda or cpu (default: cuda if present)")):
+    """Train the small Mixtral-style MoE that `hare bench accuracy` measures (tokenizer included)."""
+    from .bench.trained_moe import train
+
+    train(corpus, out_dir, size=size, seed=seed, steps=steps, max_seconds=max_seconds, device=device)
+
+
+@bench_app.command(name="accuracy")
+def bench_accuracy(model_dir: Path = typer.Argument(..., help="trained checkpoint (`hare bench train-moe`)"),
+                   corpus: Path = typer.Option(..., help="corpus folder: calib.txt and valid.txt are used"),
+                   out_json: Path = typer.Option(None, help="default: bench/results/accuracy_<name>.json; a .png "
+                                                 "plot and a .md table are written beside it"),
+                   name: str = typer.Option(None, help="results name (default: the model's)"),
+                   densities: str = typer.Option("0.5,0.25,0.1,0.05", help="comma-separated"),
+                   bws: str = typer.Option("16,32,64", help="comma-separated block widths"),
+                   calib_tokens: int = typer.Option(65536, min=2, help="calibration tokens (from calib.txt)"),
+                   valid_tokens: int = typer.Option(131072, min=2, help="validation tokens scored (valid.txt)"),
+                   time_layer: str = typer.Option("mixtral", help="time the reconstruct pruner on a random layer: "
+                                                  "mixtral (8 x 14336 x 4096), toy, or none"),
+                   device: str = typer.Option(None, help="cuda or cpu (default: cuda if present)")):
+    """Perplexity and layer error of a trained MoE pruned at each density, method and block width."""
+    from .bench import accuracy
+
+    result = accuracy.evaluate(model_dir, corpus, densities=_csv(densities, float, "densities"),
+                               bws=_csv(bws, int, "bws"), calib_tokens=calib_tokens, valid_tokens=valid_tokens,
+                               device=device)
+    layers = {"mixtral": {}, "toy": dict(experts=2, hidden=128, ffn=256, tokens=512)}
+    if time_layer not in (*layers, "none"):
+        raise InvalidArgumentError(f"--time-layer: expected mixtral, toy or none, got {time_layer!r}")
+    if time_layer != "none":
+        result["reconstruct_timing"] = accuracy.time_layer(device, **layers[time_layer])
+        typer.echo(json.dumps(result["reconstruct_timing"]))
+    out_json = out_json or Path("bench/results") / f"accuracy_{name or result['model']}.json"
+    accuracy.write(result, out_json)
+    typer.echo(accuracy.markdown_table(result))
+    typer.echo(f"{len(result['records'])} records -> {out_json} (+ .png, .md)")
 
 
 if __name__ == "__main__":

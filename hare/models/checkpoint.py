@@ -36,7 +36,7 @@ from ..checkpoint import load as load_hare_file, load_metadata, save as save_har
 from ..errors import CheckpointError, InvalidArgumentError
 from .experts import HareExperts
 from .generation import load_tokenizer
-from .patch import calibrate, dense_experts, experts_modules, patch, replace_module
+from .patch import METHODS, calibrate, dense_experts, experts_modules, patch, replace_module
 
 FORMAT = "hare-model"
 VERSION = 2  # 2: each expert file records its layer and sparsity (1: only the manifest did)
@@ -165,14 +165,21 @@ def _alive(pid: int) -> bool:
 
 @torch.no_grad()
 def sparsify_checkpoint(model_dir, out_dir, density: float, *, bw: int = 16, calib_text: str | None = None,
-                        calib_tokens: int = 512, device=None, progress: bool = True, seed: int = 0) -> list[LayerReport]:
+                        calib_tokens: int = 512, device=None, progress: bool = True, seed: int = 0,
+                        method: str | None = None) -> list[LayerReport]:
     """Prune ``model_dir`` into a Hare checkpoint in ``out_dir``; returns each MoE layer's relative output error on
-    the calibration tokens (random token ids when no text is given; pruning is then by magnitude)."""
+    the calibration tokens (random token ids when no text is given; pruning is then by magnitude). ``method``
+    (``hare.patch``'s: magnitude, activation or reconstruct) defaults to activation with text, magnitude without."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     bn, bm = density_ratio(density)
     check_ratio(bn, bm, bw)
     if isinstance(calib_tokens, bool) or not isinstance(calib_tokens, int) or calib_tokens < 2:
         raise InvalidArgumentError(f"calib_tokens: expected an int >= 2, got {calib_tokens!r}")
+    method = method or ("activation" if calib_text is not None else "magnitude")
+    if method not in METHODS:
+        raise InvalidArgumentError(f"method: expected one of {METHODS}, got {method!r}")
+    if method != "magnitude" and calib_text is None:
+        raise InvalidArgumentError(f"method {method!r} needs calibration text (--calib)")
     device = resolve_device(device)
     shards = check_source(model_dir)
     if (model_dir / MANIFEST).exists() or any(model_dir.glob(EXPERT_FILES)):
@@ -191,18 +198,20 @@ def sparsify_checkpoint(model_dir, out_dir, density: float, *, bw: int = 16, cal
     modules = experts_modules(model)
     if ids is None:
         ids = torch.randint(0, model.config.vocab_size, (calib_tokens,), generator=torch.Generator().manual_seed(seed))
-    calib = calibrate(model, ids, keep_inputs=True)
+    calib = calibrate(model, ids, keep_inputs=True, grams=method == "reconstruct")
     dense_out = {n: modules[n](*calib.inputs[n]) for n in modules}
     dense_bytes = {n: sum(p.numel() * p.element_size() for p in modules[n].parameters()) for n in modules}
     del modules
-    patch(model, bn=bn, bm=bm, bw=bw, score=calib if calib_text is not None else None, progress=progress)
+    patch(model, bn=bn, bm=bm, bw=bw, score=calib if method != "magnitude" else None, progress=progress,
+          method=method)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_partials(out_dir)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{PARTIAL}{os.getpid()}-", dir=out_dir.parent))
     try:
         reports = _write_checkpoint(model, model_dir, work, shards, calib, dense_out, dense_bytes, progress,
-                                    density=density, bn=bn, bm=bm, bw=bw, calibrated=calib_text is not None)
+                                    density=density, bn=bn, bm=bm, bw=bw, calibrated=calib_text is not None,
+                                    criterion={"activation": "activation-aware"}.get(method, method))
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above; a folder that filled meanwhile makes this fail, not vanish
         work.rename(out_dir)
@@ -213,7 +222,7 @@ def sparsify_checkpoint(model_dir, out_dir, density: float, *, bw: int = 16, cal
 
 
 def _write_checkpoint(model, model_dir: Path, out_dir: Path, shards, calib, dense_out, dense_bytes, progress, *,
-                      density, bn, bm, bw, calibrated: bool) -> list[LayerReport]:
+                      density, bn, bm, bw, calibrated: bool, criterion: str) -> list[LayerReport]:
     from safetensors import safe_open
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -247,7 +256,7 @@ def _write_checkpoint(model, model_dir: Path, out_dir: Path, shards, calib, dens
         (out_dir / INDEX).write_text(json.dumps(index, indent=2))
     manifest = {"format": FORMAT, "version": VERSION, "density": density, "bn": bn, "bm": bm, "bw": bw,
                 "calibration": {"source": "text" if calibrated else "random token ids", "tokens": calib.tokens,
-                                "criterion": "activation-aware" if calibrated else "magnitude"},
+                                "criterion": criterion},
                 "experts": files}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return reports
