@@ -71,7 +71,7 @@ def demo(tokens: int = typer.Option(512, min=1, help="tokens to route through th
          device: str = typer.Option(None, help="cuda or cpu (default: cuda if present)"),
          seed: int = typer.Option(0, help="random seed"),
          model: bool = typer.Option(True, help="also run a small transformers MoE model patched dense and pruned")):
-    """Sparsify a small MoE layer at 50/25/10/5% and compare with dense; then a small MoE model end to end."""
+    """A small MoE layer at Block 1:1/1:2/1:5/1:10 (nominal 50/25/10/5%) vs dense; then a small model end to end."""
     from .demo import run_demo, run_model_demo
 
     run_demo(tokens=tokens, device=device, seed=seed)
@@ -165,6 +165,34 @@ def evaluate(model_dir: Path = typer.Argument(..., help="transformers or Hare ch
     model = load_model(model_dir, device=dev)
     ppl, count = perplexity(model, ids, window, progress=True)
     typer.echo(f"perplexity {ppl:.4f} over {count} tokens ({model_dir})")
+
+
+@app.command()
+def info(model_dir: Path = typer.Argument(None, help="also say which path each MoE layer of this checkpoint takes"),
+         device: str = typer.Option(None, help="device for MODEL_DIR: cuda or cpu (default: cuda if present)")):
+    """torch, CUDA, GPUs, nvcc, kernel cache; with MODEL_DIR, the path each of its MoE layers takes here.
+
+    The path is the Hopper kernels, PyTorch's grouped GEMM or the reference path, with the reason."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .info import environment, layer_paths
+
+    dev = _device(device) if model_dir is not None else None
+    console = Console()
+    table = Table(title="Hare on this machine", show_header=False)
+    for item, state in environment():
+        table.add_row(item, state)
+    console.print(table)
+    if model_dir is not None:
+        from .models.checkpoint import load_model
+
+        layers = Table(title=f"{model_dir} on {dev}")
+        for col in ("layer", "weights", "path", "why not the Hopper kernels"):
+            layers.add_column(col)
+        for row in layer_paths(load_model(model_dir, device=dev)):
+            layers.add_row(*row)
+        console.print(layers)
 
 
 def torch_cuda_available() -> bool:

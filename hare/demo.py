@@ -1,4 +1,4 @@
-"""``hare demo``: a small MoE layer sparsified at 50/25/10/5%, run dense and sparse, compared in one table; then
+"""``hare demo``: a small MoE layer sparsified at Block 1:1/1:2/1:5/1:10 (nominal 50/25/10/5%), run dense and sparse, compared in one table; then
 a small transformers MoE model, patched dense and pruned, generating text (bytes, speed, agreement with dense)."""
 
 from __future__ import annotations
@@ -48,6 +48,12 @@ def top_k_route(x: torch.Tensor, router: torch.Tensor, k: int):
     return ids, (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
 
 
+def stored_density(weights) -> float:
+    """Fraction of the entries of these BlockNM weights that are kept, as stored (the nominal bn/(2·bm) or more,
+    where a row's last window of blocks is partial)."""
+    return sum(w.density * w.shape.numel() for w in weights) / sum(w.shape.numel() for w in weights)
+
+
 def run_demo(tokens: int = 512, experts: int = 8, top_k: int = 2, hidden: int = 256, ffn: int = 512,
              device: str | None = None, seed: int = 0, console: Console | None = None) -> list[dict]:
     console = console or Console()
@@ -77,7 +83,7 @@ def run_demo(tokens: int = 512, experts: int = 8, top_k: int = 2, hidden: int = 
                       for w, s in ((w_gate_up, score_gu), (w_down, score_d))]
             out = moe(*args, *sparse)
             err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-            rows.append(dict(weights=f"{bn}:{bm} bw16", criterion=criterion, density=sparse[0].density,
+            rows.append(dict(weights=f"{bn}:{bm} bw16", criterion=criterion, density=stored_density(sparse),
                              bytes_ratio=sum(s.nbytes for s in sparse) / dense_bytes, rel_error=err,
                              ms=median_ms(lambda: moe(*args, *sparse), dev, warmup=1)))
 
@@ -86,10 +92,11 @@ def run_demo(tokens: int = 512, experts: int = 8, top_k: int = 2, hidden: int = 
     for col in ("weights", "criterion", "density", "bytes vs dense", "rel. error vs dense", "time (ms)"):
         table.add_column(col, justify="left" if col in ("weights", "criterion") else "right")
     for r in rows:
-        table.add_row(r["weights"], r["criterion"], f"{r['density']:.0%}", f"{r['bytes_ratio']:.3f}",
+        table.add_row(r["weights"], r["criterion"], f"{r['density']:.1%}", f"{r['bytes_ratio']:.3f}",
                       f"{r['rel_error']:.3f}", f"{r['ms']:.2f}")
     console.print(table)
-    console.print("bytes: values + 2:4 metadata + block indices over bf16 dense; error: ‖out − dense‖ / ‖dense‖ on "
+    console.print("density: entries kept, as stored (above bn/(2·bm) where a row's last window is partial); "
+                  "bytes: values + 2:4 metadata + block indices over bf16 dense; error: ‖out − dense‖ / ‖dense‖ on "
                   "held-out tokens; activation-aware scores |w|·‖x_col‖ come from separate calibration tokens. "
                   f"Paths: dense on {backend(args[0], *dense)[0]}, Block N:M on {backend(args[0], *sparse)[0]}"
                   + ("" if backend(args[0], *sparse)[0] == "hopper" else
@@ -101,7 +108,7 @@ def run_model_demo(model_type: str = "qwen3_moe", new_tokens: int = 8, device: s
                    console: Console | None = None) -> list[dict]:
     """A random small ``model_type`` model: transformers' experts, Hare dense, Hare at 50/25/10% (activation-aware
     from calibration tokens). Agreement: greedy tokens equal to transformers' and logits error on held-out tokens."""
-    from .models import calibrate, experts_modules, patch
+    from .models import HareExperts, calibrate, experts_modules, patch
     from .models.configs import tiny_model
 
     console = console or Console()
@@ -139,17 +146,18 @@ def run_model_demo(model_type: str = "qwen3_moe", new_tokens: int = 8, device: s
     dense_bytes = expert_bytes(base)
     rows = [dict(model="transformers", density=1.0, bytes_ratio=1.0, logits_error=0.0, agreement=1.0, ms=ref_ms,
                  tokens=ref_tokens.tolist())]
-    variants = [("hare dense", None)] + [(f"hare {d:.0%}", d) for d in (0.5, 0.25, 0.1)]
-    for label, density in variants:
+    variants = [("hare dense", None)] + [(f"hare {bn}:{bm}", (bn, bm)) for bn, bm in RATIOS[:3]]
+    for label, ratio in variants:
         model = make()
-        if density is None:
+        if ratio is None:
             patch(model)
         else:
-            bn, bm = DENSITIES[density]
-            patch(model, bn=bn, bm=bm, score=calibrate(model, calib_ids))
+            patch(model, bn=ratio[0], bm=ratio[1], score=calibrate(model, calib_ids))
+        experts = [m for m in model.modules() if isinstance(m, HareExperts)]
+        density = 1.0 if ratio is None else stored_density([m.weight(n) for m in experts for n in ("gate_up", "down")])
         logits, tokens, ms = run(model)
         err = ((logits - ref_logits).double().norm() / ref_logits.double().norm()).item()
-        rows.append(dict(model=label, density=density or 1.0, bytes_ratio=expert_bytes(model) / dense_bytes,
+        rows.append(dict(model=label, density=density, bytes_ratio=expert_bytes(model) / dense_bytes,
                          logits_error=err, agreement=(tokens == ref_tokens).float().mean().item(), ms=ms,
                          tokens=tokens.tolist()))
 
@@ -160,7 +168,7 @@ def run_model_demo(model_type: str = "qwen3_moe", new_tokens: int = 8, device: s
                 f"forward {held_out.shape[1]} tok (ms)", "generated ids"):
         table.add_column(col, justify="left" if col in ("experts", "generated ids") else "right")
     for r in rows:
-        table.add_row(r["model"], f"{r['density']:.0%}", f"{r['bytes_ratio']:.3f}", f"{r['logits_error']:.2e}",
+        table.add_row(r["model"], f"{r['density']:.1%}", f"{r['bytes_ratio']:.3f}", f"{r['logits_error']:.2e}",
                       f"{r['agreement']:.0%}", f"{r['ms']:.1f}", " ".join(map(str, r["tokens"])))
     console.print(table)
     console.print("transformers' own experts vs hare.patch(model) (dense: same logits) and pruned experts "

@@ -274,6 +274,14 @@ def combine(results: list[dict]) -> dict:
     kept."""
     if not results:
         raise InvalidArgumentError("combine: no results given")
+    for i, r in enumerate(results):
+        missing = [k for k in ("gpu", "commit", "torch", "date", "wall_s", "records") if k not in r] \
+            if isinstance(r, dict) else ["every field (not a JSON object)"]
+        if not missing and not (isinstance(r["records"], list) and
+                                all(isinstance(rec, dict) and "model" in rec for rec in r["records"])):
+            missing = ["list of records with a 'model'"]
+        if missing:
+            raise InvalidArgumentError(f"combine: results {i + 1} is not from `hare bench model`: no {', '.join(missing)}")
     for key in ("gpu", "commit", "torch"):
         if len({r[key] for r in results}) > 1:
             raise InvalidArgumentError(f"combine: the runs differ in {key}: {sorted({r[key] for r in results})}")
