@@ -46,7 +46,7 @@ class Size:
 SIZES = {
     # hidden and ffn of 640 = 10 windows of 64 columns: every density is exact at bw 16, 32 and 64
     "small": Size(vocab=8192, hidden=640, ffn=640, layers=4, heads=10, kv_heads=5, experts=8, top_k=2, seq=512,
-                  batch=32, lr=1e-3, epochs=6),
+                  batch=32, lr=1e-3, epochs=8),
     "toy": Size(vocab=320, hidden=64, ffn=64, layers=2, heads=4, kv_heads=2, experts=8, top_k=2, seq=64, batch=8,
                 lr=3e-3, epochs=2, max_train_bytes=60_000),
 }
