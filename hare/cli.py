@@ -9,7 +9,6 @@ import warnings
 from importlib.metadata import version as package_version
 from pathlib import Path
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -28,12 +27,12 @@ class _Commands(TyperGroup):
     as ``error: …`` with exit status 2, anything else with how to see its traceback (``hare --debug``) and status
     1; warnings as ``warning: …``."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         with warnings.catch_warnings():
             warnings.showwarning = lambda message, *_: typer.echo(f"warning: {_one_line(message)}", err=True)
             try:
                 return super().invoke(ctx)
-            except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            except (typer.Exit, typer.Abort, typer.TyperException):  # usage errors, exits: typer reports them
                 raise
             except Exception as e:  # noqa: BLE001 - reported as one line unless --debug asks for the traceback
                 if (ctx.obj or {}).get("debug"):

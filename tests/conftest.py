@@ -14,3 +14,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """A tiny random Qwen3-MoE checkpoint with its tokenizer ('dense'), its 25% Hare checkpoint ('hare', magnitude
+    pruning) and a calibration text ('calib.txt'); tests that change a folder work on a copy."""
+    from hare.models.checkpoint import sparsify_checkpoint
+    from hare.models.configs import WORDS, save_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_checkpoints")
+    save_tiny_model("qwen3_moe", root / "dense")
+    sparsify_checkpoint(root / "dense", root / "hare", 0.25, calib_tokens=64, progress=False)
+    (root / "calib.txt").write_text(" ".join(WORDS[(7 * i) % len(WORDS)] for i in range(200)))
+    return root

@@ -1,10 +1,12 @@
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import hare
+from hare.models.checkpoint import MANIFEST, load_model
 
 
 @pytest.fixture
@@ -99,3 +101,80 @@ def test_foreign_safetensors_file(tmp_path):
     save_file({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
     with pytest.raises(hare.CheckpointError, match="not a Hare file"):
         hare.load(tmp_path / "foreign.safetensors")
+
+
+def test_metadata_round_trip_and_bad_metadata(tmp_path, weight):
+    hare.save(tmp_path / "w", weight, metadata={"layer": "a.b"})
+    assert hare.checkpoint.load_metadata(tmp_path / "w") == {"layer": "a.b"} and same(hare.load(tmp_path / "w"), weight)
+    hare.save(tmp_path / "plain", weight)
+    assert hare.checkpoint.load_metadata(tmp_path / "plain") == {}
+    with pytest.raises(hare.InvalidArgumentError, match="metadata"):
+        hare.save(tmp_path / "x", weight, metadata={"bn": 1})
+    assert not (tmp_path / "x").exists()
+
+
+# ---- Hare model checkpoints (hare_model.json + one Hare file per MoE layer) ------------------------------------
+LAYER0, LAYER1 = "model.layers.0.mlp.experts", "model.layers.1.mlp.experts"
+
+
+def _edit_manifest(folder, change):
+    path = folder / MANIFEST
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps(change(manifest)))
+
+
+def _swap_files(folder):
+    a, b = folder / "hare-experts-00000.safetensors", folder / "hare-experts-00001.safetensors"
+    a.rename(folder / "tmp"), b.rename(a), (folder / "tmp").rename(b)
+
+
+def _rewrite_expert_file(folder, change_weights=None, change_meta=None):
+    path = folder / "hare-experts-00000.safetensors"
+    weights, meta = hare.load(path), hare.checkpoint.load_metadata(path)
+    hare.save(path, change_weights(weights) if change_weights else weights,
+              metadata=change_meta(meta) if change_meta else meta)
+
+
+def _nan(weights):
+    weights["gate_up"].values[0, 0, 0] = float("nan")
+    return weights
+
+
+def _prune_again(weights):  # a file of 1:5 weights (the dense expansion re-pruned) under its 1:2 metadata
+    return {k: hare.sparsify(w.to_dense(), bn=1, bm=5) for k, w in weights.items()}
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda f: (f / MANIFEST).write_text("[1, 2]"), "expected a JSON object, got a JSON list"),
+    (lambda f: _edit_manifest(f, lambda m: {k: v for k, v in m.items() if k != "experts"}), "no 'experts' field"),
+    (lambda f: _edit_manifest(f, lambda m: {**m, "version": 1}), r"version 1, written by an older Hare.*re-run"),
+    (lambda f: _edit_manifest(f, lambda m: {**m, "version": 7}), "version 7; this Hare reads version 2"),
+    (lambda f: _edit_manifest(f, lambda m: {**m, "bm": 5}), r"density 0.25 is Block 1:2, but fields bn, bm say 1:5"),
+    (lambda f: _edit_manifest(f, lambda m: {**m, "density": 0.1, "bm": 5}),
+     r"hare-experts-00000.safetensors: density is '0.25' in the file, '0.1' in hare_model.json"),
+    (lambda f: _edit_manifest(f, lambda m: {**m, "experts": {**m["experts"], LAYER0: "../x.safetensors"}}),
+     "field 'experts' must map each experts module"),
+    (lambda f: _swap_files(f), f"layer is '{LAYER1}' in the file, '{LAYER0}' in hare_model.json"),
+    (lambda f: (f / "hare-experts-00001.safetensors").unlink(), "no such file .hare_model.json lists it"),
+    (lambda f: _rewrite_expert_file(f, change_meta=lambda m: {k: v for k, v in m.items() if k != "layer"}),
+     "layer is None in the file"),
+    (lambda f: _rewrite_expert_file(f, _nan), r"gate_up holds non-finite values \(NaN or inf\)"),
+    (lambda f: _rewrite_expert_file(f, _prune_again), "gate_up is 1:5 bw 16, hare_model.json says 1:2 bw 16"),
+    (lambda f: (f / MANIFEST).unlink(), "Hare expert files .* but no hare_model.json: an incomplete"),
+    (lambda f: [(f / MANIFEST).unlink(), *map(lambda p: p.unlink(), f.glob("hare-experts-*"))],
+     r"weights missing from its shards \(transformers would fill them at random\)"),
+])
+def test_hare_folder_that_disagrees_with_itself_is_refused(tiny_checkpoints, tmp_path, mutate, match):
+    folder = tmp_path / "hare"
+    shutil.copytree(tiny_checkpoints / "hare", folder)
+    mutate(folder)
+    with pytest.raises(hare.CheckpointError, match=match):
+        load_model(folder)
+
+
+def test_hare_folder_loads_with_the_files_it_wrote(tiny_checkpoints):
+    model = load_model(tiny_checkpoints / "hare")
+    experts = model.get_submodule(LAYER0)
+    assert experts.sparsity == {"bn": 1, "bm": 2, "bw": 16}
+    meta = hare.checkpoint.load_metadata(tiny_checkpoints / "hare" / "hare-experts-00000.safetensors")
+    assert meta == {"layer": LAYER0, "density": "0.25", "bn": "1", "bm": "2", "bw": "16"}
