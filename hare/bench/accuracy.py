@@ -182,15 +182,22 @@ def plot(result: dict, path) -> None:
     series: dict[str, list] = {}
     for r in result["records"]:
         series.setdefault(_label(r), []).append((r["density"], r["ppl"]))
-    for label, pts in series.items():
-        pts.sort()
-        style = "--" if label.startswith("unstructured") else "-" if "bw16" in label or "bw" not in label else ":"
-        ax.plot(*zip(*pts), style, marker="o" if len(pts) > 1 else "s", label=label, linewidth=1.2, markersize=4)
+    colors = {"magnitude": "tab:blue", "activation": "tab:orange", "reconstruct": "tab:green", "2:4": "black"}
+    styles = {16: "-", 32: "--", 64: ":"}
+    for r in {_label(r): r for r in result["records"]}.values():
+        pts = sorted(series[_label(r)])
+        color = colors[r.get("score") or r["method"]]
+        style = "-." if r["method"] == "unstructured" else styles.get(r["bw"], "")
+        ax.plot(*zip(*pts), style, color=color, marker="x" if r["bw"] is None else "o", label=_label(r),
+                linewidth=1.2, markersize=4, alpha=0.6 if r["method"] == "unstructured" else 1.0)
     ax.axhline(result["dense_ppl"], color="black", linewidth=0.8, label=f"dense ({result['dense_ppl']:.2f})")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(sorted({r["density"] for r in result["records"]}))
-    ax.get_xaxis().set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.0%}"))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.0%}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.invert_xaxis()
     ax.set_xlabel("density of the expert weights")
     ax.set_ylabel("validation perplexity")

@@ -197,7 +197,7 @@ def train(corpus_dir, out_dir, size: str = "small", seed: int = 0, steps: int | 
     model.eval()
     train_seconds = time.perf_counter() - start
     valid_ppl, scored = perplexity(model, valid_ids, cfg.seq)
-    info = {**run_info(device), "name": f"mixtral-{size}-{params / 1e6:.0f}m-pydoc", "size": size, "config": asdict(cfg), "seed": seed, "params": params,
+    info = {**run_info(device), "name": f"mixtral-{size}-{params / 1e6:.3g}m-pydoc", "size": size, "config": asdict(cfg), "seed": seed, "params": params,
             "steps": stopped_at or steps, "planned_steps": steps, "stopped_early": stopped_at is not None,
             "train_tokens": (stopped_at or steps) * tokens_per_step, "train_corpus_tokens": train_ids.numel(),
             "train_seconds": round(train_seconds, 1), "valid_ppl": valid_ppl, "valid_tokens": scored,
