@@ -85,6 +85,13 @@ class Dispatched:
     layout: RoutingLayout  # the sender's sort of its (token, slot) rows by global expert
     send_rows: list[int]
     recv_rows: list[int]
+    rank: int
+
+    def peer_bytes(self) -> tuple[int, int]:
+        """Bytes this rank sends to other ranks in the dispatch and in the combine (rows for itself stay local)."""
+        row = self.rows.shape[1] * self.rows.element_size()
+        sent, returned = (sum(n for p, n in enumerate(rows) if p != self.rank) for rows in (self.send_rows, self.recv_rows))
+        return sent * row, returned * row
 
 
 def _check_args(x, topk_ids, topk_weights, w_gate_up_local, w_down_local, gate_up_bias_local=None,
@@ -125,7 +132,7 @@ def dispatch(x, topk_ids, w_gate_up_local, w_down_local, group=None) -> Dispatch
     recv_rows = recv_counts.sum(1).tolist()
     rows = comm.all_to_all("dispatch", x[layout.gather_index.long()], recv_rows, send_rows, width=(x.shape[1],))
     local_ids = torch.repeat_interleave(torch.arange(local, device=dev).repeat(world), recv_counts.flatten().to(dev))
-    return Dispatched(rows, local_ids, layout, send_rows, recv_rows)
+    return Dispatched(rows, local_ids, layout, send_rows, recv_rows, comm.rank)
 
 
 def run_local_experts(d: Dispatched, w_gate_up_local, w_down_local, activation: str = "silu", gate_up_bias_local=None,

@@ -133,6 +133,8 @@ def bench_tiny(rank, world, queue):
         assert r["world"] == world and r["case"] == f"tiny/ep{world}"
         phases = r["dispatch_ms"] + r["experts_ms"] + r["combine_ms"]
         assert r["dispatch_ms"] > 0 and r["combine_ms"] > 0 and r["baseline_ms"] > 0
+        assert (r["dispatch_bytes"] > 0) == (r["combine_bytes"] > 0) == (r["tokens"] > 0)
+        assert r["dispatch_gbps"] == r["dispatch_bytes"] / r["dispatch_ms"] / 1e6
         assert abs(phases - r["ours_ms"]) <= 1e-6 * max(1.0, phases) or r["ours_ms"] >= max(
             r["dispatch_ms"], r["experts_ms"], r["combine_ms"])
 

@@ -3,6 +3,8 @@
 Run under torchrun, one process per GPU (`hare bench ep --gpus N` starts it): every rank routes its own tokens
 over all experts (uniform top-k), the experts sharded evenly. Per phase the slowest rank's median time is
 reported; the baseline is the same tokens through ``hare.moe`` with all experts on one GPU (one rank's share).
+The all-to-all traffic is all ranks' bytes to other ranks per step (``dispatch_bytes``, ``combine_bytes``; a rank's
+rows for itself stay local), and ``*_gbps`` those bytes over the slowest rank's phase time.
 Records follow the kernel benchmarks' schema with ``"bench": "ep"``; rank 0 writes the JSON.
 """
 
@@ -35,7 +37,9 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _step_phases(x, ids, w, gu, dn, group) -> tuple[float, float, float]:
+def _step_phases(x, ids, w, gu, dn, group) -> tuple[float, float, float, int, int]:
+    """One step's dispatch, local experts and combine times (ms) and the bytes this rank sent to its peers in the
+    dispatch and in the combine."""
     dev = x.device
     t0 = _now(dev)
     d = dispatch(x, ids, gu, dn, group)
@@ -44,7 +48,7 @@ def _step_phases(x, ids, w, gu, dn, group) -> tuple[float, float, float]:
     t2 = _now(dev)
     combine(y, d, w, group)
     t3 = _now(dev)
-    return (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3
+    return ((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, *d.peer_bytes())
 
 
 def bench_rank(shapes=None, tokens=TOKENS, iters: int = 10, device=None, dtype=torch.bfloat16,
@@ -71,32 +75,37 @@ def bench_rank(shapes=None, tokens=TOKENS, iters: int = 10, device=None, dtype=t
                 dist.barrier(group)
                 if i >= 2:  # two warm-up steps
                     phases.append(_step_phases(x, ids, w, gu, dn, group))
-            med = torch.tensor([statistics.median(p[j] for p in phases) for j in range(3)], dtype=torch.float64)
             single = []
             for i in range(iters + 2):
                 t0 = _now(device)
                 moe(x, ids, w, w_gu, w_dn)
                 if i >= 2:
                     single.append((_now(device) - t0) * 1e3)
-            local = torch.cat([med, torch.tensor([med.sum(), statistics.median(single)], dtype=torch.float64)])
+            med = [statistics.median(p[j] for p in phases) for j in range(3)]
+            local = torch.tensor([*med, sum(med), statistics.median(single), *phases[-1][3:]], dtype=torch.float64)
             gathered = [torch.zeros_like(local) for _ in range(world)]
             dist.all_gather(gathered, local.to(device) if device.type == "cuda" else local, group=group)
-            worst = torch.stack([t.cpu() for t in gathered]).amax(0).tolist()
+            ranks = torch.stack([t.cpu() for t in gathered])
+            worst, (sent, returned) = ranks[:, :5].amax(0).tolist(), ranks[:, 5:].sum(0).tolist()
             records.append({"bench": "ep", "case": f"{name}/ep{world}", "tokens": t, "density": 1.0,
                             "ours_ms": worst[3], "baseline": "single_gpu_all_experts", "baseline_ms": worst[4],
                             "dispatch_ms": worst[0], "experts_ms": worst[1], "combine_ms": worst[2],
+                            "dispatch_bytes": int(sent), "combine_bytes": int(returned),
+                            "dispatch_gbps": sent / worst[0] / 1e6, "combine_gbps": returned / worst[2] / 1e6,
                             "world": world, "tokens_per_rank": t})
         del w_gu, w_dn, gu, dn
     return records
 
 
 def _print(records: list[dict]) -> None:
-    """Times in ms (the slowest rank's median); 'all experts' is one process running every expert on its tokens."""
+    """Times in ms (the slowest rank's median); 'all experts' is one process running every expert on its tokens;
+    KiB are all ranks' bytes to other ranks per step."""
     print(f"{'case':<28}{'tok/rank':>9}{'dispatch ms':>13}{'experts ms':>13}{'combine ms':>13}{'step ms':>13}"
-          f"{'all experts ms':>16}")
+          f"{'all experts ms':>16}{'dispatch KiB':>14}{'combine KiB':>13}")
     for r in records:
         print(f"{r['case']:<28}{r['tokens']:>9}{r['dispatch_ms']:>13.3f}{r['experts_ms']:>13.3f}"
-              f"{r['combine_ms']:>13.3f}{r['ours_ms']:>13.3f}{r['baseline_ms']:>16.3f}")
+              f"{r['combine_ms']:>13.3f}{r['ours_ms']:>13.3f}{r['baseline_ms']:>16.3f}"
+              f"{r['dispatch_bytes'] / 1024:>14.1f}{r['combine_bytes'] / 1024:>13.1f}")
 
 
 def main(argv=None) -> None:
