@@ -52,7 +52,7 @@ def _variants(module, batch: int, context: int, device, gen):
     mask = torch.ones(batch, 1, 1, context, dtype=torch.bool, device=device)
     config, scale = module.config, module.scaling
     heads = config.num_attention_heads
-    if attention._absorbable(module):
+    if attention.absorbable(module):
         rank, nope, rope = module.kv_lora_rank, module.qk_nope_head_dim, module.qk_rope_head_dim
         query, latent, rope_key = randn(batch, heads, 1, nope + rope), randn(batch, 1, context, rank), randn(
             batch, 1, context, rope)
@@ -62,7 +62,7 @@ def _variants(module, batch: int, context: int, device, gen):
             return sdpa_attention_forward(module, query, key, value, mask, scaling=scale)[0]
 
         def hare_path():
-            return attention._absorbed_latent_attention(module, query, latent, rope_key, mask, scale)
+            return attention.absorbed_latent_attention(module, query, latent, rope_key, mask, scale)
         cache_bytes = latent.nbytes + rope_key.nbytes
     else:
         kv_heads, dim = config.num_key_value_heads, module.head_dim

@@ -16,7 +16,9 @@ transformers' decode steps spend most of their non-expert time copying the cache
 
 Every other call (prefill, per-head masks, position biases, soft-capping, sinks) goes to transformers' SDPA
 unchanged. ``use_decode_attention(model)`` switches a model that uses SDPA to this path; the benchmark applies it
-to every variant alike, and ``hare generate`` uses it for its static-cache decoding.
+to every variant alike, and ``hare generate`` uses it for its static-cache decoding. ``absorbable(module)`` says
+whether a latent-attention module's ``expand_kv`` is the expansion that can be absorbed, and
+``absorbed_latent_attention`` is that absorbed step on its own (``hare.bench.attention`` times both paths).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def decode_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
                           and not kwargs.get("output_attentions", False))
     if _keeps_latent(module):
         if single_plain_query and not dropout:
-            return _absorbed_latent_attention(module, query, key, value, attention_mask, scaling), None
+            return absorbed_latent_attention(module, query, key, value, attention_mask, scaling), None
         key, value = type(module).expand_kv(module, key, value)
     groups = getattr(module, "num_key_value_groups", 1)
     if not (single_plain_query and groups > 1 and key.shape[1] * groups == heads):
@@ -59,7 +61,7 @@ def decode_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
-def _absorbed_latent_attention(module, query, latent, rope_key, attention_mask, scaling) -> torch.Tensor:
+def absorbed_latent_attention(module, query, latent, rope_key, attention_mask, scaling) -> torch.Tensor:
     """One query token over the latent cache: (b, heads, 1, nope + rope) query -> (b, 1, heads, v). Two batched
     GEMMs over the cache as stored (no concatenated copy): float32 scores, probabilities rounded to the cache's
     dtype for the value product, as flash attention does. The scores are laid out (b, heads, L), except for a
@@ -106,8 +108,8 @@ def _keeps_latent(module) -> bool:
     return getattr(module.__dict__.get("expand_kv"), "__func__", None) is _keep_latent
 
 
-def _absorbable(module) -> bool:
-    """Whether ``module.expand_kv`` is the latent expansion ``_absorbed_latent_attention`` reorders: keys
+def absorbable(module) -> bool:
+    """Whether ``module.expand_kv`` is the latent expansion ``absorbed_latent_attention`` reorders: keys
     [kv_b_proj's key half of the latent, the shared position key] and values its value half, per head. Checked
     on the module's own weights."""
     proj = getattr(module, "kv_b_proj", None)
@@ -144,6 +146,6 @@ def use_decode_attention(model) -> bool:
         return False
     # also where the config already named this attention (models built from one config object share it)
     for module in model.modules():
-        if not _keeps_latent(module) and _absorbable(module):
+        if not _keeps_latent(module) and absorbable(module):
             module.expand_kv = types.MethodType(_keep_latent, module)
     return True
