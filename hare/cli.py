@@ -233,14 +233,15 @@ def _csv(text: str, kind, what: str) -> tuple:
 def bench_model_combine(parts: list[Path] = typer.Argument(..., help="results files of `hare bench model`"),
                         out_json: Path = typer.Option(..., help="the combined results file (a plot beside it)")):
     """Combine runs of `hare bench model` of one commit and GPU that timed different models into one file."""
-    from .bench.model import combine, plot
+    from .bench.common import save_results
+    from .bench.model import merge_results, plot
 
     try:
         results = [json.loads(p.read_text()) for p in parts]
     except (OSError, ValueError) as e:
         raise InvalidArgumentError(f"cannot read a results file: {e}") from None
-    result = combine(results)
-    out_json.write_text(json.dumps(result, indent=1))
+    result = merge_results(results)
+    save_results(result, out_json)
     plot(result, out_json.with_suffix(".png"))
     typer.echo(f"{len(result['records'])} records -> {out_json}")
 

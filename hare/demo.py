@@ -7,9 +7,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .bench.common import median_ms
+from .bench.toolkit import median_ms
 from .blocknm import DENSITIES, sparsify
 from .calibration import activation_score, expert_input_norms
+from .metrics import relative_error
 from .moe import backend, moe
 
 RATIOS = tuple(DENSITIES.values())
@@ -82,7 +83,7 @@ def run_demo(tokens: int = 512, experts: int = 8, top_k: int = 2, hidden: int = 
             sparse = [sparsify(w, bn=bn, bm=bm, score=s).to(dev)
                       for w, s in ((w_gate_up, score_gu), (w_down, score_d))]
             out = moe(*args, *sparse)
-            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            err = relative_error(out, ref)
             rows.append(dict(weights=f"{bn}:{bm} bw16", criterion=criterion, density=stored_density(sparse),
                              bytes_ratio=sum(s.nbytes for s in sparse) / dense_bytes, rel_error=err,
                              ms=median_ms(lambda: moe(*args, *sparse), dev, warmup=1)))
@@ -156,7 +157,7 @@ def run_model_demo(model_type: str = "qwen3_moe", new_tokens: int = 8, device: s
         experts = [m for m in model.modules() if isinstance(m, HareExperts)]
         density = 1.0 if ratio is None else stored_density([m.weight(n) for m in experts for n in ("gate_up", "down")])
         logits, tokens, ms = run(model)
-        err = ((logits - ref_logits).double().norm() / ref_logits.double().norm()).item()
+        err = relative_error(logits, ref_logits)
         rows.append(dict(model=label, density=density, bytes_ratio=expert_bytes(model) / dense_bytes,
                          logits_error=err, agreement=(tokens == ref_tokens).float().mean().item(), ms=ms,
                          tokens=tokens.tolist()))

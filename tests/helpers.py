@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from hare.metrics import relative_error as rel_error  # noqa: F401 (the tests import it from here)
+
 
 def random_topk(num_tokens: int, num_experts: int, k: int, gen: torch.Generator, skew: float = 0.0):
     """Distinct expert ids per token; ``skew`` > 0 favours low expert ids (Zipf-like)."""
@@ -39,11 +41,6 @@ def naive_moe(x, ids, weights, w_gate_up, w_down, activation="silu", gate_up_bia
             y = w_down[e] @ naive_glu(activation, g[:ffn], g[ffn:])
             out[t] += weights[t, j] * (y + (0 if down_bias is None else down_bias[e].double()))
     return out
-
-
-def rel_error(a, b) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 # small sizes every MoE config understands (unknown keys are dropped per model type)

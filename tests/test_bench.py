@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hare
-from hare.bench import kernels, sparse
+from hare.bench import kernels, sparse, toolkit
 from hare.bench.shapes import MODEL_SHAPES
 
 H, F = 256, 384  # toy expert: gate/up in = 256 (16 blocks of 16), down in = 384 (24 blocks)
@@ -18,7 +18,7 @@ CEIL = {"matmul_tflops": 100.0, "copy_tbps": 2.0, "read_tbps": 2.0}
 def toy_weights(gen, E=4, density=0.25):
     bn, bm = hare.blocknm.DENSITIES[density]
     wgu, wd = torch.randn(E, 2 * F, H, generator=gen), torch.randn(E, H, F, generator=gen)
-    return sparse.sparsify_experts(wgu, bn, bm, 16), sparse.sparsify_experts(wd, bn, bm, 16)
+    return toolkit.sparsify_experts(wgu, bn, bm, 16), toolkit.sparsify_experts(wd, bn, bm, 16)
 
 
 def toy_case(suite="models", shape="toy", T=8, E=4, k=2, density=0.25):
@@ -111,12 +111,12 @@ def test_main_runs_dense_without_density_and_sparse_with_it(monkeypatch):
 # ------------------------------------------------------------------------------------------ weights and accounting
 def test_chunked_sparsify_and_densify_equal_the_whole_stack(monkeypatch, gen):
     w = torch.randn(5, 256, 128, generator=gen)
-    monkeypatch.setattr(sparse, "CHUNK_ELEMS", 2 * 256 * 128)  # chunks of 2, 2 and 1 experts
-    whole, chunked = hare.sparsify(w, bn=1, bm=5, bw=16), sparse.sparsify_experts(w, 1, 5, 16)
+    monkeypatch.setattr(toolkit, "CHUNK_ELEMS", 2 * 256 * 128)  # chunks of 2, 2 and 1 experts
+    whole, chunked = hare.sparsify(w, bn=1, bm=5, bw=16), toolkit.sparsify_experts(w, 1, 5, 16)
     for field in ("values", "meta", "block_idx"):
         assert torch.equal(getattr(chunked, field), getattr(whole, field))
     assert chunked.shape == whole.shape and (chunked.bn, chunked.bm, chunked.bw) == (1, 5, 16)
-    assert torch.equal(sparse.densify(chunked), whole.to_dense())
+    assert torch.equal(toolkit.densify(chunked), whole.to_dense())
 
 
 def test_sparse_record_counts_dense_equivalent_flops_and_compressed_bytes_of_touched_experts(gen):
@@ -218,12 +218,12 @@ def test_bench_session_checks_the_device_and_logs_the_ceilings_it_measured(monke
 
     monkeypatch.setattr(hg, "availability", lambda dev: (False, "no sm_90 here"))
     with pytest.raises(RuntimeError, match="no sm_90 here"):
-        kernels.BenchSession("cpu")
+        toolkit.BenchSession("cpu")
     monkeypatch.setattr(hg, "availability", lambda dev: (True, "ok"))
-    monkeypatch.setattr(kernels, "measure_ceilings", lambda dev: {"copy_tbps": 3.0, "matmul_tflops": 800.0})
-    monkeypatch.setattr(kernels, "Timer", lambda dev: ("timer", dev))
+    monkeypatch.setattr(toolkit, "measure_ceilings", lambda dev: {"copy_tbps": 3.0, "matmul_tflops": 800.0})
+    monkeypatch.setattr(toolkit, "Timer", lambda dev: ("timer", dev))
     log = tmp_path / "run.log"
-    a, b = kernels.BenchSession("cpu", seed=3, log=log), kernels.BenchSession("cpu", seed=3)
+    a, b = toolkit.BenchSession("cpu", seed=3, log=log), toolkit.BenchSession("cpu", seed=3)
     assert a.timer == ("timer", torch.device("cpu")) and a.ceil["copy_tbps"] == 3.0
     assert torch.equal(torch.rand(4, generator=a.gen), torch.rand(4, generator=b.gen))  # seeded alike
     a.say("case 1")
@@ -251,3 +251,43 @@ def test_results_file_records_the_run_and_the_geometric_mean(tmp_path, capsys):
     assert json.loads(out.read_text()) == result
     assert result["gpu"] == "cpu" and result["commit"] and result["records"] == [{"case": "a"}]
     assert json.loads(capsys.readouterr().out) == {"geomean_speedup": 1.5}
+
+
+def test_results_are_saved_whole_with_the_suites_fields(tmp_path, capsys):
+    from hare.bench.common import save_results, write_results
+
+    out = tmp_path / "r.json"
+    out.write_text("previous")
+    result = write_results("cpu", {"x": 1.0}, [], out, ceilings=CEIL, wall_s=2.0)
+    assert json.loads(out.read_text()) == result and result["ceilings"] == CEIL and result["wall_s"] == 2.0
+    assert list(tmp_path.iterdir()) == [out]  # written through a temporary file and a rename
+    capsys.readouterr()
+    assert save_results({"records": [1]}, tmp_path / "new" / "s.json").read_text() == json.dumps({"records": [1]},
+                                                                                                  indent=1)
+
+
+def test_sparse_summary_is_the_geomean_speedup_per_suite_and_density(gen):
+    s = sparse.summary(fake_result(gen)["records"])
+    assert s["real/geomean_speedup_vs_grouped_mm_at_0.5"] == pytest.approx(2.0)
+    assert s["real/geomean_speedup_vs_grouped_mm_at_0.1"] == pytest.approx(8.0)
+    assert s["models/geomean_speedup_vs_grouped_mm_at_0.25"] == pytest.approx(1.5)
+    assert s["synthetic/geomean_speedup_vs_grouped_mm_at_0.25"] == pytest.approx(12 ** (1 / 3))
+
+
+def test_bench_suites_import_the_toolkit_not_each_other_nor_private_names():
+    """The bench wing's layers: suites build on toolkit, baselines, common and shapes; only the kernels CLI reaches
+    into the sparse suite (no cycle), and nothing imports a private name of another module."""
+    import ast
+
+    bench = Path(hare.__file__).parent / "bench"
+    shared = {"toolkit", "baselines", "common", "shapes"}
+    for path in bench.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                target = (node.module or "").split(".")[0] or {a.name for a in node.names}.pop()
+                if target not in shared:
+                    assert (path.stem, target) in {("kernels", "sparse"), ("accuracy", "trained_moe")}, (path, target)
+            if isinstance(node, ast.ImportFrom):
+                assert not [a.name for a in node.names if a.name.startswith("_")], (path, node.module)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.attr.startswith("_"):
+                assert node.value.id in {"self", "torch", "module", "type"}, (path, node.value.id, node.attr)

@@ -126,7 +126,7 @@ def test_bad_input_is_one_line_before_any_model_loads(folders, tmp_path, args, p
 def test_model_combine_names_what_a_results_file_lacks(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"commit": "abc", "records": []}))
     result = _invoke("bench", "model-combine", tmp_path / "a.json", "--out-json", tmp_path / "out.json")
-    _error(result.exit_code, result.stderr, r"combine: results 1 is not from `hare bench model`: no gpu, torch, date")
+    _error(result.exit_code, result.stderr, r"model-combine: results 1 is not from `hare bench model`: no gpu, torch, date")
     assert not (tmp_path / "out.json").exists()
 
 

@@ -246,7 +246,7 @@ def test_bench_static_decode_step_is_the_next_token_and_repeatable(arch):
 
 
 def test_bench_model_combine_joins_runs_of_one_commit_and_refuses_mixed_ones(tmp_path):
-    from hare.bench.model import combine
+    from hare.bench.model import merge_results
 
     def run(model, commit="abc", date="2026-11-25T10:00:00+00:00", speedup=2.0, **attention):
         record = {"model": model, "density": 0.25, "mode": "eager", "context": 0,
@@ -254,16 +254,16 @@ def test_bench_model_combine_joins_runs_of_one_commit_and_refuses_mixed_ones(tmp
         return {"gpu": "H100", "commit": commit, "torch": "2.11", "date": date, "wall_s": 10.0,
                 "summary": {}, "records": [record]}
 
-    joined = combine([run("a"), run("b", date="2026-11-25T11:00:00+00:00", speedup=4.0)])
+    joined = merge_results([run("a"), run("b", date="2026-11-25T11:00:00+00:00", speedup=4.0)])
     assert [r["model"] for r in joined["records"]] == ["a", "b"]
     assert joined["wall_s"] == 20.0 and joined["date"] == "2026-11-25T11:00:00+00:00"
     assert [r["models"] for r in joined["runs"]] == [["a"], ["b"]]
     assert joined["summary"]["sdpa/eager/mean_speedup_vs_grouped_mm_at_0.25"] == pytest.approx(1.5)
     with pytest.raises(InvalidArgumentError, match="commit"):
-        combine([run("a"), run("b", commit="def")])
+        merge_results([run("a"), run("b", commit="def")])
     with pytest.raises(InvalidArgumentError, match="more than one run"):
-        combine([run("a"), run("a")])
-    both = combine([run("a"), run("a", speedup=6.0, attention="hare")])  # one model, two attentions
+        merge_results([run("a"), run("a")])
+    both = merge_results([run("a"), run("a", speedup=6.0, attention="hare")])  # one model, two attentions
     assert both["summary"]["hare/eager/mean_speedup_vs_grouped_mm_at_0.25"] == pytest.approx(3.0)
     (tmp_path / "bad.json").write_text("{")
     result = CliRunner().invoke(app, ["bench", "model-combine", str(tmp_path / "bad.json"), "--out-json",

@@ -21,10 +21,11 @@ import torch
 
 from ..blocknm import DENSITIES, GROUP
 from ..errors import InvalidArgumentError
+from ..metrics import relative_error
 from ..models.experts import HareExperts
 from ..models.patch import calibrate, dense_experts, experts_modules, patch, replace_module
 from ..reconstruct import reconstruct
-from .common import run_info
+from .common import run_info, save_results
 from .trained_moe import INFO, read_split
 
 METHODS = ("magnitude", "activation", "reconstruct")
@@ -65,7 +66,7 @@ def _layer_rel_err(model, calib, dense_out) -> float:
     for name, module in experts_modules(model).items():
         out = module(*calib.inputs[name]).double()
         ref = dense_out[name]
-        errs.append(float((out - ref).norm() / ref.norm().clamp_min(1e-30)))
+        errs.append(relative_error(out, ref))
     return sum(errs) / len(errs)
 
 
@@ -221,8 +222,6 @@ def markdown_table(result: dict) -> str:
 
 def write(result: dict, out_json) -> None:
     """The JSON, the plot (.png) and the markdown table (.md) beside it."""
-    out_json = Path(out_json)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=1))
+    out_json = save_results(result, out_json)
     plot(result, out_json.with_suffix(".png"))
     out_json.with_suffix(".md").write_text(markdown_table(result))

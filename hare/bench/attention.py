@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from .common import geomean, write_results
-from .kernels import Timer, measure_ceilings
+from .toolkit import Timer, measure_ceilings
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 CONTEXTS = (1024, 1025)

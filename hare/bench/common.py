@@ -1,5 +1,5 @@
-"""What every results file records about the run (GPU, commit, date, torch version), how a benchmark with a summary
-writes it, and the median timer."""
+"""The results files of the benchmarks: what each records about the run (GPU, commit, date, torch version), and
+the one writer every suite saves through."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import json
 import math
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import torch
@@ -37,33 +36,26 @@ def geomean(values) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def write_results(device, summary: dict, records: list[dict], out_json=None) -> dict:
-    """The results file of a benchmark run (``run_info``, summary, records), written to ``out_json`` if given; the
-    summary is printed."""
-    result = {**run_info(device), "summary": summary, "records": records}
+def results(device, summary: dict, records: list[dict], **fields) -> dict:
+    """A benchmark run's results: ``run_info``, the suite's own ``fields``, its summary and its records."""
+    return {**run_info(device), **fields, "summary": summary, "records": records}
+
+
+def save_results(result: dict, out_json) -> Path:
+    """Writes ``result`` as JSON to ``out_json`` through a rename, so a run killed mid-write (or a suite that rewrites
+    its file as it goes) leaves the previous complete file."""
+    out_json = Path(out_json)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_json.with_suffix(out_json.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out_json)
+    return out_json
+
+
+def write_results(device, summary: dict, records: list[dict], out_json=None, **fields) -> dict:
+    """The results of a finished run (``results``), saved to ``out_json`` if given; the summary is printed."""
+    result = results(device, summary, records, **fields)
     if out_json:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(result, indent=1))
+        save_results(result, out_json)
     print(json.dumps(summary))
     return result
-
-
-def median_ms(fn, device, warmup: int = 2, reps: int = 5) -> float:
-    """Median time of ``fn()`` in ms after ``warmup`` calls: CUDA events on a GPU, the host clock elsewhere."""
-    device = torch.device(device)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]

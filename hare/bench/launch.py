@@ -1,9 +1,10 @@
-"""``python -m hare.bench.launch``: what programmatic dependent launch (PDL, ``hare/gpu/_launch.py``) saves.
+"""``python -m hare.bench.launch``: what programmatic dependent launch (PDL, ``hare.gpu.LaunchConfig``) saves.
 
 A decode-sized MoE call is a chain of 4-6 short kernels (layout, gate/up, its split-K combine, down, the top-k
-combine), so the gaps between them are a visible part of its time. Each case captures one Hare call as a CUDA
-graph twice, with plain launches and with PDL, and times the replays (L2 flushed) alternately, twice each, keeping
-the faster of each pair; both graphs must give bitwise the same output. Cases: the six model shapes at 1, 8 and 128
+combine), so the gaps between them are a visible part of its time. Each case captures one ``hare.gpu.fused_moe``
+call as a CUDA graph twice, with plain launches and with PDL (``config=LaunchConfig(programmatic_launch=...)``),
+and times the replays (L2 flushed) alternately, twice each, keeping the faster of each pair; both graphs must give
+bitwise the same output. Cases: the six model shapes at 1, 8 and 128
 tokens, dense and at 25% and 5% density.
 """
 
@@ -15,8 +16,8 @@ import math
 import torch
 
 from .common import geomean, write_results
-from .kernels import SHAPES, Timer, make_case, make_weights
-from .sparse import sparsify_experts
+from .shapes import MODEL_SHAPES
+from .toolkit import Timer, make_case, make_weights, sparsify_experts
 
 TOKENS = (1, 8, 128)
 DENSITIES = {1.0: None, 0.25: (1, 2), 0.05: (1, 10)}
@@ -33,16 +34,15 @@ def _graph_output(fn):
 
 
 def run(shapes=None, tokens=TOKENS, out_json=None, device="cuda", seed=0) -> dict:
-    import hare
-    from hare.gpu import _launch
+    import hare.gpu as hg
 
     dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(seed)
     timer = Timer(dev)
     records = []
-    for shape in shapes or SHAPES:
-        H, F, E, k = SHAPES[shape]
-        dense = make_weights(H, F, E, dev, gen)
+    for shape in shapes or MODEL_SHAPES:
+        H, F, E, k = MODEL_SHAPES[shape]
+        dense = make_weights(E, H, F, dev, gen)
         for density, ratio in DENSITIES.items():
             wgu, wd = dense if ratio is None else [sparsify_experts(m, *ratio, bw=16) for m in dense]
             for T in tokens:
@@ -50,15 +50,12 @@ def run(shapes=None, tokens=TOKENS, out_json=None, device="cuda", seed=0) -> dic
                 w = w.to(torch.bfloat16)  # as a bf16 model's router gives them
                 ms, outs = {}, {}
                 for pdl in (False, True, False, True):
-                    _launch.PROGRAMMATIC_LAUNCH = pdl
-                    _launch.module(dev).configs.clear()  # launch configs carry the attribute
-                    replay, out = _graph_output(lambda: hare.moe(x, ids, w, wgu, wd, check_ids=False))
+                    config = hg.LaunchConfig(programmatic_launch=pdl)
+                    replay, out = _graph_output(lambda: hg.fused_moe(x, ids, w, wgu, wd, config=config))
                     out.fill_(float("nan"))
                     t = timer.time_replay(replay)
                     ms[pdl] = min(ms.get(pdl, math.inf), t)
                     outs[pdl] = out.clone()
-                _launch.PROGRAMMATIC_LAUNCH = True
-                _launch.module(dev).configs.clear()
                 if not torch.equal(outs[True], outs[False]):
                     raise RuntimeError(f"{shape} T={T} density {density}: PDL changed the output")
                 records.append({"bench": "launch", "case": f"{shape}/T{T}/d{density:g}", "shape": shape,
@@ -72,7 +69,7 @@ def run(shapes=None, tokens=TOKENS, out_json=None, device="cuda", seed=0) -> dic
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=None)
+    parser.add_argument("--shapes", nargs="+", choices=list(MODEL_SHAPES), default=None)
     parser.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     parser.add_argument("--out-json", default=None)
     args = parser.parse_args(argv)

@@ -29,7 +29,8 @@ from torch import nn
 
 from ..blocknm import DENSITIES
 from ..errors import InvalidArgumentError, UnsupportedDeviceError
-from .common import median_ms, run_info
+from .common import results, save_results
+from .toolkit import median_ms
 from ..models import experts_modules, patch
 from ..models.attention import use_decode_attention
 from ..moe import backend
@@ -268,30 +269,31 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def combine(results: list[dict]) -> dict:
+def merge_results(parts: list[dict]) -> dict:
     """One results file from runs of one commit on one GPU model that each timed other models or attentions (a run
-    split across device calls); the summary is recomputed over all records and every run's date and wall time is
-    kept."""
-    if not results:
-        raise InvalidArgumentError("combine: no results given")
-    for i, r in enumerate(results):
+    split across device calls; ``hare bench model-combine``); the summary is recomputed over all records and every
+    run's date and wall time is kept."""
+    if not parts:
+        raise InvalidArgumentError("model-combine: no results given")
+    for i, r in enumerate(parts):
         missing = [k for k in ("gpu", "commit", "torch", "date", "wall_s", "records") if k not in r] \
             if isinstance(r, dict) else ["every field (not a JSON object)"]
         if not missing and not (isinstance(r["records"], list) and
                                 all(isinstance(rec, dict) and "model" in rec for rec in r["records"])):
             missing = ["list of records with a 'model'"]
         if missing:
-            raise InvalidArgumentError(f"combine: results {i + 1} is not from `hare bench model`: no {', '.join(missing)}")
+            raise InvalidArgumentError(f"model-combine: results {i + 1} is not from `hare bench model`: "
+                                       f"no {', '.join(missing)}")
     for key in ("gpu", "commit", "torch"):
-        if len({r[key] for r in results}) > 1:
-            raise InvalidArgumentError(f"combine: the runs differ in {key}: {sorted({r[key] for r in results})}")
-    timed = [{(rec["model"], _attention(rec)) for rec in r["records"]} for r in results]
+        if len({r[key] for r in parts}) > 1:
+            raise InvalidArgumentError(f"model-combine: the runs differ in {key}: {sorted({r[key] for r in parts})}")
+    timed = [{(rec["model"], _attention(rec)) for rec in r["records"]} for r in parts]
     if sum(map(len, timed)) != len(set().union(*timed)):
-        raise InvalidArgumentError("combine: a model with the same attention is in more than one run")
-    records = [rec for r in results for rec in r["records"]]
-    runs = [run for r in results for run in r.get("runs", [{"date": r["date"], "wall_s": r["wall_s"],
-                                                             "models": sorted({x["model"] for x in r["records"]})}])]
-    return {**{k: results[0][k] for k in ("gpu", "commit", "torch")}, "date": max(run["date"] for run in runs),
+        raise InvalidArgumentError("model-combine: a model with the same attention is in more than one run")
+    records = [rec for r in parts for rec in r["records"]]
+    runs = [run for r in parts for run in r.get("runs", [{"date": r["date"], "wall_s": r["wall_s"],
+                                                          "models": sorted({x["model"] for x in r["records"]})}])]
+    return {**{k: parts[0][k] for k in ("gpu", "commit", "torch")}, "date": max(run["date"] for run in runs),
             "wall_s": sum(run["wall_s"] for run in runs), "runs": runs, "summary": summary(records), "records": records}
 
 
@@ -314,7 +316,6 @@ def main(models: str = "all", out_json=None, quick: bool = False, layers: int | 
     gpu = torch.cuda.get_device_name(device)
     slug = gpu.replace("NVIDIA ", "").split()[0].lower()
     out = Path(out_json) if out_json else Path("bench/results") / f"model_{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     records = []
     for name in names:  # the file is rewritten after each model and attention, so a run cut short keeps its records
@@ -324,9 +325,8 @@ def main(models: str = "all", out_json=None, quick: bool = False, layers: int | 
             records += bench_one(name, real_config(name, num_layers=n), device, dtype, n, prefill_tokens, batches,
                                  densities=densities, attention=attention, say=lambda s: print(s, flush=True))
             torch.cuda.empty_cache()
-            result = {**run_info(device), "wall_s": time.perf_counter() - t0, "summary": summary(records),
-                      "records": records}
-            out.write_text(json.dumps(result, indent=1))
+            result = results(device, summary(records), records, wall_s=time.perf_counter() - t0)
+            save_results(result, out)
     plot(result, out.with_suffix(".png"))
     print(json.dumps(result["summary"]), f"-> {out}")
     return result

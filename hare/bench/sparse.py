@@ -13,12 +13,12 @@ Suites (a case: T tokens routed top-k over E experts of hidden H, ffn F; the Blo
              also holds their densified Block N:M copy (the correctness reference), sparsify's temporaries and
              the inputs; capped, the largest stack is 12.9 GB.
 
-Methods on the same routing, timed like the dense benchmark (hare.bench.kernels.Timer: CUDA-graph replays, L2
+Methods on the same routing, timed like the dense benchmark (hare.bench.toolkit.Timer: CUDA-graph replays, L2
 flushed, median):
 
 * ours_sparse  hare.gpu.fused_moe with both weights Block N:M (hare.sparsify of the dense weights on the GPU)
 * ours         the same kernel on the dense weights
-* grouped_mm   torch._grouped_mm on the dense weights (hare.bench.kernels.grouped_mm_fn)
+* grouped_mm   torch._grouped_mm on the dense weights (hare.bench.baselines.grouped_mm_fn)
 * cusparselt   cuSPARSELt 2:4 through torch: every expert 2:4-pruned and compressed with
                to_sparse_semi_structured once per weight stack, then one F.linear pair per touched expert like the
                cuBLAS loop. Compressing E experts and the per-call setup of every expert's matmul are costly, so it
@@ -43,11 +43,13 @@ from pathlib import Path
 
 import torch
 
-from ..blocknm import DENSITIES, BlockNM, sparsify
-from .common import run_info
-from .kernels import (ROUTINGS, SHAPES, BenchSession, cublas_loop_fn, grouped_mm_fn, make_case, make_weights,
-                      moe_flops, rel_err, traffic_bytes)
+from ..blocknm import DENSITIES, BlockNM
+from ..metrics import relative_error
+from .baselines import cublas_loop_fn, cusparselt_weights, grouped_mm_fn
+from .common import geomean, results, save_results
 from .shapes import MODEL_SHAPES
+from .toolkit import (ROUTINGS, BenchSession, densify, make_case, make_weights, moe_flops, sparsify_experts,
+                      traffic_bytes)
 
 SUITES = ("models", "real", "synthetic")
 MODEL_TOKENS = (1, 16, 64, 1024, 4096, 16384)
@@ -65,7 +67,6 @@ SYNTH_TOKENS = (512, 2048, 8192, 16384)
 SYNTH_EXPERTS = (2, 4, 6, 8)
 SYNTH_DENSITY, SYNTH_BW, SYNTH_FFN_CAP = 0.25, 16, 16384
 CUSPARSELT_MAX_EXPERTS, CUSPARSELT_MIN_TOKENS = 8, 1024
-CHUNK_ELEMS = 1 << 28  # weight entries sparsified or densified at once: bounds the temporaries
 PREFILL_TOKENS, DECODE_TOKENS = 4096, 64
 TARGET_SPEEDUP = {0.5: 1.6, 0.25: 3.2, 0.1: 7.0}  # the issue's prefill targets over grouped_mm
 TARGET_DECODE_BW = 0.8  # the issue's decode target: fraction of the copy bandwidth on the compressed bytes
@@ -95,7 +96,7 @@ def model_cases(densities, bw=16, shapes=None, tokens=None, routings=None) -> li
         pairs = [(rt, T) for rt in routings or ROUTINGS for T in tokens or MODEL_TOKENS]
     else:
         pairs = [("uniform", T) for T in MODEL_TOKENS] + [("zipf", T) for T in ZIPF_TOKENS]
-    return [Case("models", s, *SHAPES[s], rt, T, tuple(densities), bw) for s in shapes or SHAPES for rt, T in pairs]
+    return [Case("models", s, *MODEL_SHAPES[s], rt, T, tuple(densities), bw) for s in shapes or MODEL_SHAPES for rt, T in pairs]
 
 
 def paper_real_cases(bw=16) -> list[Case]:
@@ -130,38 +131,6 @@ def cusparselt_skip_reason(c: Case) -> str | None:
     if c.tokens < CUSPARSELT_MIN_TOKENS:
         return f"skipped: {c.tokens} tokens < {CUSPARSELT_MIN_TOKENS}"
     return None
-
-
-# ------------------------------------------------------------------------------------------ weights
-def _experts_per_chunk(w) -> int:
-    return max(1, CHUNK_ELEMS // (w.shape[-2] * w.shape[-1]))
-
-
-def sparsify_experts(w: torch.Tensor, bn: int, bm: int, bw: int) -> BlockNM:
-    """hare.sparsify of a stack of experts, a chunk of experts at a time (bounded temporaries), as one BlockNM."""
-    step = _experts_per_chunk(w)
-    parts = [sparsify(w[a:a + step], bn=bn, bm=bm, bw=bw) for a in range(0, w.shape[0], step)]
-    return BlockNM(*(torch.cat([getattr(p, f) for p in parts]) for f in ("values", "meta", "block_idx")),
-                   shape=w.shape, bn=bn, bm=bm, bw=bw)
-
-
-def densify(w: BlockNM) -> torch.Tensor:
-    """BlockNM.to_dense of a stack, a chunk of experts at a time."""
-    out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
-    step = _experts_per_chunk(out)
-    for a in range(0, w.num_experts, step):
-        b = min(a + step, w.num_experts)
-        out[a:b] = w.select_experts(a, b).to_dense()
-    return out
-
-
-def cusparselt_weights(wgu, wd):
-    """Every expert 2:4-pruned (hare.sparsify at 1:1 keeps every block: plain 2:4) and compressed for cuSPARSELt."""
-    from torch.sparse import to_sparse_semi_structured
-
-    bn, bm = DENSITIES[0.5]
-    return tuple([to_sparse_semi_structured(sparsify(w[e], bn=bn, bm=bm, bw=16).to_dense()) for e in range(len(w))]
-                 for w in (wgu, wd))
 
 
 # ------------------------------------------------------------------------------------------ accounting
@@ -205,8 +174,8 @@ def run_sparse_bench(cases, out_json=None, plot_dir=None, log=None, device="cuda
 
     session = BenchSession(device, seed, log)
     dev, gen, say, ceil, timer = session.dev, session.gen, session.say, session.ceil, session.timer
-    result = {**run_info(dev), "ceilings": ceil, "suites": list(dict.fromkeys(c.suite for c in cases)),
-              "wall_s": 0.0, "records": [], "errors": []}
+    result = results(dev, {}, [], ceilings=ceil, suites=list(dict.fromkeys(c.suite for c in cases)), wall_s=0.0,
+                     errors=[])
     t_start = time.perf_counter()
     stacks = {}
     for c in cases:  # one weight stack per (hidden, ffn), as many experts as its largest case
@@ -214,11 +183,9 @@ def run_sparse_bench(cases, out_json=None, plot_dir=None, log=None, device="cuda
     for group in stacks.values():
         _run_stack(hg, group, dev, gen, timer, ceil, result, say)
         result["wall_s"] = time.perf_counter() - t_start
-        if out_json:  # via a rename, so a run killed mid-write leaves the previous complete file
-            tmp = Path(out_json).with_suffix(".tmp")
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(result, indent=1))
-            tmp.replace(out_json)
+        result["summary"] = summary(result["records"])
+        if out_json:
+            save_results(result, out_json)
     if out_json or plot_dir:
         try:
             for path in plot_sparse(result, Path(plot_dir or Path(out_json).parent),
@@ -226,6 +193,7 @@ def run_sparse_bench(cases, out_json=None, plot_dir=None, log=None, device="cuda
                 say(f"plot: {path}")
         except Exception as exc:  # noqa: BLE001 - the records are written already
             print(f"plot failed: {exc}")
+    print(json.dumps(result["summary"]))
     if print_table:
         print(format_sparse_table(result))
         print(target_summary(result["records"]))
@@ -238,7 +206,7 @@ def run_sparse_bench(cases, out_json=None, plot_dir=None, log=None, device="cuda
 def _run_stack(hg, group, dev, gen, timer, ceil, result, say):
     """All cases of one weight stack: dense baselines once per case, then every density's sparse kernel."""
     H, F = group[0].hidden, group[0].ffn
-    wgu, wd = make_weights(H, F, max(c.experts for c in group), dev, gen)
+    wgu, wd = make_weights(max(c.experts for c in group), H, F, dev, gen)
     inputs = {c: make_case(c.tokens, H, c.experts, c.top_k, c.routing, dev, gen) for c in group}
     baselines, cslt = {}, None
     for c in group:
@@ -269,7 +237,7 @@ def _run_stack(hg, group, dev, gen, timer, ceil, result, say):
             gu, dn = sgu.select_experts(0, c.experts), sdn.select_experts(0, c.experts)
             fn = functools.partial(hg.fused_moe, x, ids, w, gu, dn)
             try:
-                err = rel_err(fn(), refs[c])
+                err = relative_error(fn(), refs[c])
                 t = timer.time_graph(fn)
             except Exception as exc:  # noqa: BLE001 - keep the other measurements; the run reports the failure
                 result["errors"].append({"case": c.name, "suite": c.suite, "tokens": c.tokens, "density": density,
@@ -296,6 +264,16 @@ def _references(cases, inputs, gu: BlockNM, dn: BlockNM) -> dict:
 # ------------------------------------------------------------------------------------------ reports
 def _by_baseline(records, baseline):
     return [r for r in records if r["baseline"] == baseline]
+
+
+def summary(records) -> dict:
+    """Geometric-mean speedup of ours_sparse over grouped_mm per suite and nominal density:
+    ``<suite>/geomean_speedup_vs_grouped_mm_at_<density>``."""
+    one = _by_baseline(records, "grouped_mm")
+    groups = dict.fromkeys((r["suite"], r["nominal_density"]) for r in one)
+    return {f"{suite}/geomean_speedup_vs_grouped_mm_at_{d:g}":
+            geomean(r["speedup"] for r in one if (r["suite"], r["nominal_density"]) == (suite, d))
+            for suite, d in groups}
 
 
 def format_sparse_table(result) -> str:
@@ -326,8 +304,8 @@ def format_sparse_table(result) -> str:
         sel = [r for r in synth if r["hidden"] == H]
         xg = [r["speedup"] for r in sel]
         lines.append(f"synthetic h={H} f={sel[0]['ffn']} ({len(sel)} cases): speedup over grouped_mm geomean "
-                     f"{statistics.geometric_mean(xg):.2f}x ({min(xg):.2f}-{max(xg):.2f}), over ours "
-                     f"{statistics.geometric_mean([r['speedup_vs_ours'] for r in sel]):.2f}x, "
+                     f"{geomean(xg):.2f}x ({min(xg):.2f}-{max(xg):.2f}), over ours "
+                     f"{geomean([r['speedup_vs_ours'] for r in sel]):.2f}x, "
                      f"max err {max(r['rel_err_vs_grouped_mm'] for r in sel):.1e}")
     return "\n".join(lines)
 
@@ -342,7 +320,7 @@ def target_summary(records) -> str:
             sel = [r for r in one if r["suite"] == suite and r["nominal_density"] == d]
             pre = [r["speedup"] for r in sel if r["tokens"] >= PREFILL_TOKENS]
             if pre:
-                g, target = statistics.geometric_mean(pre), TARGET_SPEEDUP.get(d)
+                g, target = geomean(pre), TARGET_SPEEDUP.get(d)
                 verdict = "no target" if target is None else f"target {target}x {'met' if g >= target else 'MISSED'}"
                 lines.append(f"prefill {suite:<9} {d:>4.0%}: geomean {g:.2f}x over grouped_mm "
                              f"({len(pre)} cases, T >= {PREFILL_TOKENS}); {verdict}")

@@ -34,6 +34,7 @@ import torch
 from ..blocknm import DENSITIES, check_ratio
 from ..checkpoint import load as load_hare_file, load_metadata, save as save_hare_file
 from ..errors import CheckpointError, InvalidArgumentError
+from ..metrics import relative_error
 from .experts import HareExperts
 from .generation import load_tokenizer
 from .patch import METHODS, calibrate, dense_experts, experts_modules, patch, replace_module
@@ -231,7 +232,7 @@ def _write_checkpoint(model, model_dir: Path, out_dir: Path, shards, calib, dens
     for i, (name, module) in enumerate(experts_modules(model).items()):
         sparse_out = module(*calib.inputs[name]).double().flatten()
         ref = dense_out.pop(name).double().flatten()
-        err = float((sparse_out - ref).norm() / ref.norm().clamp_min(1e-30))
+        err = relative_error(sparse_out, ref)
         weights = module.blocknm_weights()
         files[name] = f"hare-experts-{i:05d}.safetensors"
         save_hare_file(out_dir / files[name], weights, metadata=expert_file_metadata(name, density, bn, bm, bw))

@@ -6,14 +6,10 @@ import torch
 import torch.nn.functional as Fn
 
 from hare.bench.shapes import MODEL_SHAPES
+from hare.bench.toolkit import make_weights  # noqa: F401 (the GPU tests take their inputs from here)
+from hare.metrics import relative_error as rel_err  # noqa: F401
 
 MODELS = MODEL_SHAPES
-
-
-def make_weights(E, H, F, device, gen=None):
-    wgu = (torch.randn(E, 2 * F, H, device=device, generator=gen) * H**-0.5).to(torch.bfloat16)
-    wd = (torch.randn(E, H, F, device=device, generator=gen) * F**-0.5).to(torch.bfloat16)
-    return wgu, wd
 
 
 def make_routing(T, E, k, device, skew: float = 0.0, only_expert: int | None = None, gen=None):
@@ -46,10 +42,6 @@ def reference(x, ids, w, wgu, wd, activation="silu"):
         y = h @ wd[e].float().t()
         out.index_add_(0, tok, y * w[tok, slot].float()[:, None])
     return out
-
-
-def rel_err(out, ref):
-    return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def poison_allocator(nbytes: int, device):
