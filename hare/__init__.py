@@ -10,7 +10,7 @@ from .distributed import ep_group, ep_moe, shard_experts
 from .errors import CheckpointError, DistributedError, HareError, InvalidArgumentError, UnsupportedDeviceError
 from .moe import moe
 from .models import UnsupportedModelError, calibrate, patch
-from .models.checkpoint import load_model
+from .models.hare_folder import load_model
 from .routing import RoutingLayout, route
 
 __all__ = [

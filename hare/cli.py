@@ -87,7 +87,7 @@ def _read_text(path: Path, what: str) -> str:
 
 def _device(device: str | None):
     """The torch device asked for, checked before any model loads (default: cuda if present, else cpu)."""
-    from .models.checkpoint import resolve_device
+    from .models.hare_folder import resolve_device
 
     return resolve_device(device or ("cuda" if torch_cuda_available() else "cpu"))
 
@@ -106,7 +106,7 @@ def sparsify(model_dir: Path = typer.Argument(..., help="transformers checkpoint
     from rich.console import Console
     from rich.table import Table
 
-    from .models.checkpoint import sparsify_checkpoint
+    from .models.hare_folder import sparsify_checkpoint
 
     text = _read_text(calib, "--calib") if calib else None
     reports = sparsify_checkpoint(model_dir, out_dir, density, bw=bw, calib_text=text, calib_tokens=calib_tokens,
@@ -130,7 +130,7 @@ def generate(model_dir: Path = typer.Argument(..., help="transformers or Hare ch
     """Continue a prompt greedily with a dense or Hare checkpoint (tokenizer from the folder)."""
     from transformers import TextStreamer
 
-    from .models.checkpoint import load_model, read_config
+    from .models.hare_folder import load_model, read_config
     from .models.generation import generate as run_generate, load_tokenizer
 
     dev = _device(device)
@@ -151,7 +151,7 @@ def evaluate(model_dir: Path = typer.Argument(..., help="transformers or Hare ch
                                         "max_position_embeddings if fewer)"),
              device: str = typer.Option(None, help="cuda or cpu (default: cuda if present)")):
     """Perplexity of a dense or Hare checkpoint on a text file."""
-    from .models.checkpoint import load_model, read_config
+    from .models.hare_folder import load_model, read_config
     from .models.generation import check_window, default_window, load_tokenizer, perplexity
 
     dev = _device(device)
@@ -184,7 +184,7 @@ def info(model_dir: Path = typer.Argument(None, help="also say which path each M
         table.add_row(item, state)
     console.print(table)
     if model_dir is not None:
-        from .models.checkpoint import load_model
+        from .models.hare_folder import load_model
 
         layers = Table(title=f"{model_dir} on {dev}")
         for col in ("layer", "weights", "path", "why not the Hopper kernels"):

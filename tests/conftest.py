@@ -20,7 +20,7 @@ def gen():
 def tiny_checkpoints(tmp_path_factory):
     """A tiny random Qwen3-MoE checkpoint with its tokenizer ('dense'), its 25% Hare checkpoint ('hare', magnitude
     pruning) and a calibration text ('calib.txt'); tests that change a folder work on a copy."""
-    from hare.models.checkpoint import sparsify_checkpoint
+    from hare.models.hare_folder import sparsify_checkpoint
     from hare.models.configs import WORDS, save_tiny_model
 
     root = tmp_path_factory.mktemp("tiny_checkpoints")

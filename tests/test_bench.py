@@ -291,3 +291,11 @@ def test_bench_suites_import_the_toolkit_not_each_other_nor_private_names():
                 assert not [a.name for a in node.names if a.name.startswith("_")], (path, node.module)
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.attr.startswith("_"):
                 assert node.value.id in {"self", "torch", "module", "type"}, (path, node.value.id, node.attr)
+
+
+def test_model_shapes_read_from_the_real_configs_are_their_expert_layers():
+    from hare.bench.shapes import expert_shape
+
+    assert MODEL_SHAPES["qwen3-30b-a3b"] == expert_shape("Qwen3-30B-A3B") == (2048, 768, 128, 8)  # not the dense 6144
+    assert MODEL_SHAPES["mixtral-8x7b"] == (4096, 14336, 8, 2)  # Mixtral's FFN is its experts
+    assert MODEL_SHAPES["deepseek-v2-lite"] == (2048, 1408, 64, 6) and MODEL_SHAPES["qwen1.5-moe-a2.7b"][2:] == (60, 4)

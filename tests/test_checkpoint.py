@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hare
-from hare.models.checkpoint import MANIFEST, load_model
+from hare.models.hare_folder import MANIFEST, load_model
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from hare.cli import app
 from hare.demo import RATIOS, run_demo
 from hare.errors import CheckpointError
-from hare.models.checkpoint import MANIFEST, load_model
+from hare.models.hare_folder import MANIFEST, load_model
 
 
 def test_help_lists_commands():

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from hare.cli import app
 from hare.errors import CheckpointError, InvalidArgumentError
 from hare.models import ARCHITECTURES, HareExperts, UnsupportedModelError, calibrate, experts_modules, patch
-from hare.models.checkpoint import MANIFEST, density_ratio, load_model, sparsify_checkpoint
+from hare.models.hare_folder import MANIFEST, density_ratio, load_model, sparsify_checkpoint
 from hare.models.configs import TINY, WORDS, save_tiny_model, tiny_model, tiny_tokenizer
 from hare.models.generation import perplexity
 

@@ -31,7 +31,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out-json", default=None)
     a = ap.parse_args(argv)
 
-    from ..models.checkpoint import load_model, sparsify_checkpoint
+    from ..models.hare_folder import load_model, sparsify_checkpoint
     from ..models.configs import tiny_model
     from ..models.generation import perplexity
 
