@@ -60,13 +60,27 @@ def make_weights(experts, hidden, ffn, dtype, sparse):
     return wg.to(dtype), wd.to(dtype)
 
 
+def packed_topk(num_tokens, world, local, top_k, gen):
+    """Each token prefers one random rank's experts: its first min(k, local) experts share that rank."""
+    home = torch.randint(0, world, (num_tokens, 1), generator=gen)
+    logits = torch.rand(num_tokens, world * local, generator=gen)
+    return (logits + (torch.arange(world * local) // local == home)).topk(top_k, dim=1).indices
+
+
+def spread_topk(skew):
+    return lambda t, world, local, top_k, g: random_topk(t, world * local, top_k, g, skew=skew)
+
+
 SCENARIOS = {
-    # name: (tokens on rank r, skew toward low expert ids)
-    "uniform": (lambda r: 40, 0.0),
-    "uneven": (lambda r: 3 + 50 * r, 0.0),
-    "skewed": (lambda r: 64, 8.0),  # nearly everything to rank 0's experts; other shards mostly empty
-    "zero_tokens_on_rank_0": (lambda r: 0 if r == 0 else 17, 0.0),
-    "one_token": (lambda r: 1, 0.0),
+    # name: (tokens on rank r, routing of t tokens over world ranks of local experts)
+    "uniform": (lambda r: 40, spread_topk(0.0)),
+    "uneven": (lambda r: 3 + 50 * r, spread_topk(0.0)),
+    "skewed": (lambda r: 64, spread_topk(8.0)),  # nearly everything to rank 0's experts; other shards mostly empty
+    "zero_tokens_on_rank_0": (lambda r: 0 if r == 0 else 17, spread_topk(0.0)),
+    "one_token": (lambda r: 1, spread_topk(0.0)),
+    # a token's experts share a rank, so each of its rows carries several experts
+    "shared_ranks": (lambda r: 40, packed_topk),
+    "shared_ranks_uneven": (lambda r: (1, 0, 29, 5)[r % 4], packed_topk),
 }
 
 
@@ -83,11 +97,11 @@ def _equals_single_process(rank, world, dtype, sparse, top_k):
     wg, wd = make_weights(experts, hidden, ffn, dtype, sparse)
     local_gu, local_d = shard_experts(wg), shard_experts(wd)
     tol = 1e-12 if dtype == torch.float64 else 1e-2
-    for name, (tokens, skew) in SCENARIOS.items():
+    for name, (tokens, routing) in SCENARIOS.items():
         g = torch.Generator().manual_seed(1000 * rank + len(name))
         t = tokens(rank)
         x = torch.randn(t, hidden, generator=g, dtype=torch.float64).to(dtype)
-        ids = random_topk(t, experts, top_k, g, skew=skew)
+        ids = routing(t, world, experts // world, top_k, g)
         w = torch.rand(t, top_k, generator=g, dtype=torch.float64).to(dtype)
         out = ep_moe(x, ids, w, local_gu, local_d)
         ref = hare.moe(x, ids, w, wg, wd)
@@ -104,17 +118,25 @@ def mismatched_shards(rank, world, queue):
     ep_moe(torch.randn(4, 8), ids, torch.ones(4, 1), wg, wd)
 
 
-def peer_dies_or_hangs(rank, world, queue, mode, timeout_s):
-    group = ep_group(timeout_s=timeout_s)
-    wg, wd = make_weights(2 * world, 16, 16, torch.float32, False)
+def peer_dies_or_hangs(rank, world, queue, mode, timeout_s, signal_file):
+    """Rank 1 exits while the group is being set up ("dies_in_setup"), right after it ("dies", racing rank 0's own
+    setup or its first collective), or sleeps ("hangs"); rank 0 must raise DistributedError, whatever the timing."""
     if rank == 1:
+        if mode == "dies_in_setup":
+            while not os.path.exists(signal_file):  # rank 0 is past the default group's setup
+                time.sleep(0.01)
+            os._exit(3)
+        ep_group(timeout_s=timeout_s)
         if mode == "dies":
             os._exit(3)
         time.sleep(10 * timeout_s)  # hangs
         return
-    x, ids = torch.randn(8, 16), torch.randint(0, 2 * world, (8, 1))
     t0 = time.monotonic()
+    open(signal_file, "w").close()
     try:
+        group = ep_group(timeout_s=timeout_s)
+        wg, wd = make_weights(2 * world, 16, 16, torch.float32, False)
+        x, ids = torch.randn(8, 16), torch.randint(0, 2 * world, (8, 1))
         ep_moe(x, ids, torch.ones(8, 1), shard_experts(wg, group), shard_experts(wd, group), group=group)
     except hare.DistributedError as e:
         queue.put((rank, f"DistributedError after {time.monotonic() - t0:.1f}s: {e}"))

@@ -42,11 +42,11 @@ def _step_phases(x, ids, w, gu, dn, group) -> tuple[float, float, float, int, in
     dispatch and in the combine."""
     dev = x.device
     t0 = _now(dev)
-    d = dispatch(x, ids, gu, dn, group)
+    d = dispatch(x, ids, w, gu, dn, group)
     t1 = _now(dev)
-    y = run_local_experts(d, gu, dn)
+    partials = run_local_experts(d, gu, dn)
     t2 = _now(dev)
-    combine(y, d, w, group)
+    combine(partials, d, group)
     t3 = _now(dev)
     return ((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, *d.peer_bytes())
 
