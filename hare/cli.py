@@ -69,13 +69,15 @@ def main(ctx: typer.Context,
 def demo(tokens: int = typer.Option(512, min=1, help="tokens to route through the layer"),
          device: str = typer.Option(None, help="cuda or cpu (default: cuda if present)"),
          seed: int = typer.Option(0, help="random seed"),
-         model: bool = typer.Option(True, help="also run a small transformers MoE model patched dense and pruned")):
+         model: bool = typer.Option(True, help="also run a small transformers MoE model patched dense and pruned"),
+         small: bool = typer.Option(False, help="a smaller layer and model (seconds on a CPU)")):
     """A small MoE layer at Block 1:1/1:2/1:5/1:10 (nominal 50/25/10/5%) vs dense; then a small model end to end."""
     from .demo import run_demo, run_model_demo
 
-    run_demo(tokens=tokens, device=device, seed=seed)
+    size = "small" if small else "full"
+    run_demo(tokens=tokens, device=device, seed=seed, size=size)
     if model:
-        run_model_demo(device=device, seed=seed)
+        run_model_demo(device=device, seed=seed, size=size)
 
 
 def _read_text(path: Path, what: str) -> str:

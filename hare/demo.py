@@ -14,6 +14,13 @@ from .metrics import relative_error
 from .moe import backend, moe
 
 RATIOS = tuple(DENSITIES.values())
+# the layer and the model of each demo size; "small" runs in seconds on a CPU (the CLI test uses it)
+LAYER_SIZES = {"full": dict(experts=8, top_k=2, hidden=256, ffn=512),
+               "small": dict(experts=4, top_k=2, hidden=128, ffn=256)}
+MODEL_SIZES = {"full": dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_experts=16,
+                            num_experts_per_tok=4, head_dim=32),
+               "small": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_experts=8,
+                             num_experts_per_tok=2, head_dim=16)}
 
 
 def synthetic_weight(shape, generator: torch.Generator) -> torch.Tensor:
@@ -55,8 +62,11 @@ def stored_density(weights) -> float:
     return sum(w.density * w.shape.numel() for w in weights) / sum(w.shape.numel() for w in weights)
 
 
-def run_demo(tokens: int = 512, experts: int = 8, top_k: int = 2, hidden: int = 256, ffn: int = 512,
-             device: str | None = None, seed: int = 0, console: Console | None = None) -> list[dict]:
+def run_demo(tokens: int = 512, device: str | None = None, seed: int = 0, console: Console | None = None,
+             size: str = "full") -> list[dict]:
+    """The layer of ``LAYER_SIZES[size]`` dense and at every ratio, magnitude- and activation-aware-pruned: one row
+    each (stored density, bytes, error against dense, time)."""
+    experts, top_k, hidden, ffn = (LAYER_SIZES[size][key] for key in ("experts", "top_k", "hidden", "ffn"))
     console = console or Console()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -106,16 +116,16 @@ def run_demo(tokens: int = 512, experts: int = 8, top_k: int = 2, hidden: int = 
 
 
 def run_model_demo(model_type: str = "qwen3_moe", new_tokens: int = 8, device: str | None = None, seed: int = 0,
-                   console: Console | None = None) -> list[dict]:
-    """A random small ``model_type`` model: transformers' experts, Hare dense, Hare at 50/25/10% (activation-aware
-    from calibration tokens). Agreement: greedy tokens equal to transformers' and logits error on held-out tokens."""
+                   console: Console | None = None, size: str = "full") -> list[dict]:
+    """A random small ``model_type`` model (``MODEL_SIZES[size]``): transformers' experts, Hare dense, Hare at
+    50/25/10% (activation-aware from calibration tokens). Agreement: greedy tokens equal to transformers' and logits
+    error on held-out tokens."""
     from .models import HareExperts, calibrate, experts_modules, patch
     from .models.configs import tiny_model
 
     console = console or Console()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    overrides = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_experts=16,
-                     num_experts_per_tok=4, head_dim=32)
+    overrides = MODEL_SIZES[size]
     gen = torch.Generator().manual_seed(seed)
 
     def make():

@@ -20,10 +20,14 @@ def test_help_lists_commands():
 
 
 def test_demo_runs_from_the_command_line():
-    proc = subprocess.run([sys.executable, "-m", "hare.cli", "demo", "--tokens", "64"], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "1:10" in proc.stdout and "activation-aware" in proc.stdout
+    result = CliRunner().invoke(app, ["demo", "--small", "--tokens", "64", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "1:10" in out and "activation-aware" in out and "4 experts, top-2, hidden 128, ffn 256, 64 tokens" in out
+    assert "Hare demo, end to end" in out and "8 experts, top-2, hidden 64" in out  # the small model ran too
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.startswith("│ hare ")}
+    assert list(rows) == ["hare dense", "hare 1:1", "hare 1:2", "hare 1:5"]
+    assert "0.00e+00" in rows["hare dense"] and "100%" in rows["hare dense"]  # patched dense: the same logits, tokens
 
 
 def test_demo_table_measures_real_effects():
