@@ -16,6 +16,16 @@ CHUNK_ELEMS = 1 << 28  # weight entries sparsified or densified at once: bounds 
 
 
 # ------------------------------------------------------------------------------------------ timing
+def event_ms(fn) -> float:
+    """ms of one ``fn()`` on the current CUDA stream, between two events."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
+
+
 def median_ms(fn, device, warmup: int = 2, reps: int = 5) -> float:
     """Median time of ``fn()`` in ms after ``warmup`` calls: CUDA events on a GPU, the host clock elsewhere."""
     device = torch.device(device)
@@ -24,12 +34,7 @@ def median_ms(fn, device, warmup: int = 2, reps: int = 5) -> float:
     times = []
     for _ in range(reps):
         if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
+            times.append(event_ms(fn))
         else:
             t0 = time.perf_counter()
             fn()
@@ -68,12 +73,7 @@ class Timer:
         times = []
         for _ in range(reps):
             self.flush.zero_()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
+            times.append(event_ms(replay))
         times.sort()
         return times[len(times) // 2]
 
@@ -89,13 +89,7 @@ def measure_ceilings(device) -> dict:
     nbytes = 2 * src.numel() * 4
     times = [t.time_graph(lambda: dst.copy_(src), budget_s=0.1),
              t.time_graph(lambda: torch.mul(src, 1.0, out=dst), budget_s=0.1)]
-    for _ in range(2):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
+    times += [event_ms(lambda: dst.copy_(src)) for _ in range(2)]
     copy_tbps = nbytes / (min(times) * 1e-3) / 1e12
     out = torch.empty((), device=device)
     read_ms = t.time_graph(lambda: torch.sum(src, dim=0, out=out), budget_s=0.1)
