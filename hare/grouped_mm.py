@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .blocknm import BlockNM
-from .reference import glu
+from .activations import glu
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 ALIGN = 8  # grouped GEMM operands need 16-byte rows: bf16 dims that are multiples of 8

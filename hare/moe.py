@@ -13,10 +13,11 @@ import warnings
 import torch
 
 from ._checks import check_float, check_int, check_same_device, check_topk_ids
-from .blocknm import PANEL, BlockNM
+from .blocknm import BlockNM
 from .errors import InvalidArgumentError
 from . import grouped_mm
-from .reference import ACTIVATIONS, glu_function, reference_moe
+from .activations import glu_function
+from .reference import reference_moe
 
 
 def _check_weight(name: str, w, experts: int | None, rows: int | None, cols: int, x_dtype: torch.dtype):
@@ -90,28 +91,15 @@ def backend(x: torch.Tensor, w_gate_up, w_down, activation: str = "silu", biased
     not the kernels)."""
     if not x.is_cuda:
         return "reference", f"tensors on {x.device}"
-    if activation not in ACTIVATIONS or biased:
-        why = (f"the Hopper kernels compute {'/'.join(ACTIVATIONS)} gated experts without biases; this layer has "
-               f"activation {activation!r}{' and expert biases' if biased else ''}")
-        ok, why_not = grouped_mm.available(x, w_gate_up, w_down)
-        return ("grouped_mm", why) if ok else ("reference", f"{why}; {why_not}")
-    if x.dtype != torch.bfloat16:
-        return "reference", f"the Hopper kernels take bf16, got {x.dtype}"
-    for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
-        if isinstance(w, BlockNM) and w.dtype != torch.bfloat16:
-            return "reference", f"the Hopper kernels take bf16 {name} values, got {w.dtype}"
     from . import gpu
 
-    ok, why = gpu.availability(x.device)
-    if not ok:
-        return "reference", why
-    hidden, ffn = x.shape[1], w_down.shape[2]
-    if hidden % gpu.K_ALIGN or ffn % gpu.K_ALIGN:
-        return "reference", f"hidden {hidden} and ffn {ffn} must be multiples of {gpu.K_ALIGN} for the Hopper kernels"
-    if isinstance(w_gate_up, BlockNM) and ffn % PANEL:
-        return "reference", (f"ffn {ffn} is not a multiple of {PANEL}: a Block N:M gate/up panel would mix gate and up "
-                             "rows, which the Hopper kernels do not take")
-    return "hopper", ""
+    if activation not in gpu.FUSED_ACTIVATIONS or biased:
+        why = (f"the Hopper kernels compute {'/'.join(gpu.FUSED_ACTIVATIONS)} gated experts without biases; this "
+               f"layer has activation {activation!r}{' and expert biases' if biased else ''}")
+        ok, why_not = grouped_mm.available(x, w_gate_up, w_down)
+        return ("grouped_mm", why) if ok else ("reference", f"{why}; {why_not}")
+    why = gpu.unsupported(x, w_gate_up, w_down, activation)
+    return ("reference", why) if why else ("hopper", "")
 
 
 def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_gate_up, w_down,
@@ -122,7 +110,7 @@ def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_g
     x (T, hidden); topk_ids, topk_weights (T, k); w_gate_up (E, 2·ffn, hidden) with the gate in rows [0:ffn] and
     the up projection in [ffn:2·ffn]; w_down (E, hidden, ffn). Weights are dense tensors or ``BlockNM``;
     ``activation`` is "silu" or "gelu" (tanh), or a clamped gated unit: "clamped-silu:limit=L", "gpt-oss"
-    (GPT-OSS's clamped SwiGLU), "gpt-oss:alpha=A,limit=L" (``reference.glu_function``).
+    (GPT-OSS's clamped SwiGLU), "gpt-oss:alpha=A,limit=L" (``activations.glu_function``).
     Optional expert biases ``gate_up_bias`` (E, 2·ffn) and ``down_bias`` (E, hidden) are added after each
     projection, before the routing weight (on a GPU such layers run on the grouped GEMM path). Returns (T, hidden)
     in x's dtype.
@@ -130,15 +118,16 @@ def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_g
     bitwise-reproducible outputs.
     ``check_ids=False`` skips the range and duplicate check of ``topk_ids``, which reads values back to the host
     (a sync per call on GPU); only for callers whose ids come from a top-k over the experts, such as a model's
-    own router (``hare.patch`` passes it). Out-of-range ids are then undefined behaviour on the GPU path.
+    own router (``hare.patch`` passes it). Out-of-range ids then give wrong results (the kernels clamp them into
+    range: never a bad memory access).
     """
     check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, check_ids, gate_up_bias, down_bias)
     path, why = backend(x, w_gate_up, w_down, activation, gate_up_bias is not None or down_bias is not None)
-    if path == "hopper":
-        from .gpu import fused_moe
+    if path == "hopper":  # arguments checked above, once: the kernels' unchecked entry
+        from .gpu import run_fused_moe
 
-        return fused_moe(x, topk_ids, topk_weights, _contiguous(w_gate_up), _contiguous(w_down), activation,
-                         deterministic)
+        return run_fused_moe(x, topk_ids, topk_weights, _contiguous(w_gate_up), _contiguous(w_down), activation,
+                             deterministic)
     if x.is_cuda and why not in _warned:
         _warned.add(why)
         name = "PyTorch's grouped GEMM" if path == "grouped_mm" else "the reference path"

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from hare.gpu import _build
+from hare.gpu import _build, plan
 
 NVCC = _build.find_nvcc()
 
@@ -24,7 +24,7 @@ def test_all_kernels_compile_for_sm90a(tmp_path):
     assert not any(c in data for c in checks), "the release build must not"
     data = out.read_bytes()
     assert data[:4] == b"\x7fELF"
-    for name in _build.KERNEL_NAMES:
+    for name in plan.kernel_names():
         assert name.encode() in data, f"kernel {name} missing from the cubin"
         assert f"Compiling entry function '{name}' for 'sm_90a'" in report, name
     # the matrix kernels must use the Hopper tensor-core path (wgmma -> HGMMA in SASS) and honour setmaxnreg
@@ -38,3 +38,20 @@ def test_all_kernels_compile_for_sm90a(tmp_path):
     if sass:
         assert "HGMMA" in sass
         assert re.search(r"UTMALDG", sass), "weight tiles should be loaded by TMA"
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+def test_shared_memory_of_every_gemm_variant_matches_the_plan(tmp_path):
+    """The plan's shared-memory size for each GEMM variant equals GemmConfig<BN, SPARSE>::kSmemBytes, read back from a
+    host program compiled against the kernel headers (the kernel traps if launched with less)."""
+    for name, text in plan.generated_sources().items():
+        (tmp_path / name).write_text(text)
+    variants = [(n, sp) for n in plan.TILE_NS for sp in (False, True)]
+    prints = "".join(f'  std::printf("%d\\n", hare::GemmConfig<{n}, {"true" if sp else "false"}>::kSmemBytes);\n'
+                     for n, sp in variants)
+    (tmp_path / "smem.cu").write_text(f'#include <cstdio>\n#include "moe_gemm.cuh"\nint main() {{\n{prints}}}\n')
+    exe = tmp_path / "smem"
+    subprocess.run([NVCC, *_build.ARCH_FLAGS, "-std=c++17", "-I", str(_build.CSRC), "-I", str(tmp_path), "-o", str(exe),
+                    str(tmp_path / "smem.cu")], check=True, capture_output=True, timeout=600)
+    got = [int(v) for v in subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()]
+    assert got == [plan.gemm_smem_bytes(n, sp) for n, sp in variants]

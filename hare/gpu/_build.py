@@ -1,7 +1,9 @@
 """Build the CUDA sources of ``hare/gpu/csrc`` into one sm_90a cubin, cached on disk.
 
-The cache key is the SHA-256 of every source file, the nvcc command line and ``nvcc --version``: never the token
-count, the routing or anything else known only at run time, so serving never recompiles. ``HARE_DEBUG=1`` builds
+The sources are ``csrc/`` plus what ``plan.generated_sources`` writes from the Python tables (the kernels' argument
+structs and GEMM entry points). The cache key is the SHA-256 of every source, generated ones included, the nvcc
+command line and ``nvcc --version``: never the token count, the routing or anything else known only at run time,
+so serving never recompiles. ``HARE_DEBUG=1`` builds
 (and caches apart) a debug cubin whose kernels check every index they turn into an address and trap with a
 message naming it (``HARE_DEVICE_CHECK`` in ``csrc/common.cuh``). The cache lives in
 ``$HARE_CACHE_DIR`` (default ``~/.cache/hare/kernels``); a build writes a temporary file and renames it, so
@@ -15,7 +17,10 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
+
+from . import plan
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 MAIN_SOURCE = "hare_kernels.cu"
@@ -27,18 +32,6 @@ DEBUG_FLAGS = ("-DHARE_DEBUG=1",)
 def debug_build() -> bool:
     """Whether this process uses the checked debug kernels (HARE_DEBUG=1)."""
     return os.environ.get("HARE_DEBUG") == "1"
-
-#: Every kernel entry point in the cubin (the compile test checks each one is there).
-GEMM_KINDS = ("gateup_silu", "gateup_gelu", "down_det", "down_fast")
-BLOCK_NS = (16, 32, 64, 128)
-KERNEL_NAMES = (
-    "hare_layout_count",
-    "hare_layout_scatter",
-    "hare_combine",
-    "hare_glu_combine_silu",
-    "hare_glu_combine_gelu",
-    *(f"hare_{kind}{sp}_bn{bn}" for kind in GEMM_KINDS for sp in ("", "_sp") for bn in BLOCK_NS),
-)
 
 
 def find_nvcc() -> str | None:
@@ -68,6 +61,9 @@ def cache_key(nvcc: str, extra_flags: tuple[str, ...] = ()) -> str:
     for p in source_files():
         h.update(p.name.encode())
         h.update(p.read_bytes())
+    for name, text in sorted(plan.generated_sources().items()):
+        h.update(name.encode())
+        h.update(text.encode())
     h.update(" ".join(NVCC_FLAGS + extra_flags).encode())
     h.update(_nvcc_version(nvcc).encode())
     return h.hexdigest()[:24]
@@ -79,10 +75,14 @@ def cache_dir() -> Path:
 
 def compile_cubin(out_path: Path, nvcc: str, extra_flags: tuple[str, ...] = (), verbose: bool = False) -> str:
     """Compile the kernels to ``out_path``; returns nvcc's output (the -Xptxas -v report when verbose)."""
-    cmd = [nvcc, *NVCC_FLAGS, *extra_flags, "-I", str(CSRC), "-o", str(out_path), str(CSRC / MAIN_SOURCE)]
-    if verbose:
-        cmd.insert(1, "-Xptxas=-v")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(prefix="hare-gen-") as gen:
+        for name, text in plan.generated_sources().items():  # the argument structs and GEMM entry points
+            Path(gen, name).write_text(text)
+        cmd = [nvcc, *NVCC_FLAGS, *extra_flags, "-I", str(CSRC), "-I", gen, "-o", str(out_path),
+               str(CSRC / MAIN_SOURCE)]
+        if verbose:
+            cmd.insert(1, "-Xptxas=-v")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout + proc.stderr

@@ -1,22 +1,20 @@
 """Load the cubin and launch its kernels with the CUDA driver API (cuda.bindings), on torch's current stream.
 
 Imported lazily (only when a kernel runs): a CPU-only machine without cuda-bindings can import hare.gpu.
-Kernel arguments are packed once per call into ctypes structures that mirror the C++ parameter structs, and the
-``void**`` argument array is handed to cuLaunchKernel as a raw address. TMA descriptors (CUtensorMap, 128 bytes)
+Kernel argument structs are packed from their one table (``plan.py``; the C++ side is generated from it) into
+byte buffers, and the ``void**`` argument array is handed to cuLaunchKernelEx as a raw address. TMA descriptors (CUtensorMap, 128 bytes)
 are encoded with cuTensorMapEncodeTiled and cached per weight tensor (pointer, shape, strides, box).
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
-import struct
 import threading
 
 import torch
 from cuda.bindings import driver as cu
 
-from . import _build
+from . import _build, plan
 
 _lock = threading.Lock()
 _modules: dict[int, "_Module"] = {}
@@ -30,115 +28,10 @@ def _check(result, what: str):
     return result[1:] if len(result) > 2 else (result[1] if len(result) == 2 else None)
 
 
-# ---------------------------------------------------------------- parameter structs (mirror csrc)
-class GemmParams(ctypes.Structure):
-    _fields_ = [
-        ("b_src", ctypes.c_void_p),
-        ("out", ctypes.c_void_p),
-        ("gather_index", ctypes.c_void_p),
-        ("row_assignment", ctypes.c_void_p),
-        ("topk_weights", ctypes.c_void_p),
-        ("block_expert", ctypes.c_void_p),
-        ("block_start", ctypes.c_void_p),
-        ("block_height", ctypes.c_void_p),
-        ("num_blocks", ctypes.c_void_p),
-        ("block_idx", ctypes.c_void_p),
-        ("out_split_stride", ctypes.c_longlong),
-        ("K", ctypes.c_int),
-        ("M", ctypes.c_int),
-        ("a_rows_per_expert", ctypes.c_int),
-        ("a_box1_offset", ctypes.c_int),
-        ("m_tile", ctypes.c_int),
-        ("num_m", ctypes.c_int),
-        ("splits", ctypes.c_int),
-        ("k_blocks_per_split", ctypes.c_int),
-        ("top_k", ctypes.c_int),
-        ("num_rows", ctypes.c_int),
-        ("group", ctypes.c_int),
-        ("k_stages", ctypes.c_int),
-        ("kept", ctypes.c_int),
-        ("bw_log2", ctypes.c_int),
-        ("panels", ctypes.c_int),
-        ("shared_b", ctypes.c_int),
-        ("num_experts", ctypes.c_int),
-        ("num_slots", ctypes.c_int),
-    ]
-
-
-class LayoutParams(ctypes.Structure):
-    _fields_ = [
-        ("topk_ids", ctypes.c_void_p),
-        ("counts", ctypes.c_void_p),
-        ("offsets", ctypes.c_void_p),
-        ("gather_index", ctypes.c_void_p),
-        ("row_assignment", ctypes.c_void_p),
-        ("assignment_row", ctypes.c_void_p),
-        ("block_expert", ctypes.c_void_p),
-        ("block_start", ctypes.c_void_p),
-        ("block_height", ctypes.c_void_p),
-        ("num_blocks", ctypes.c_void_p),
-        ("tile_base", ctypes.c_void_p),
-        ("ticket", ctypes.c_void_p),
-        ("ids_is_64", ctypes.c_int),
-        ("num_rows", ctypes.c_int),
-        ("top_k", ctypes.c_int),
-        ("num_experts", ctypes.c_int),
-        ("block", ctypes.c_int),
-        ("num_slots", ctypes.c_int),
-        ("tile_items", ctypes.c_int),
-        ("num_tiles", ctypes.c_int),
-    ]
-
-
-class CombineParams(ctypes.Structure):
-    _fields_ = [
-        ("y", ctypes.c_void_p),
-        ("out", ctypes.c_void_p),
-        ("split_stride", ctypes.c_longlong),
-        ("num_tokens", ctypes.c_int),
-        ("hidden", ctypes.c_int),
-        ("top_k", ctypes.c_int),
-        ("splits", ctypes.c_int),
-    ]
-
-
-# Fast packing (ctypes.Structure construction costs several us per launch): struct formats with the same
-# layout as the ctypes mirrors above (checked at import).
-_GEMM_FMT = struct.Struct("<10Qq18i")
-_LAYOUT_FMT = struct.Struct("<12Q8i")
-_COMBINE_FMT = struct.Struct("<2Qq4i")
-_GLU_FMT = struct.Struct("<2Qq3i4x")  # GluCombineParams: part, h, split_stride, num_rows, ffn, splits
-assert _GEMM_FMT.size == ctypes.sizeof(GemmParams)
-assert _LAYOUT_FMT.size == ctypes.sizeof(LayoutParams)
-assert _COMBINE_FMT.size == ctypes.sizeof(CombineParams)
-
-
-def gemm_params(*values) -> ctypes.Array:
-    return ctypes.create_string_buffer(_GEMM_FMT.pack(*values), _GEMM_FMT.size)
-
-
-def layout_params(*values) -> ctypes.Array:
-    return ctypes.create_string_buffer(_LAYOUT_FMT.pack(*values), _LAYOUT_FMT.size)
-
-
-def combine_params(*values) -> ctypes.Array:
-    return ctypes.create_string_buffer(_COMBINE_FMT.pack(*values), _COMBINE_FMT.size)
-
-
-def glu_params(*values) -> ctypes.Array:
-    return ctypes.create_string_buffer(_GLU_FMT.pack(*values), _GLU_FMT.size)
-
-
-def gemm_smem_bytes(bn: int, sparse: bool = False) -> int:
-    """Mirror of GemmConfig<BN, SPARSE>::kSmemBytes in moe_gemm.cuh (the kernel traps if given less)."""
-    limit = 232448
-    if sparse:  # compressed A boxes, a token tile per box, metadata boxes
-        stage, max_stages = 256 * 32 * 2 + 2 * bn * 64 * 2 + 2 * 1024, 8
-    else:
-        stage, max_stages = 256 * 64 * 2 + bn * 64 * 2, 6
-    epi, aux, bars = 2 * bn * 128, 2 * bn * 8, 256
-    stages = min(max_stages, (limit - epi - aux - bars) // stage)
-    return stages * stage + epi + aux + bars
+def params(struct: "plan.ParamStruct", *values) -> ctypes.Array:
+    """A kernel argument struct (its table in plan.py) packed into a buffer passed by value to cuLaunchKernelEx."""
+    data = struct.pack(*values)
+    return ctypes.create_string_buffer(data, len(data))
 
 
 # ---------------------------------------------------------------- module per device
@@ -157,7 +50,7 @@ class _Module:
             self.module = _check(cu.cuModuleLoadData(image), "cuModuleLoadData")
             self.functions: dict[str, object] = {}
             self.smem_set: dict[str, int] = {}
-            self.configs: dict[tuple[int, int, int, int], object] = {}  # launch configs by (grid, block, smem, stream)
+            self.configs: dict[tuple, object] = {}  # launch configs by (grid, block, smem, stream, pdl)
             props = torch.cuda.get_device_properties(device_index)
             self.num_sms = props.multi_processor_count
             # layout ticket: zero once here, reset to zero by the kernel that uses it
@@ -175,27 +68,29 @@ class _Module:
         return fn
 
 
-    def launch(self, name: str, grid: int, block: int, smem: int, stream: int, *params) -> None:
-        """Launch kernel `name` with ctypes objects `params` (passed by value) on CUDA stream handle `stream`."""
+    def launch(self, name: str, grid: int, block: int, smem: int, stream: int, pdl: bool, *params) -> None:
+        """Launch kernel `name` with ctypes objects `params` (passed by value) on CUDA stream handle `stream`, with
+        programmatic dependent launch when `pdl`."""
         fn = self.functions.get(name)
         if fn is None or (smem > 48 * 1024 and self.smem_set.get(name, 0) < smem):
             fn = self.function(name, smem)
         ptrs = (ctypes.c_void_p * len(params))(*[ctypes.addressof(p) for p in params])
-        key = (grid, block, smem, stream)
+        key = (grid, block, smem, stream, pdl)
         config = self.configs.get(key)
         if config is None:
-            config = self.configs[key] = _launch_config(grid, block, smem, stream)
+            config = self.configs[key] = _launch_config(grid, block, smem, stream, pdl)
         err = cu.cuLaunchKernelEx(config, fn, ctypes.addressof(ptrs), 0)
         if err[0] != _SUCCESS:
             raise RuntimeError(f"cuLaunchKernelEx({name}) failed: {err[0]}")
 
 
-def _launch_config(grid: int, block: int, smem: int, stream: int):
-    """A 1-D launch with programmatic stream serialization (the kernels' griddepcontrol, common.cuh), so under CUDA
-    graphs and eagerly a kernel's prologue overlaps the previous kernel's tail instead of waiting for it to drain."""
+def _launch_config(grid: int, block: int, smem: int, stream: int, pdl: bool):
+    """A 1-D launch, with programmatic stream serialization when `pdl` (the kernels' griddepcontrol, common.cuh), so
+    under CUDA graphs and eagerly a kernel's prologue overlaps the previous kernel's tail instead of waiting for it
+    to drain."""
     attr = cu.CUlaunchAttribute()
     attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-    attr.value.programmaticStreamSerializationAllowed = int(PROGRAMMATIC_LAUNCH)
+    attr.value.programmaticStreamSerializationAllowed = int(pdl)
     config = cu.CUlaunchConfig()
     config.gridDimX, config.gridDimY, config.gridDimZ = grid, 1, 1
     config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
@@ -205,8 +100,6 @@ def _launch_config(grid: int, block: int, smem: int, stream: int):
 
 
 _SUCCESS = cu.CUresult.CUDA_SUCCESS
-# Programmatic dependent launch for every kernel; HARE_PDL=0 launches them plainly (to compare, or to rule it out).
-PROGRAMMATIC_LAUNCH = os.environ.get("HARE_PDL", "1") != "0"
 
 
 def current_stream(device: torch.device) -> int:
@@ -218,8 +111,6 @@ def current_stream(device: torch.device) -> int:
 def module(device: torch.device) -> _Module:
     idx = device.index if device.index is not None else torch.cuda.current_device()
     m = _modules.get(idx)
-    if m is not None:
-        return m
     if m is None:
         with _lock:
             m = _modules.get(idx)
@@ -231,11 +122,6 @@ def module(device: torch.device) -> _Module:
                 m = _Module(idx)
                 _modules[idx] = m
     return m
-
-
-def launch(device: torch.device, name: str, grid: int, block: int, smem: int, *params) -> None:
-    """Launch kernel `name` with ctypes objects `params` (each passed by value) on torch's current stream."""
-    module(device).launch(name, grid, block, smem, current_stream(device), *params)
 
 
 # ---------------------------------------------------------------- TMA descriptors

@@ -9,7 +9,7 @@ Most such modules are declared with transformers' ``use_experts_implementation``
 (transposed, interleaved gate/up, biases, gated or not, post-expert norm) on the module: Hare reads any of them by
 those flags, whatever the class, and finds the gated unit by evaluating the module's own ``_apply_gate`` on a
 probe. A module fits when it is gated, has no post-expert norm and its gated unit is one of Hare's
-(``reference.glu_function``: SiLU or tanh-GELU gating, clamped SiLU, GPT-OSS's clamped SwiGLU). ``ARCHITECTURES``
+(``activations.glu_function``: SiLU or tanh-GELU gating, clamped SiLU, GPT-OSS's clamped SwiGLU). ``ARCHITECTURES``
 lists the models the test suite checks whole at a tiny random configuration (dense patch equals the original
 logits); the suite also checks every standard experts class of the installed transformers as a module.
 """
@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from ..errors import HareError
-from ..reference import ACTIVATION_FORMS, ACTIVATIONS, GPT_OSS_ALPHA, glu_function
+from ..activations import ACTIVATION_FORMS, ACTIVATIONS, GPT_OSS_ALPHA, glu_function
 
 
 class UnsupportedModelError(HareError, ValueError):
@@ -32,7 +32,7 @@ class UnsupportedModelError(HareError, ValueError):
 @dataclass
 class ExpertWeights:
     """One experts module's weights in Hare's layout: gate_up (E, 2F, H) with the gate rows first, down (E, H, F),
-    optional biases (E, 2F) and (E, H), and the name of its gated unit (``reference.glu_function``)."""
+    optional biases (E, 2F) and (E, H), and the name of its gated unit (``activations.glu_function``)."""
 
     gate_up: torch.Tensor
     down: torch.Tensor
@@ -185,7 +185,7 @@ def _match(what: str, apply_gate, concatenated: bool, candidates) -> str:
 
 
 def glu_name(module) -> str:
-    """Hare's name (``reference.glu_function``) of the gated unit that the module's ``_apply_gate`` computes."""
+    """Hare's name (``activations.glu_function``) of the gated unit that the module's ``_apply_gate`` computes."""
     return _match(f"{type(module).__name__}'s gated unit", module._apply_gate,
                   getattr(module, "is_concatenated", True), _candidates(module))
 

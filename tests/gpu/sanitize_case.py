@@ -4,38 +4,35 @@ import torch
 
 import hare
 import hare.gpu as hg
-from hare.gpu import ops
+from hare.gpu.plan import TILE_NS
 from tests.gpu.moe_cases import make_routing, make_weights, make_x, reference, rel_err
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.manual_seed(0)
 
 
-def check(label, x, ids, w, w_gate_up, w_down):
+def check(label, x, ids, w, w_gate_up, w_down, config):
     """Both combine modes of fused_moe against the float32 reference on the dense equivalent of the weights."""
     dense = [t.to_dense() if isinstance(t, hare.BlockNM) else t for t in (w_gate_up, w_down)]
     for det in (True, False):
-        out = hg.fused_moe(x, ids, w, w_gate_up, w_down, deterministic=det)
+        out = hg.fused_moe(x, ids, w, w_gate_up, w_down, deterministic=det, config=config)
         torch.cuda.synchronize()
         err = rel_err(out, reference(x, ids, w, *dense))
         print(f"sanitize {label} det={det}: rel err {err:.2e}")
         assert err < 1e-2
 
 
-for bn, (T, H, F, E, k) in zip(ops.BLOCK_NS, [(3, 320, 192, 8, 2), (37, 256, 128, 6, 3), (150, 320, 192, 4, 2),
-                                             (300, 256, 256, 3, 2)]):
-    ops.choose_block_n = lambda R, E, bn=bn: bn
+for bn, (T, H, F, E, k) in zip(TILE_NS, [(3, 320, 192, 8, 2), (37, 256, 128, 6, 3), (150, 320, 192, 4, 2),
+                                        (300, 256, 256, 3, 2)]):
     check(f"case bn={bn} T={T}", make_x(T, H, "cuda"), *make_routing(T, E, k, "cuda", skew=1.0),
-          *make_weights(E, H, F, "cuda"))
+          *make_weights(E, H, F, "cuda"), hg.LaunchConfig(tile_n=bn))
 # K-split decode path (gate/up fp32 partials + glu combine, down splits)
-ops.choose_block_n = lambda R, E: 16
-assert ops.gateup_splits(4, 16, 16, 512, 1024 // 64, 132) > 1
-check("split case", make_x(2, 1024, "cuda"), *make_routing(2, 16, 2, "cuda"), *make_weights(16, 1024, 512, "cuda"))
+check("split case", make_x(2, 1024, "cuda"), *make_routing(2, 16, 2, "cuda"), *make_weights(16, 1024, 512, "cuda"),
+      hg.LaunchConfig(tile_n=16, gateup_splits=4, down_splits=4))
 # Block N:M: a partial last window and an odd kept count (H = 704 at 1:5, bw 16), a partial last panel of the
 # down projection (H % 128 = 64), every token tile, and a K-split decode
-for bn, (T, bnm, bw) in zip(ops.BLOCK_NS, [(3, (1, 5), 16), (37, (1, 2), 32), (150, (1, 1), 64), (300, (1, 10), 16)]):
-    ops.choose_block_n = lambda R, E, bn=bn: bn
+for bn, (T, bnm, bw) in zip(TILE_NS, [(3, (1, 5), 16), (37, (1, 2), 32), (150, (1, 1), 64), (300, (1, 10), 16)]):
     sparse = [hare.sparsify(t, bn=bnm[0], bm=bnm[1], bw=bw) for t in make_weights(6, 704, 256, "cuda")]
     check(f"sparse case bn={bn} T={T} {bnm} bw={bw}", make_x(T, 704, "cuda"), *make_routing(T, 6, 2, "cuda", skew=1.0),
-          *sparse)
+          *sparse, hg.LaunchConfig(tile_n=bn))
 print("SANITIZE_CASE_OK")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import hare.gpu as hg
-from hare.gpu import ops
+from hare.gpu.plan import TILE_NS
 
 from .moe_cases import (MODELS, check_graph_replay,
                          make_routing, make_weights, make_x, poison_allocator, reference, rel_err)
@@ -11,12 +11,13 @@ pytestmark = pytest.mark.gpu
 TOL = 1e-2
 
 
-def _run_check(T, H, F, E, k, activation="silu", deterministic=True, skew=0.0, only_expert=None, weights=None):
+def _run_check(T, H, F, E, k, activation="silu", deterministic=True, skew=0.0, only_expert=None, weights=None,
+               config=None):
     wgu, wd = weights if weights is not None else make_weights(E, H, F, "cuda")
     x = make_x(T, H, "cuda")
     ids, w = make_routing(T, E, k, "cuda", skew=skew, only_expert=only_expert)
     poison_allocator(8 * T * k * max(H, F) * 2 + (1 << 20), "cuda")
-    out = hg.fused_moe(x, ids, w, wgu, wd, activation=activation, deterministic=deterministic)
+    out = hg.fused_moe(x, ids, w, wgu, wd, activation=activation, deterministic=deterministic, config=config)
     torch.cuda.synchronize()
     assert out.shape == (T, H) and out.dtype == torch.bfloat16
     if T == 0:
@@ -41,12 +42,11 @@ def test_topk(k, deterministic):
     _run_check(200, 512, 384, 16, k, deterministic=deterministic)
 
 
-@pytest.mark.parametrize("bn", ops.BLOCK_NS)
+@pytest.mark.parametrize("bn", TILE_NS)
 @pytest.mark.parametrize("T", [1, 33, 1000])
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
-def test_every_block_n(monkeypatch, bn, T, activation):
-    monkeypatch.setattr(ops, "choose_block_n", lambda R, E: bn)
-    _run_check(T, 320, 192, 12, 3, activation=activation, skew=0.8)  # H % 256 != 0, F % 128 != 0
+def test_every_block_n(bn, T, activation):
+    _run_check(T, 320, 192, 12, 3, activation=activation, skew=0.8, config=hg.LaunchConfig(tile_n=bn))  # H % 256 != 0, F % 128 != 0
 
 
 def test_zero_tokens():
@@ -113,8 +113,7 @@ def test_availability_reports():
 
 @pytest.mark.parametrize("gsplits,dsplits", [(2, 1), (3, 2), (5, 4)])
 @pytest.mark.parametrize("deterministic", [True, False])
-def test_k_splits(monkeypatch, gsplits, dsplits, deterministic):
-    monkeypatch.setattr(ops, "gateup_splits", lambda *a: gsplits)
-    monkeypatch.setattr(ops, "down_splits", lambda *a: dsplits)
-    _run_check(7, 1280, 640, 16, 3, deterministic=deterministic)  # H/64 = 20, F/64 = 10 K blocks
-    _run_check(200, 1024, 768, 8, 2, activation="gelu", deterministic=deterministic)
+def test_k_splits(gsplits, dsplits, deterministic):
+    config = hg.LaunchConfig(gateup_splits=gsplits, down_splits=dsplits)
+    _run_check(7, 1280, 640, 16, 3, deterministic=deterministic, config=config)  # H/64 = 20, F/64 = 10 K blocks
+    _run_check(200, 1024, 768, 8, 2, activation="gelu", deterministic=deterministic, config=config)

@@ -8,7 +8,7 @@ import torch
 import hare
 import hare.gpu as hg
 from hare.blocknm import DENSITIES
-from hare.gpu import ops
+from hare.gpu.plan import TILE_NS
 
 from .moe_cases import (MODELS, check_graph_replay,
                          make_routing, make_weights, make_x, poison_allocator, reference, rel_err)
@@ -23,12 +23,12 @@ def sparse_weights(E, H, F, bn, bm, bw, gen=None):
     return hare.sparsify(wgu, bn=bn, bm=bm, bw=bw), hare.sparsify(wd, bn=bn, bm=bm, bw=bw)
 
 
-def check(T, H, F, E, k, weights, activation="silu", deterministic=True, skew=0.0, only_expert=None):
+def check(T, H, F, E, k, weights, activation="silu", deterministic=True, skew=0.0, only_expert=None, config=None):
     sgu, sd = weights
     x = make_x(T, H, "cuda")
     ids, w = make_routing(T, E, k, "cuda", skew=skew, only_expert=only_expert)
     poison_allocator(8 * T * k * max(H, F) * 2 + (1 << 20), "cuda")
-    out = hg.fused_moe(x, ids, w, sgu, sd, activation=activation, deterministic=deterministic)
+    out = hg.fused_moe(x, ids, w, sgu, sd, activation=activation, deterministic=deterministic, config=config)
     torch.cuda.synchronize()
     assert out.shape == (T, H) and out.dtype == torch.bfloat16
     if T == 0:
@@ -50,14 +50,14 @@ def test_every_ratio_and_block_width(bn, bm, bw, T):
     check(T, H, F, E, k, sparse_weights(E, H, F, bn, bm, bw), skew=1.0 if T == 700 else 0.0)
 
 
-@pytest.mark.parametrize("bn_tile", ops.BLOCK_NS)
+@pytest.mark.parametrize("bn_tile", TILE_NS)
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 @pytest.mark.parametrize("deterministic", [True, False])
-def test_every_token_tile(monkeypatch, bn_tile, activation, deterministic):
-    monkeypatch.setattr(ops, "choose_block_n", lambda R, E: bn_tile)
+def test_every_token_tile(bn_tile, activation, deterministic):
     weights = sparse_weights(12, 320, 256, 1, 2, 16)
     for T in (1, 33, 1000):
-        check(T, 320, 256, 12, 3, weights, activation=activation, deterministic=deterministic, skew=0.8)
+        check(T, 320, 256, 12, 3, weights, activation=activation, deterministic=deterministic, skew=0.8,
+              config=hg.LaunchConfig(tile_n=bn_tile))
 
 
 @pytest.mark.parametrize("model", list(MODELS))
@@ -91,12 +91,12 @@ def test_routing_edge_cases():
 
 @pytest.mark.parametrize("gsplits,dsplits", [(2, 1), (3, 2), (5, 4)])
 @pytest.mark.parametrize("deterministic", [True, False])
-def test_k_splits(monkeypatch, gsplits, dsplits, deterministic):
-    monkeypatch.setattr(ops, "gateup_splits", lambda *a: gsplits)
-    monkeypatch.setattr(ops, "down_splits", lambda *a: dsplits)
+def test_k_splits(gsplits, dsplits, deterministic):
+    config = hg.LaunchConfig(gateup_splits=gsplits, down_splits=dsplits)
     # 1:1 at bw 16: 20 and 10 stages of 64 kept columns; 1:5: 4 and 2 stages (splits larger than that are cut)
     for bn, bm in ((1, 1), (1, 5)):
-        check(7, 1280, 640, 16, 3, sparse_weights(16, 1280, 640, bn, bm, 16), deterministic=deterministic)
+        check(7, 1280, 640, 16, 3, sparse_weights(16, 1280, 640, bn, bm, 16), deterministic=deterministic,
+              config=config)
 
 
 def test_deterministic_is_bitwise_repeatable():
@@ -125,5 +125,5 @@ def test_bad_sparse_inputs_are_refused_before_any_kernel():
         hg.fused_moe(x, ids, w, wgu, hare.sparsify(wd, bn=1, bm=2, dtype=torch.float16))
     with pytest.raises(hare.InvalidArgumentError, match="stacked"):
         hg.fused_moe(x, ids, w, wgu, hare.sparsify(wd[0], bn=1, bm=2))
-    with pytest.raises(hare.InvalidArgumentError, match="shapes"):
+    with pytest.raises(hare.InvalidArgumentError, match="expected shape"):
         hg.fused_moe(x, ids, w, wgu, hare.sparsify(wd[:, :, :128].contiguous(), bn=1, bm=2))

@@ -3,18 +3,9 @@
 #pragma once
 #include <cuda_bf16.h>
 #include "epilogue.cuh"
+#include "hare_params.cuh"
 
 namespace hare {
-
-struct CombineParams {
-  const __nv_bfloat16* y;
-  __nv_bfloat16* out;
-  long long split_stride;
-  int num_tokens;
-  int hidden;
-  int top_k;
-  int splits;
-};
 
 __device__ __forceinline__ void combine(const CombineParams& p) {
   const int chunks_per_row = p.hidden / 8;
@@ -61,15 +52,6 @@ __device__ __forceinline__ void combine(const CombineParams& p) {
     *reinterpret_cast<uint4*>(p.out + t * p.hidden + c * 8) = o;
   }
 }
-
-struct GluCombineParams {
-  const float* part;   // (splits, R, 2F) fp32 partial gate | up sums
-  __nv_bfloat16* h;    // (R, F)
-  long long split_stride;
-  int num_rows;
-  int ffn;
-  int splits;
-};
 
 // h[r, f] = act(sum_s gate_s[r, f]) * sum_s up_s[r, f], splits summed in order (deterministic).
 template <int ACT>

@@ -11,31 +11,9 @@
 #pragma once
 #include <cstdint>
 #include "common.cuh"
+#include "hare_params.cuh"
 
 namespace hare {
-
-struct LayoutParams {
-  const void* topk_ids;
-  int* counts;          // (E,)
-  int* offsets;         // (E+1,)
-  int* gather_index;    // (R,)
-  int* row_assignment;  // (R,)
-  int* assignment_row;  // (R,)
-  int* block_expert;    // (B,)
-  int* block_start;     // (B,)
-  int* block_height;    // (B,)
-  int* num_blocks;      // (1,)
-  int* tile_base;       // (num_tiles, E) workspace
-  unsigned int* ticket; // (1,) zero at first use; the last CTA resets it
-  int ids_is_64;
-  int num_rows;
-  int top_k;
-  int num_experts;
-  int block;
-  int num_slots;
-  int tile_items;       // kLayoutTileItems (checked)
-  int num_tiles;
-};
 
 constexpr int kLayoutThreads = 256;
 constexpr int kLayoutWarps = kLayoutThreads / 32;

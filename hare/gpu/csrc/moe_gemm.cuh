@@ -28,46 +28,11 @@
 #include "gather.cuh"
 #include "scheduler.cuh"
 #include "epilogue.cuh"
+#include "hare_params.cuh"
 
 namespace hare {
 
 enum GemmKind : int { kGateUpSilu = 0, kGateUpGelu = 1, kDownDet = 2, kDownFast = 3 };
-
-// Kernel arguments (mirrored by a ctypes.Structure in hare/gpu/_launch.py: keep the order and types).
-struct GemmParams {
-  const __nv_bfloat16* b_src;   // gate/up: x (T, H); down: intermediate (R, F)
-  void* out;                    // gate/up: intermediate (R, F) bf16, or fp32 partials (splits, R, 2F) when split;
-                                // down det: Y (splits, R, H) bf16 or out (T, H);
-                                // down fast: fp32 accumulator (T, H)
-  const int* gather_index;      // (R,) source token of each sorted row
-  const int* row_assignment;    // (R,) flat t*k+j of each sorted row
-  const float* topk_weights;    // (T*k,) routing weights (down)
-  const int* block_expert;
-  const int* block_start;
-  const int* block_height;
-  const int* num_blocks;
-  const int* block_idx;         // sparse: (E, panels, kept) kept K-block indices of each 128-row weight panel
-  long long out_split_stride;   // elements between K-split slices of `out` (split gate/up, down det)
-  int K;                        // row length of b_src: H (gate/up) or F (down)
-  int M;                        // valid out-dim: F (gate/up) or H (down); also the row stride of `out`
-  int a_rows_per_expert;        // rows of one expert in the 2-D weight tensor map: 2F or H
-  int a_box1_offset;            // row offset of box 1: F (gate/up) or 128 (down)
-  int m_tile;                   // out-dim rows per M tile: 128 (gate/up) or 256 (down)
-  int num_m;                    // M tiles per expert
-  int splits;                   // K splits (decode: too few tiles to fill the GPU otherwise)
-  int k_blocks_per_split;       // pipeline stages (64 logical K columns each) per split
-  int top_k;
-  int num_rows;                 // R = T*k
-  int group;                    // M tiles per rasterization group (scheduler.cuh)
-  int k_stages;                 // stages over all of K: K / 64 (dense), ceil(kept * bw / 64) (sparse)
-  int kept;                     // sparse: kept K blocks per panel
-  int bw_log2;                  // sparse: log2 of the block width bw
-  int panels;                   // sparse: 128-row panels per expert
-  int shared_b;                 // sparse with every K block kept (1:1, pure 2:4): both boxes read the same columns,
-                                // so one token tile serves both (half the gathered bytes)
-  int num_experts;              // E (the debug build's index checks)
-  int num_slots;                // B: block slots of the layout (the debug build's index checks)
-};
 
 constexpr int kSmemLimit = 232448;  // 227 KB opt-in per block on sm_90
 constexpr int kProducerThreads = 128;

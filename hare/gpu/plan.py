@@ -1,0 +1,394 @@
+"""The launch plan of one fused MoE call: every choice ``hare.gpu`` makes before a kernel runs, as a frozen value.
+
+Python decides, the kernels receive. ``plan_moe`` computes from shapes and device facts alone (never the routing,
+never a host sync, so a plan holds for every call of a CUDA graph) the token tile, the K splits, the tile order,
+the shared memory, the kernel names and the workspace layout; ``hare.gpu.fused_moe`` allocates what the plan says
+and launches it. ``LaunchConfig`` overrides choices, for benchmarks and tests. Pure Python: tested on the CPU.
+
+Kernel variants: ``GEMM_KINDS`` x (dense, sparse) x ``TILE_NS`` GEMMs plus ``SMALL_KERNELS`` make the one table that
+``_build`` instantiates (``kernel_names``); ``gemm_kernel`` is the one function naming a GEMM.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ..errors import InvalidArgumentError
+from ..routing import max_blocks
+
+TILE_NS = (16, 32, 64, 128)  # token rows per GEMM tile (the wgmma N); one kernel variant each
+GEMM_KINDS = ("gateup_silu", "gateup_gelu", "down_det", "down_fast")
+FUSED_ACTIVATIONS = ("silu", "gelu")  # the gated units the gate/up epilogue computes (hare.activations names)
+SMALL_KERNELS = ("hare_layout_count", "hare_layout_scatter", "hare_combine",
+                 *(f"hare_glu_combine_{a}" for a in FUSED_ACTIVATIONS))
+K_ALIGN = 64  # hidden and ffn must be multiples of this: the K step of a pipeline stage
+GEMM_THREADS = 384  # two consumer warpgroups and one producer (moe_gemm.cuh)
+SMALL_THREADS = 256
+SMEM_LIMIT = 232448  # opt-in shared memory per block on sm_90
+LAYOUT_TILE_ITEMS = 2048  # (token, slot) assignments per layout CTA (kLayoutTileItems in layout.cuh)
+LAYOUT_SMEM_CAP = 200 * 1024
+SPLIT_MAX_ROWS = 4096  # K is split only up to this many rows (decode); above, a wave of tiles fills the GPU
+DEFAULT_RASTER = 8  # M tiles per rasterization group (scheduler.cuh)
+
+
+def gemm_kernel(kind: str, sparse: bool, tile_n: int) -> str:
+    """The entry point of a GEMM variant: hare_<kind>[_sp]_bn<tile_n>."""
+    return f"hare_{kind}{'_sp' if sparse else ''}_bn{tile_n}"
+
+
+def kernel_names() -> tuple[str, ...]:
+    """Every kernel entry point of the cubin."""
+    return (*SMALL_KERNELS, *(gemm_kernel(kind, sp, n) for kind in GEMM_KINDS for sp in (False, True) for n in TILE_NS))
+
+
+def gemm_smem_bytes(tile_n: int, sparse: bool) -> int:
+    """Dynamic shared memory of a GEMM variant: as many pipeline stages as fit (at most 8 sparse / 6 dense), the
+    epilogue staging, the per-row routing data and the barriers. GemmConfig<BN, SPARSE>::kSmemBytes in moe_gemm.cuh
+    computes the same (tests/test_kernels_compile.py compiles and compares both)."""
+    if sparse:  # compressed A boxes, a token tile per box, two metadata boxes
+        stage, max_stages = 256 * 32 * 2 + 2 * tile_n * 64 * 2 + 2 * 1024, 8
+    else:
+        stage, max_stages = 256 * 64 * 2 + tile_n * 64 * 2, 6
+    epi, aux, bars = 2 * tile_n * 128, 2 * tile_n * 8, 256
+    stages = min(max_stages, (SMEM_LIMIT - epi - aux - bars) // stage)
+    return stages * stage + epi + aux + bars
+
+
+def choose_block_n(num_rows: int, num_experts: int) -> int:
+    """Token rows per tile for a launch, from (tokens·k, experts) alone (never the routing): the smallest tile
+    >= twice the mean rows per touched expert, so a uniformly routed expert rarely spills into a second, nearly
+    empty block (each block re-reads the expert's weights); 128 for prefill."""
+    mean = num_rows / max(1, min(num_experts, num_rows))
+    return next((n for n in TILE_NS if n >= 2 * mean), TILE_NS[-1])
+
+
+def normalize_splits(splits: int, k_stages: int) -> int:
+    """The number of non-empty splits when k_stages are cut into chunks of ceil(k_stages / splits)."""
+    per = -(-k_stages // max(1, splits))
+    return -(-k_stages // per)
+
+
+def best_splits(tiles: int, k_stages: int, num_sms: int, max_splits: int = 16) -> int:
+    """K splits for `tiles` output tiles of k_stages stages. Only below one wave of tiles (decode): there the GPU
+    would be part idle, so K is split to minimise waves/splits on the persistent grid (plus a small per-split cost);
+    each split keeps >= 4 stages. From one wave up, splitting only adds partial-sum traffic."""
+    if tiles >= num_sms:
+        return 1
+    best, best_cost = 1, float("inf")
+    for s in range(1, max(1, min(max_splits, k_stages // 4)) + 1):
+        cost = -(-tiles * s // num_sms) / s + 0.02 * s
+        if cost < best_cost - 1e-9:
+            best, best_cost = s, cost
+    return normalize_splits(best, k_stages)
+
+
+def layout_supported(num_rows: int, num_experts: int) -> bool:
+    """Whether the layout kernels build this layout: the last CTA of layout_count holds a tiles x E table in shared
+    memory. Larger T·k·E take the torch-ops layout (no host sync either)."""
+    return 4 * (8 * num_experts + _layout_tiles(num_rows) * num_experts + 4 * num_experts) <= LAYOUT_SMEM_CAP
+
+
+def _layout_tiles(num_rows: int) -> int:
+    return -(-max(num_rows, 1) // LAYOUT_TILE_ITEMS)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Overrides of the plan's choices (None: let the plan choose). For benchmarks and tests; the defaults are
+    what serving uses."""
+
+    tile_n: int | None = None  # token rows per tile, one of TILE_NS
+    gateup_splits: int | None = None  # K splits of the gate/up GEMM (> 1: fp32 partials + hare_glu_combine)
+    down_splits: int | None = None  # K splits of the down GEMM
+    raster: int | None = None  # tile order of both GEMMs: > 0 M-grouped, < 0 block-grouped (scheduler.cuh)
+    programmatic_launch: bool = True  # programmatic dependent launch (common.cuh); False launches plainly
+
+    def __post_init__(self):
+        if self.tile_n is not None and self.tile_n not in TILE_NS:
+            raise InvalidArgumentError(f"LaunchConfig.tile_n: expected one of {TILE_NS}, got {self.tile_n!r}")
+        for name in ("gateup_splits", "down_splits"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise InvalidArgumentError(f"LaunchConfig.{name}: expected an int >= 1, got {v!r}")
+        if self.raster is not None and (isinstance(self.raster, bool) or not isinstance(self.raster, int)
+                                        or self.raster == 0):
+            raise InvalidArgumentError(f"LaunchConfig.raster: expected a nonzero int, got {self.raster!r}")
+        if not isinstance(self.programmatic_launch, bool):
+            raise InvalidArgumentError(f"LaunchConfig.programmatic_launch: expected a bool, got "
+                                       f"{self.programmatic_launch!r}")
+
+
+DEFAULT_CONFIG = LaunchConfig()
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """What a GEMM launch needs to know of one projection's weights (shapes only): dense, or Block N:M with its
+    kept K blocks per 128-row panel."""
+
+    sparse: bool
+    k_stages: int  # 64-logical-column pipeline stages over K
+    kept: int = 0
+    bw_log2: int = 0
+    panels: int = 0
+    shared_b: bool = False  # every K block kept (1:1): both weight boxes of a tile read the same token columns
+
+    @staticmethod
+    def of(K: int, block_idx=None, bw: int = 0) -> "WeightFormat":
+        """The format of a projection over K input columns: dense (no block_idx) or Block N:M with its block_idx
+        (E, panels, kept) and block width (only shapes are read)."""
+        if block_idx is None:
+            return WeightFormat(False, K // 64)
+        panels, kept = block_idx.shape[1], block_idx.shape[2]
+        return WeightFormat(True, -(-kept * bw // 64), kept, bw.bit_length() - 1, panels, kept * bw == K)
+
+
+@dataclass(frozen=True)
+class GemmLaunch:
+    kernel: str
+    grid: int
+    smem: int
+    splits: int
+    k_per_split: int  # pipeline stages per split
+    raster: int
+
+
+@dataclass(frozen=True)
+class SmallLaunch:
+    kernel: str
+    grid: int
+    smem: int = 0
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    """The layout kernels' launch and the int32 buffer they fill (offsets of its fields, in FIELDS order)."""
+
+    FIELDS = ("counts", "offsets", "gather_index", "row_assignment", "assignment_row", "block_expert", "block_start",
+              "block_height", "num_blocks", "tile_base")
+    num_tiles: int
+    offsets: tuple[int, ...]
+    total: int
+    on_device: bool  # False: too large for the layout kernels, built with torch ops instead
+    count: SmallLaunch
+    scatter: SmallLaunch | None
+
+    def offset(self, field: str) -> int:
+        return self.offsets[self.FIELDS.index(field)]
+
+
+@dataclass(frozen=True)
+class MoePlan:
+    """Everything one fused MoE call launches, and the workspace it needs (element counts)."""
+
+    tokens: int
+    top_k: int
+    experts: int
+    hidden: int
+    ffn: int
+    tile_n: int
+    slots: int  # row-block slots of the layout (max_blocks)
+    layout: LayoutPlan
+    gate_up: GemmLaunch
+    glu_combine: SmallLaunch | None  # after a split gate/up GEMM
+    down: GemmLaunch
+    combine: SmallLaunch | None  # deterministic top-k (and split) sum, unless the down GEMM writes out directly
+    deterministic: bool
+    programmatic_launch: bool
+
+    @property
+    def rows(self) -> int:
+        return self.tokens * self.top_k
+
+    @property
+    def direct(self) -> bool:
+        """The down GEMM writes the output rows itself (deterministic, top-1, unsplit)."""
+        return self.deterministic and self.combine is None
+
+    @property
+    def workspace_elements(self) -> int:
+        """bf16 workspace: the hidden rows h (R, F), then the down GEMM's per-(token, slot) rows Y (splits, R, H)
+        when they are summed by hare_combine."""
+        y = self.down.splits * self.rows * self.hidden if self.combine is not None else 0
+        return self.rows * self.ffn + y
+
+    @property
+    def partial_elements(self) -> int:
+        """fp32 gate/up partial sums (splits, R, 2F) of a split gate/up GEMM."""
+        return self.gate_up.splits * self.rows * 2 * self.ffn if self.glu_combine is not None else 0
+
+
+def layout_plan(R: int, E: int, slots: int) -> LayoutPlan:
+    """The layout build of R rows over E experts into `slots` row-block slots."""
+    tiles = _layout_tiles(R)
+    sizes = (E, E + 1, R, R, R, slots, slots, slots, 1, tiles * E)
+    offsets, o = [], 0
+    for n in sizes:
+        offsets.append(o)
+        o += n
+    count = SmallLaunch("hare_layout_count", tiles, 4 * (8 * E + tiles * E + 4 * E))
+    scatter = SmallLaunch("hare_layout_scatter", tiles, 4 * 8 * E) if tiles > 1 else None
+    return LayoutPlan(tiles, tuple(offsets), o, layout_supported(R, E), count, scatter)
+
+
+def _est_blocks(R: int, E: int, tile_n: int) -> int:
+    """Row blocks of a uniform routing: one partial block per touched expert plus the full ones."""
+    return min(E, R) + R // tile_n
+
+
+def plan_moe(tokens: int, top_k: int, experts: int, hidden: int, ffn: int, gate_up: WeightFormat,
+             down: WeightFormat, activation: str, deterministic: bool, num_sms: int,
+             config: LaunchConfig = DEFAULT_CONFIG) -> MoePlan:
+    """The launches of hare.gpu.fused_moe for these shapes (tokens >= 1) on a GPU of num_sms SMs."""
+    T, k, E, H, F = tokens, top_k, experts, hidden, ffn
+    R = T * k
+    n = config.tile_n or choose_block_n(R, E)
+    slots = max_blocks(R, E, n)
+    raster = config.raster or DEFAULT_RASTER
+    act = activation
+
+    def splits(override, tiles, k_stages):
+        if override is not None:
+            return normalize_splits(override, k_stages)
+        return 1 if R > SPLIT_MAX_ROWS else best_splits(tiles, k_stages, num_sms)
+
+    def gemm(kind, fmt, tiles_m, s):
+        grid = max(1, min(num_sms, slots * tiles_m * s))
+        return GemmLaunch(gemm_kernel(kind, fmt.sparse, n), grid, gemm_smem_bytes(n, fmt.sparse), s,
+                          -(-fmt.k_stages // s), raster)
+
+    est = _est_blocks(R, E, n)
+    num_m_gu, num_m_dn = -(-F // 128), -(-H // 256)
+    gs = splits(config.gateup_splits, est * num_m_gu, gate_up.k_stages)
+    ds = splits(config.down_splits, est * num_m_dn, down.k_stages)
+    elementwise = lambda total: max(1, min(-(-total // SMALL_THREADS), 8 * num_sms))  # noqa: E731
+    glu = SmallLaunch(f"hare_glu_combine_{act}", elementwise(R * F)) if gs > 1 else None
+    direct = deterministic and k == 1 and ds == 1
+    combine = SmallLaunch("hare_combine", elementwise(T * H // 8)) if deterministic and not direct else None
+    return MoePlan(T, k, E, H, F, n, slots, layout_plan(R, E, slots), gemm(f"gateup_{act}", gate_up, num_m_gu, gs),
+                   glu, gemm("down_det" if deterministic else "down_fast", down, num_m_dn, ds), combine,
+                   deterministic, config.programmatic_launch)
+
+
+# ------------------------------------------------------------------------------------------- kernel ABI
+# The argument structs the kernels receive, written once: _build generates their C++ definitions
+# (hare_params.cuh) and the GEMM entry points from these tables; the launch path packs them with `pack`.
+_FORMATS = {"long long": "q", "int": "i"}  # everything else named here is a pointer
+
+
+@dataclass(frozen=True)
+class ParamStruct:
+    name: str
+    fields: tuple[tuple[str, str, str], ...]  # (C++ type, field name, comment)
+
+    def __post_init__(self):
+        sizes = [4 if t == "int" else 8 for t, _, _ in self.fields]
+        if sizes != sorted(sizes, reverse=True):  # 8-byte fields first: no interior padding to mirror
+            raise ValueError(f"{self.name}: 8-byte fields must precede int fields")
+        fmt = "<" + "".join(_FORMATS.get(t, "Q") for t, _, _ in self.fields)
+        pad = -struct.calcsize(fmt) % 8  # the struct's alignment is 8
+        object.__setattr__(self, "_struct", struct.Struct(fmt + "x" * pad))
+
+    @property
+    def size(self) -> int:
+        return self._struct.size
+
+    def pack(self, *values) -> bytes:
+        return self._struct.pack(*values)
+
+    def cpp(self) -> str:
+        lines = [f"struct {self.name} {{"]
+        for t, name, comment in self.fields:
+            lines.append(f"  {t} {name};" + (f"  // {comment}" if comment else ""))
+        return "\n".join(lines + ["};"])
+
+
+GEMM_PARAMS = ParamStruct("GemmParams", (
+    ("const __nv_bfloat16*", "b_src", "gate/up: x (T, H); down: intermediate (R, F)"),
+    ("void*", "out", "gate/up: h (R, F) bf16 or fp32 partials (splits, R, 2F); down det: Y (splits, R, H) bf16 or "
+                     "out (T, H); down fast: fp32 accumulator (T, H)"),
+    ("const int*", "gather_index", "(R,) source token of each sorted row"),
+    ("const int*", "row_assignment", "(R,) flat t*k+j of each sorted row"),
+    ("const float*", "topk_weights", "(T*k,) routing weights (down)"),
+    ("const int*", "block_expert", ""),
+    ("const int*", "block_start", ""),
+    ("const int*", "block_height", ""),
+    ("const int*", "num_blocks", ""),
+    ("const int*", "block_idx", "sparse: (E, panels, kept) kept K-block indices of each 128-row weight panel"),
+    ("long long", "out_split_stride", "elements between K-split slices of `out` (split gate/up, down det)"),
+    ("int", "K", "row length of b_src: H (gate/up) or F (down)"),
+    ("int", "M", "valid out-dim: F (gate/up) or H (down); also the row stride of `out`"),
+    ("int", "a_rows_per_expert", "rows of one expert in the 2-D weight tensor map: 2F or H"),
+    ("int", "a_box1_offset", "row offset of box 1: F (gate/up) or 128 (down)"),
+    ("int", "m_tile", "out-dim rows per M tile: 128 (gate/up) or 256 (down)"),
+    ("int", "num_m", "M tiles per expert"),
+    ("int", "splits", "K splits (decode: too few tiles to fill the GPU otherwise)"),
+    ("int", "k_blocks_per_split", "pipeline stages (64 logical K columns each) per split"),
+    ("int", "top_k", ""),
+    ("int", "num_rows", "R = T*k"),
+    ("int", "group", "tile order (scheduler.cuh)"),
+    ("int", "k_stages", "stages over all of K: K / 64 (dense), ceil(kept * bw / 64) (sparse)"),
+    ("int", "kept", "sparse: kept K blocks per panel"),
+    ("int", "bw_log2", "sparse: log2 of the block width bw"),
+    ("int", "panels", "sparse: 128-row panels per expert"),
+    ("int", "shared_b", "sparse 1:1 (every K block kept): one token tile serves both weight boxes"),
+    ("int", "num_experts", "E (the debug build's index checks)"),
+    ("int", "num_slots", "B: row-block slots of the layout (the debug build's index checks)"),
+))
+LAYOUT_PARAMS = ParamStruct("LayoutParams", (
+    ("const void*", "topk_ids", ""),
+    *(("int*", f, s) for f, s in (("counts", "(E,)"), ("offsets", "(E+1,)"), ("gather_index", "(R,)"),
+                                   ("row_assignment", "(R,)"), ("assignment_row", "(R,)"), ("block_expert", "(B,)"),
+                                   ("block_start", "(B,)"), ("block_height", "(B,)"), ("num_blocks", "(1,)"),
+                                   ("tile_base", "(num_tiles, E) workspace"))),
+    ("unsigned int*", "ticket", "(1,) zero at first use; the last CTA resets it"),
+    ("int", "ids_is_64", ""),
+    ("int", "num_rows", ""),
+    ("int", "top_k", ""),
+    ("int", "num_experts", ""),
+    ("int", "block", ""),
+    ("int", "num_slots", ""),
+    ("int", "tile_items", "kLayoutTileItems (checked)"),
+    ("int", "num_tiles", ""),
+))
+COMBINE_PARAMS = ParamStruct("CombineParams", (
+    ("const __nv_bfloat16*", "y", "(splits, R, H) per-(token, slot) rows"),
+    ("__nv_bfloat16*", "out", "(T, H)"),
+    ("long long", "split_stride", ""),
+    ("int", "num_tokens", ""),
+    ("int", "hidden", ""),
+    ("int", "top_k", ""),
+    ("int", "splits", ""),
+))
+GLU_COMBINE_PARAMS = ParamStruct("GluCombineParams", (
+    ("const float*", "part", "(splits, R, 2F) fp32 partial gate | up sums"),
+    ("__nv_bfloat16*", "h", "(R, F)"),
+    ("long long", "split_stride", ""),
+    ("int", "num_rows", ""),
+    ("int", "ffn", ""),
+    ("int", "splits", ""),
+))
+PARAM_STRUCTS = (GEMM_PARAMS, LAYOUT_PARAMS, COMBINE_PARAMS, GLU_COMBINE_PARAMS)
+GEMM_KIND_ENUMS = dict(zip(GEMM_KINDS, ("kGateUpSilu", "kGateUpGelu", "kDownDet", "kDownFast")))  # moe_gemm.cuh
+
+
+def generated_sources() -> dict[str, str]:
+    """The C++ that _build generates from the tables above: the argument structs and every GEMM entry point."""
+    params = "\n\n".join(s.cpp() for s in PARAM_STRUCTS)
+    entries = []
+    for kind in GEMM_KINDS:
+        for sparse in (False, True):
+            for n in TILE_NS:
+                maps = "const __grid_constant__ CUtensorMap tmap_a" + (
+                    ", const __grid_constant__ CUtensorMap tmap_meta" if sparse else "")
+                entries.append(
+                    f'extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) {gemm_kernel(kind, sparse, n)}('
+                    f"{maps}, const GemmParams p) {{\n"
+                    f"  moe_gemm_body<{n}, {GEMM_KIND_ENUMS[kind]}, {'true' if sparse else 'false'}>(&tmap_a, "
+                    f"{'&tmap_meta' if sparse else 'nullptr'}, p);\n}}")
+    head = "// Generated by hare/gpu/plan.py (generated_sources): do not edit.\n#pragma once\n"
+    return {
+        "hare_params.cuh": f"{head}#include <cuda_bf16.h>\n\nnamespace hare {{\n\n{params}\n\n}}  // namespace hare\n",
+        "hare_gemm_entry_points.cuh": f"{head}\n" + "\n".join(entries) + "\n",
+    }
