@@ -25,7 +25,7 @@ from ..metrics import relative_error
 from ..models.experts import HareExperts
 from ..models.patch import calibrate, dense_experts, experts_modules, patch, replace_module
 from ..reconstruct import reconstruct
-from .common import run_info, save_results
+from .common import pyplot, run_info, save_results
 from .trained_moe import INFO, read_split
 
 METHODS = ("magnitude", "activation", "reconstruct")
@@ -174,10 +174,9 @@ def _label(r: dict) -> str:
 
 def plot(result: dict, path) -> None:
     """Perplexity vs density per method (log scale), dense as a line."""
-    import matplotlib
+    import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[str, list] = {}

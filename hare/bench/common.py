@@ -1,5 +1,5 @@
-"""The results files of the benchmarks: what each records about the run (GPU, commit, date, torch version), and
-the one writer every suite saves through."""
+"""The results files of the benchmarks: what each records about the run (GPU, commit, date, torch version), the
+one writer every suite saves through, and the backend of the plots saved beside them."""
 
 from __future__ import annotations
 
@@ -34,6 +34,16 @@ def run_info(device=None) -> dict:
 def geomean(values) -> float:
     values = list(values)
     return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: the benchmarks' plots go to files, never to a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def results(device, summary: dict, records: list[dict], **fields) -> dict:

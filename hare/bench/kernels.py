@@ -25,7 +25,7 @@ import torch
 
 from . import sparse
 from .baselines import cublas_loop_fn, grouped_mm_fn, padded_fn
-from .common import geomean, write_results
+from .common import geomean, pyplot, write_results
 from .shapes import MODEL_SHAPES
 from .toolkit import ROUTINGS, BenchSession, make_case, make_weights, moe_flops, traffic_bytes
 from ..metrics import relative_error
@@ -162,10 +162,7 @@ def format_table(result) -> str:
 
 
 def plot(result, plot_dir: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     plot_dir.mkdir(parents=True, exist_ok=True)
     shapes = sorted({r["shape"] for r in result["records"]}, key=list(MODEL_SHAPES).index)

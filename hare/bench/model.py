@@ -29,7 +29,7 @@ from torch import nn
 
 from ..blocknm import DENSITIES
 from ..errors import InvalidArgumentError, UnsupportedDeviceError
-from .common import results, save_results
+from .common import pyplot, results, save_results
 from .toolkit import median_ms
 from ..models import experts_modules, patch
 from ..models.attention import use_decode_attention
@@ -243,10 +243,7 @@ def summary(records: list[dict]) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     records = result["records"]
     cases = list(dict.fromkeys(_label(r) for r in records))

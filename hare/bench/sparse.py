@@ -46,7 +46,7 @@ import torch
 from ..blocknm import DENSITIES, BlockNM
 from ..metrics import relative_error
 from .baselines import cublas_loop_fn, cusparselt_weights, grouped_mm_fn
-from .common import geomean, results, save_results
+from .common import geomean, pyplot, results, save_results
 from .shapes import MODEL_SHAPES
 from .toolkit import (ROUTINGS, BenchSession, densify, make_case, make_weights, moe_flops, sparsify_experts,
                       traffic_bytes)
@@ -345,19 +345,10 @@ def plot_sparse(result, plot_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_speedup(result, path: Path) -> Path:
     """Grouped bars: speedup of ours_sparse over grouped_mm per shape (groups) and density (bars), one panel per
     suite, routing and token count; dashed lines mark the prefill targets."""
-    plt = _pyplot()
+    plt = pyplot()
     one = [r for r in _by_baseline(result["records"], "grouped_mm") if r["suite"] != "synthetic"]
     panels = list(dict.fromkeys((r["suite"], r["routing"], r["tokens"]) for r in one))
     dens = sorted({r["nominal_density"] for r in one}, reverse=True)
@@ -391,7 +382,7 @@ def plot_speedup(result, path: Path) -> Path:
 def plot_synthetic(result, path: Path) -> Path:
     """Box plot per hidden size of the synthetic sweep's speedups (over tokens x experts): over grouped_mm and over
     our dense kernel."""
-    plt = _pyplot()
+    plt = pyplot()
     synth = [r for r in result["records"] if r["suite"] == "synthetic"]
     hidden = sorted({r["hidden"] for r in synth})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)

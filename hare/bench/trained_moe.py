@@ -137,10 +137,12 @@ def _lr(step: int, steps: int, peak: float) -> float:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def _mean_loss(model, ids: torch.Tensor, seq: int, device, max_windows: int = 64) -> float:
+    """Mean next-token loss of the first ``max_windows`` windows of ``seq`` tokens, as one batch (every window scores
+    seq - 1 tokens, so the batch's mean is the mean of the windows' losses)."""
     windows = ids[: (ids.numel() // seq) * seq].view(-1, seq)[:max_windows].to(device)
-    losses = [float(model(input_ids=w[None], labels=w[None], use_cache=False).loss) for w in windows]
-    return sum(losses) / len(losses)
+    return float(model(input_ids=windows, labels=windows, use_cache=False).loss)
 
 
 def train(corpus_dir, out_dir, size: str = "small", seed: int = 0, steps: int | None = None,
