@@ -145,7 +145,7 @@ def layout_into(topk_ids: torch.Tensor, num_experts: int, block: int) -> list[to
         for o in (outs[0], outs[1], outs[8]):
             o.zero_()
         return outs
-    if not lay.on_device:  # very large T*k*E: the torch-ops layout (no host sync either)
+    if not lay.on_device:  # very large T*k*E: the torch-ops layout (whose id check syncs with the host when eager)
         ref = route(topk_ids, E, block)
         for o, f in zip(outs, (ref.counts, ref.offsets, ref.gather_index, ref.row_assignment, ref.assignment_row,
                                ref.block_expert, ref.block_start, ref.block_height, ref.num_blocks)):

@@ -232,11 +232,6 @@ def layout_plan(R: int, E: int, slots: int) -> LayoutPlan:
     return LayoutPlan(tiles, tuple(offsets), o, layout_supported(R, E), count, scatter)
 
 
-def _est_blocks(R: int, E: int, tile_n: int) -> int:
-    """Row blocks of a uniform routing: one partial block per touched expert plus the full ones."""
-    return min(E, R) + R // tile_n
-
-
 def plan_moe(tokens: int, top_k: int, experts: int, hidden: int, ffn: int, gate_up: WeightFormat,
              down: WeightFormat, activation: str, deterministic: bool, num_sms: int,
              config: LaunchConfig = DEFAULT_CONFIG) -> MoePlan:
@@ -258,7 +253,7 @@ def plan_moe(tokens: int, top_k: int, experts: int, hidden: int, ffn: int, gate_
         return GemmLaunch(gemm_kernel(kind, fmt.sparse, n), grid, gemm_smem_bytes(n, fmt.sparse), s,
                           -(-fmt.k_stages // s), raster)
 
-    est = _est_blocks(R, E, n)
+    est = slots  # row blocks at most (all used when every touched expert has a partial block)
     num_m_gu, num_m_dn = -(-F // 128), -(-H // 256)
     gs = splits(config.gateup_splits, est * num_m_gu, gate_up.k_stages)
     ds = splits(config.down_splits, est * num_m_dn, down.k_stages)
@@ -296,6 +291,9 @@ class ParamStruct:
 
     def pack(self, *values) -> bytes:
         return self._struct.pack(*values)
+
+    def unpack(self, data: bytes) -> tuple:
+        return self._struct.unpack(data)
 
     def cpp(self) -> str:
         lines = [f"struct {self.name} {{"]

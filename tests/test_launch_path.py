@@ -1,0 +1,118 @@
+"""CPU test of hare.gpu's launch path (plan -> allocate -> launch) under a fake CUDA driver: the kernels launched, in
+order, with the plan's grids and shared memory, and every address handed to a kernel inside a tensor of the call."""
+
+import importlib
+import sys
+import unittest.mock as um
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import hare
+import hare.gpu as hg
+from hare.gpu import plan
+
+
+class _Allocations(TorchDispatchMode):
+    """Every tensor a call creates, as (pointer, bytes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ranges = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel():
+                self.ranges.append((t.data_ptr(), t.numel() * t.element_size()))
+        return out
+
+
+class _Device:
+    num_sms = 132
+
+    def __init__(self):
+        self.ticket = torch.zeros(1, dtype=torch.int32)
+        self.launches = []
+
+    def launch(self, name, grid, block, smem, stream, pdl, *params):
+        self.launches.append((name, grid, block, smem, pdl, params))
+
+
+@pytest.fixture
+def device(monkeypatch):
+    driver = um.MagicMock()
+    bindings = um.MagicMock(driver=driver)
+    for name, mod in (("cuda", um.MagicMock(bindings=bindings)), ("cuda.bindings", bindings),
+                      ("cuda.bindings.driver", driver)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.delitem(sys.modules, "hare.gpu._launch", raising=False)
+    launch = importlib.import_module("hare.gpu._launch")
+    dev = _Device()
+    monkeypatch.setattr(launch, "module", lambda d: dev)
+    monkeypatch.setattr(launch, "current_stream", lambda d: 0)
+    monkeypatch.setattr(launch, "tensor_map_2d", lambda t, rows, cols, *box: ("tmap", t.data_ptr(), rows, cols, *box))
+    yield dev
+    sys.modules.pop("hare.gpu._launch", None)  # later imports get the real module (or its ImportError) again
+    if hasattr(hg, "_launch"):
+        delattr(hg, "_launch")
+
+
+_FAMILY = {"hare_layout": plan.LAYOUT_PARAMS, "hare_combine": plan.COMBINE_PARAMS, "hare_glu": plan.GLU_COMBINE_PARAMS}
+
+
+def _fields(name, buf):
+    s = next((v for k, v in _FAMILY.items() if name.startswith(k)), plan.GEMM_PARAMS)
+    return s, dict(zip((f for _, f, _ in s.fields), s.unpack(bytes(buf))))
+
+
+CASES = [  # (T, H, F, E, k, gate_up ratio or None, down ratio or None, deterministic, config)
+    (1, 256, 128, 8, 2, None, None, True, None),
+    (37, 320, 256, 6, 3, (1, 2), (1, 5), True, None),
+    (300, 256, 128, 4, 1, None, (1, 1), True, None),  # top-1: the down GEMM writes out directly
+    (5, 512, 256, 16, 2, (1, 10), None, False, hg.LaunchConfig(gateup_splits=3, down_splits=2)),
+    (2100, 256, 128, 3, 2, (1, 1), (1, 2), True, hg.LaunchConfig(tile_n=64, raster=-2, programmatic_launch=False)),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_launches_follow_the_plan_and_stay_inside_the_call_tensors(device, case):
+    T, H, F, E, k, gu_ratio, dn_ratio, det, config = case
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, H, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=g)
+    wgu = (torch.randn(E, 2 * F, H, generator=g) * H ** -0.5).bfloat16()
+    wd = (torch.randn(E, H, F, generator=g) * F ** -0.5).bfloat16()
+    gu = hare.sparsify(wgu, bn=gu_ratio[0], bm=gu_ratio[1], bw=16) if gu_ratio else wgu
+    dn = hare.sparsify(wd, bn=dn_ratio[0], bm=dn_ratio[1], bw=32) if dn_ratio else wd
+    allocs = _Allocations()
+    with allocs:
+        out = hg.run_fused_moe(x, ids, w, gu, dn, "silu", det, config)
+    assert out.shape == (T, H) and out.dtype == torch.bfloat16
+
+    fmt = lambda wt, K: plan.WeightFormat.of(K, wt.block_idx, wt.bw) if isinstance(wt, hare.BlockNM) \
+        else plan.WeightFormat.of(K)  # noqa: E731
+    p = plan.plan_moe(T, k, E, H, F, fmt(gu, H), fmt(dn, F), "silu", det, device.num_sms, config or hg.LaunchConfig())
+    expected = [p.layout.count, p.layout.scatter, p.gate_up, p.glu_combine, p.down, p.combine]
+    expected = [e for e in expected if e is not None]
+    assert [name for name, *_ in device.launches] == [e.kernel for e in expected]
+    inputs = [x, ids, w, device.ticket] + [t for wt in (gu, dn) for t in (
+        (wt.values, wt.meta, wt.block_idx) if isinstance(wt, hare.BlockNM) else (wt,))]
+    ranges = allocs.ranges + [(t.data_ptr(), t.numel() * t.element_size()) for t in inputs]
+    inside = lambda v: any(a <= v < a + n for a, n in ranges)  # noqa: E731
+    for (name, grid, block, smem, pdl, params), e in zip(device.launches, expected):
+        assert grid == e.grid and smem == e.smem and pdl == p.programmatic_launch
+        assert block == (plan.GEMM_THREADS if isinstance(e, plan.GemmLaunch) else plan.SMALL_THREADS)
+        for prm in params:
+            if isinstance(prm, tuple):  # a weight tensor map
+                assert inside(prm[1])
+                continue
+            s, f = _fields(name, prm)
+            for t, field, _ in s.fields:
+                if t not in ("int", "long long") and not (field == "block_idx" and f[field] == 0):
+                    assert inside(f[field]), f"{name}.{field} points outside every tensor of the call"
+            if isinstance(e, plan.GemmLaunch):
+                assert (f["splits"], f["k_blocks_per_split"], f["group"]) == (e.splits, e.k_per_split, e.raster)
+                assert (f["num_rows"], f["top_k"], f["num_experts"], f["num_slots"]) == (T * k, k, E, p.slots)

@@ -1,0 +1,133 @@
+"""CPU tests of the launch plan (hare/gpu/plan.py): what hare.gpu.fused_moe launches, chosen in Python."""
+
+import random
+
+import pytest
+
+from hare.errors import InvalidArgumentError
+from hare.gpu import plan
+from hare.gpu.plan import LaunchConfig, WeightFormat, plan_moe
+from hare.routing import max_blocks
+
+SMS = 132
+
+
+def _format(K, sparse, rng):
+    if not sparse:
+        return WeightFormat.of(K)
+    bw = rng.choice((16, 32, 64))
+    kept = max(1, (K // bw) // rng.choice((1, 2, 5, 10)))
+
+    class Idx:  # block_idx's shape is all a format reads
+        shape = (4, 3, kept)
+    return WeightFormat.of(K, Idx, bw)
+
+
+def _random_plans(n, seed=0):
+    rng = random.Random(seed)
+    for _ in range(n):
+        H, F = 64 * rng.randint(1, 96), 64 * rng.randint(1, 240)
+        E = rng.choice((1, 2, 8, 16, 64, 128, 256))
+        k = rng.randint(1, min(8, E))
+        T = rng.choice((1, 2, 7, 64, 300, 1000, 4096, 20000))
+        gu, dn = _format(H, rng.random() < 0.5, rng), _format(F, rng.random() < 0.5, rng)
+        act, det = rng.choice(plan.FUSED_ACTIVATIONS), rng.random() < 0.7
+        yield (T, k, E, H, F, gu, dn, act, det), plan_moe(T, k, E, H, F, gu, dn, act, det, SMS)
+
+
+def test_plans_keep_the_kernels_contract():
+    names = set(plan.kernel_names())
+    for (T, k, E, H, F, gu, dn, act, det), p in _random_plans(400):
+        R = T * k
+        assert p.rows == R and p.tile_n in plan.TILE_NS and p.slots == max_blocks(R, E, p.tile_n)
+        for g, fmt in ((p.gate_up, gu), (p.down, dn)):
+            assert g.kernel in names and (("_sp_" in g.kernel) == fmt.sparse) and g.kernel.endswith(f"_bn{p.tile_n}")
+            assert 1 <= g.grid <= SMS and g.smem <= plan.SMEM_LIMIT
+            # every split is non-empty and together they cover K exactly
+            assert (g.splits - 1) * g.k_per_split < fmt.k_stages <= g.splits * g.k_per_split
+            if R > plan.SPLIT_MAX_ROWS:
+                assert g.splits == 1
+        assert p.gate_up.kernel.startswith(f"hare_gateup_{act}")
+        assert p.down.kernel.startswith("hare_down_det" if det else "hare_down_fast")
+        assert (p.glu_combine is not None) == (p.gate_up.splits > 1)
+        # the deterministic top-k sum runs unless the down GEMM writes the output rows itself (top-1, unsplit)
+        assert (p.combine is not None) == (det and not (k == 1 and p.down.splits == 1))
+        assert p.workspace_elements == R * F + (p.down.splits * R * H if p.combine else 0)
+        assert p.partial_elements == (p.gate_up.splits * R * 2 * F if p.glu_combine else 0)
+
+
+def test_layout_buffer_holds_every_field_back_to_back():
+    for (T, k, E, *_), p in _random_plans(100, seed=1):
+        R, lay = T * k, p.layout
+        sizes = (E, E + 1, R, R, R, p.slots, p.slots, p.slots, 1, lay.num_tiles * E)
+        assert list(lay.offsets) == [sum(sizes[:i]) for i in range(len(sizes))] and lay.total == sum(sizes)
+        assert lay.num_tiles == -(-R // plan.LAYOUT_TILE_ITEMS)
+        assert (lay.scatter is not None) == (lay.num_tiles > 1)
+        assert lay.on_device == (lay.count.smem <= plan.LAYOUT_SMEM_CAP)
+
+
+def test_tile_width_follows_the_mean_rows_per_expert():
+    assert plan.choose_block_n(1, 8) == 16  # decode: one row per touched expert
+    assert plan.choose_block_n(2 * 8, 8) == 16 and plan.choose_block_n(9 * 8, 8) == 32
+    assert plan.choose_block_n(4096 * 2, 8) == 128  # prefill
+    for R in range(1, 3000, 37):
+        for E in (1, 8, 128):
+            n = plan.choose_block_n(R, E)
+            mean = R / min(E, R)
+            assert n >= 2 * mean or n == 128
+            assert n == 16 or plan.TILE_NS[plan.TILE_NS.index(n) - 1] < 2 * mean
+
+
+def test_k_is_split_only_below_a_wave_of_tiles():
+    gu, dn = WeightFormat.of(2048), WeightFormat.of(768)  # Qwen3-30B-A3B: one token touches 8 experts
+    decode = plan_moe(1, 8, 128, 2048, 768, gu, dn, "silu", True, SMS)  # 8 x 6 gate/up, 8 x 8 down tiles
+    assert decode.gate_up.splits > 1 and decode.down.splits > 1 and decode.glu_combine is not None
+    prefill = plan_moe(4096, 8, 128, 2048, 768, gu, dn, "silu", True, SMS)
+    assert prefill.gate_up.splits == prefill.down.splits == 1 and prefill.glu_combine is None
+    mixtral = plan_moe(1, 2, 8, 4096, 14336, WeightFormat.of(4096), WeightFormat.of(14336), "silu", True, SMS)
+    assert mixtral.gate_up.splits == 1 < mixtral.down.splits  # 2 x 112 gate/up tiles fill a wave already
+
+
+def test_launch_config_overrides_and_refuses_bad_values():
+    dense = WeightFormat.of(1024)
+    cfg = LaunchConfig(tile_n=32, gateup_splits=3, down_splits=100, raster=-4, programmatic_launch=False)
+    p = plan_moe(7, 3, 16, 1024, 1024, dense, dense, "gelu", False, SMS, cfg)
+    assert p.tile_n == 32 and p.gate_up.splits == 3 and p.gate_up.raster == p.down.raster == -4
+    assert p.down.splits == 16 and p.down.k_per_split == 1  # 100 splits of 16 stages: 16 non-empty ones
+    assert p.programmatic_launch is False and p.gate_up.kernel == "hare_gateup_gelu_bn32"
+    for bad in (dict(tile_n=48), dict(gateup_splits=0), dict(down_splits=True), dict(raster=0),
+                dict(programmatic_launch=1)):
+        with pytest.raises(InvalidArgumentError, match="LaunchConfig"):
+            LaunchConfig(**bad)
+
+
+def test_sparse_format_counts_kept_columns():
+    class Idx:
+        shape = (8, 4, 3)  # 3 kept blocks per panel
+    f = WeightFormat.of(4096, Idx, 64)
+    assert f.sparse and f.k_stages == 3 and f.kept == 3 and f.bw_log2 == 6 and f.panels == 4 and not f.shared_b
+    assert WeightFormat.of(192, Idx, 64).shared_b  # every block kept (1:1)
+    assert WeightFormat.of(4096) == WeightFormat(False, 64)
+
+
+def test_one_variant_table_names_every_kernel_and_entry_point():
+    names = plan.kernel_names()
+    assert len(names) == len(set(names)) == len(plan.SMALL_KERNELS) + 2 * len(plan.GEMM_KINDS) * len(plan.TILE_NS)
+    entries = plan.generated_sources()["hare_gemm_entry_points.cuh"]
+    for kind in plan.GEMM_KINDS:
+        for sparse in (False, True):
+            for n in plan.TILE_NS:
+                assert f" {plan.gemm_kernel(kind, sparse, n)}(" in entries
+
+
+def test_param_structs_pack_to_their_c_layout():
+    gemm = plan.GEMM_PARAMS
+    n_ptr = sum(t not in ("int", "long long") for t, _, _ in gemm.fields)
+    assert gemm.size == 8 * n_ptr + 8 + 4 * (len(gemm.fields) - n_ptr - 1)
+    assert plan.GLU_COMBINE_PARAMS.size == 40  # 2 pointers, a long long, 3 ints and the tail padding to 8
+    assert len(plan.LAYOUT_PARAMS.pack(*range(len(plan.LAYOUT_PARAMS.fields)))) == plan.LAYOUT_PARAMS.size
+    with pytest.raises(ValueError, match="8-byte fields"):
+        plan.ParamStruct("Bad", (("int", "a", ""), ("void*", "b", "")))
+    header = plan.generated_sources()["hare_params.cuh"]
+    for s in plan.PARAM_STRUCTS:
+        assert f"struct {s.name} {{" in header and all(f" {name};" in header for _, name, _ in s.fields)
