@@ -276,6 +276,9 @@ def bench_ep(gpus: int = typer.Option(None, min=1, help="processes, one per GPU 
 
     import torch
 
+    from .bench.ep import parse_options
+
+    parse_options(shapes, tokens)  # a bad option fails here, not in every rank's process
     available = torch.cuda.device_count()
     procs = gpus or (2 if cpu else available)
     if not cpu and (available < 2 or procs > available):

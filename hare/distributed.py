@@ -100,6 +100,7 @@ def _check_headers(signatures: torch.Tensor, mine: list[int], rank: int) -> None
     bad = [r for r, sig in enumerate(signatures.tolist()) if sig != mine]
     if not bad:
         return
+
     def show(field: str, value: int) -> str:
         return str(FLOAT_DTYPES[value]) if field == "dtype" and 0 <= value < len(FLOAT_DTYPES) else str(value)
 
@@ -127,11 +128,12 @@ class _Wire:
 
     def views(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(weights (n, slots), local_ids (n, slots), x (n, hidden)) of a (n, width) uint8 buffer."""
-        return (buf[:, :self.ids_at].view(self.cdt), buf[:, self.ids_at:self.ids_at + 4 * self.slots].view(torch.int32),
-                buf[:, self.x_at:self.x_at + self.hidden * self.dtype.itemsize].view(self.dtype))
+        ids_end, x_end = self.ids_at + 4 * self.slots, self.x_at + self.hidden * self.dtype.itemsize
+        return (buf[:, :self.ids_at].view(self.cdt), buf[:, self.ids_at:ids_end].view(torch.int32),
+                buf[:, self.x_at:x_end].view(self.dtype))
 
     def pack(self, weights: torch.Tensor, local_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        buf = torch.empty(x.shape[0], self.width, dtype=torch.uint8, device=x.device)
+        buf = torch.zeros(x.shape[0], self.width, dtype=torch.uint8, device=x.device)  # padding never uninitialised
         for part, value in zip(self.views(buf), (weights, local_ids, x)):
             part.copy_(value)
         return buf
@@ -176,13 +178,15 @@ def plan_sends(topk_ids: torch.Tensor, topk_weights: torch.Tensor, world: int, l
 
 
 def _gather_sum(values: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """out[i] = Σ_j weights[i, j] · values[index[i, j]] (index -1 adds nothing), summed in j order in the compute
-    dtype, so that the result does not depend on scheduling; in values' dtype."""
+    """out[i] = Σ_j weights[i, j] · values[index[i, j]] (index -1 adds nothing) in the compute dtype, in j order (so
+    the result does not depend on scheduling) and one (n, hidden) term at a time; in values' dtype."""
+    cdt = compute_dtype(values.dtype)
     padded = torch.cat([values, values.new_zeros(1, values.shape[1])])  # index -1 reads the zero row
-    terms = padded[index].to(compute_dtype(values.dtype))
-    if weights is not None:
-        terms = terms * weights[..., None]
-    return terms.sum(1).to(values.dtype)
+    out = torch.zeros(index.shape[0], values.shape[1], dtype=cdt, device=values.device)
+    for j in range(index.shape[1]):
+        term = padded[index[:, j]].to(cdt)
+        out += term if weights is None else term * weights[:, j, None]
+    return out.to(values.dtype)
 
 
 @dataclass

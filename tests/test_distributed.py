@@ -1,14 +1,17 @@
+import json
 import re
+import subprocess
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import hare
+from hare.bench.ep import SHAPES
 from hare.distributed import ep_group, plan_sends
 
-from ep_workers import (bench_tiny, packed_topk, equals_single_process, mismatched_shards, patched_model_equals_single_process,
-                        peer_dies_or_hangs, run_ranks)
+from ep_workers import (bench_tiny, equals_single_process, mismatched_shards, packed_topk,
+                        patched_model_equals_single_process, peer_dies_or_hangs, run_ranks)
 from helpers import random_topk, rel_error
 
 
@@ -183,3 +186,35 @@ def test_ep_moe_refuses_bad_ids_before_any_collective(one_rank_group, monkeypatc
         hare.ep_moe(x, torch.tensor([[0, 1], [2, 4]]), w, wg, wd, group=one_rank_group)
     with pytest.raises(hare.InvalidArgumentError, match="routed to the same expert twice"):
         hare.ep_moe(x, torch.tensor([[0, 1], [2, 2]]), w, wg, wd, group=one_rank_group)
+
+
+def test_bench_ep_cli_runs_gloo_ranks_and_records_the_traffic(tmp_path):
+    """`hare bench ep --cpu`: torchrun, two gloo ranks, the results file with backend, world and bytes per step."""
+    from typer.testing import CliRunner
+
+    from hare.cli import app
+
+    out = tmp_path / "ep.json"
+    run = CliRunner().invoke(app, ["bench", "ep", "--cpu", "--shapes", "small", "--tokens", "0,5", "--iters", "1",
+                                   "--out-json", str(out)])
+    assert run.exit_code == 0, run.output
+    result = json.loads(out.read_text())
+    assert (result["backend"], result["world"], result["gpu"]) == ("gloo", 2, "cpu") and result["commit"]
+    assert [(r["case"], r["tokens"]) for r in result["records"]] == [("small/ep2", 0), ("small/ep2", 5)]
+    hidden, _, _, top_k = SHAPES["small"]
+    assert result["records"][0]["dispatch_bytes"] == result["records"][0]["combine_bytes"] == 0
+    sent = result["records"][1]["combine_bytes"] // (2 * hidden)  # bf16 rows to the other rank, both ranks
+    assert 0 < sent <= 2 * 5 and result["records"][1]["dispatch_bytes"] == sent * (2 * hidden + 8 * top_k)
+    assert result["summary"]["combine_bytes"] == result["records"][1]["combine_bytes"]
+
+
+@pytest.mark.parametrize("option,value,message", [("--shapes", "small,nope", r"shapes: unknown \['nope'\]"),
+                                                  ("--tokens", "16,x", "tokens: '16,x' is not")])
+def test_bench_ep_refuses_bad_options_before_starting_ranks(option, value, message, monkeypatch):
+    from typer.testing import CliRunner
+
+    from hare.cli import app
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("ranks were started"))
+    run = CliRunner().invoke(app, ["bench", "ep", "--cpu", option, value])
+    assert run.exit_code == 2 and re.search(message, run.output), run.output

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import time
@@ -22,8 +21,9 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import combine, dispatch, run_local_experts, shard_experts
+from ..errors import InvalidArgumentError
 from ..moe import moe
-from .common import run_info
+from .common import geomean, results, save_results
 from .shapes import MODEL_SHAPES
 
 SHAPES = {**MODEL_SHAPES, "small": (256, 512, 8, 2)}  # small: the demo's layer, for a smoke run (e.g. --cpu)
@@ -108,6 +108,21 @@ def _print(records: list[dict]) -> None:
               f"{r['dispatch_bytes'] / 1024:>14.1f}{r['combine_bytes'] / 1024:>13.1f}")
 
 
+def parse_options(shapes: str, tokens: str) -> tuple[dict, list[int]]:
+    """The ``--shapes`` and ``--tokens`` texts as {name: shape} and token counts; refused before any process starts."""
+    names = [n.strip() for n in shapes.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SHAPES]
+    if not names or unknown:
+        raise InvalidArgumentError(f"shapes: unknown {unknown or shapes!r}; choose from {', '.join(sorted(SHAPES))}")
+    try:
+        counts = [int(t) for t in tokens.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 0:
+        raise InvalidArgumentError(f"tokens: {tokens!r} is not a comma-separated list of token counts >= 0")
+    return {n: SHAPES[n] for n in names}, counts
+
+
 def main(argv=None) -> None:
     """Entry point of each torchrun process."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -116,19 +131,21 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=str, default=",".join(map(str, TOKENS)))
     parser.add_argument("--shapes", type=str, default=",".join(DEFAULT_SHAPES), help=f"from {sorted(SHAPES)}")
     args = parser.parse_args(argv)
+    shapes, tokens = parse_options(args.shapes, args.tokens)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=120))
     try:
-        records = bench_rank(shapes={n: SHAPES[n] for n in args.shapes.split(",")}, tokens=[int(t) for t in args.tokens.split(",")], iters=args.iters,
-                             device="cuda" if cuda else "cpu")
+        records = bench_rank(shapes=shapes, tokens=tokens, iters=args.iters, device="cuda" if cuda else "cpu")
         if dist.get_rank() == 0:
             _print(records)
             if args.out_json:
-                args.out_json.parent.mkdir(parents=True, exist_ok=True)
-                args.out_json.write_text(json.dumps({**run_info(), "gpus": dist.get_world_size(),
-                                                     "records": records}, indent=1))
+                summary = {"step_vs_all_experts_geomean": geomean(r["baseline_ms"] / r["ours_ms"] for r in records),
+                           "dispatch_bytes": sum(r["dispatch_bytes"] for r in records),
+                           "combine_bytes": sum(r["combine_bytes"] for r in records)}
+                save_results(results("cuda" if cuda else "cpu", summary, records, backend=dist.get_backend(),
+                                     world=dist.get_world_size()), args.out_json)
     finally:
         dist.destroy_process_group()
 
