@@ -103,7 +103,10 @@ def sparsify(model_dir: Path = typer.Argument(..., help="transformers checkpoint
              calib_tokens: int = typer.Option(512, min=2, help="calibration tokens used from the text"),
              method: str = typer.Option(None, help="magnitude, activation (|w|·‖x‖) or reconstruct (SparseGPT-style, "
                                         "kept weights updated); default: activation with --calib, else magnitude"),
-             device: str = typer.Option(None, help="where to load and prune the model (default: cpu)")):
+             device: str = typer.Option(None, help="where to load and prune the model (default: cpu)"),
+             joint_panels: bool = typer.Option(False, "--joint-panels", help="paired panels keep the same blocks: "
+                                               "gate panel m with up panel m (needs ffn % 128 == 0), down panels 2m "
+                                               "with 2m+1")):
     """Prune the experts of a MoE checkpoint to Block N:M and write a Hare checkpoint."""
     from rich.console import Console
     from rich.table import Table
@@ -112,7 +115,7 @@ def sparsify(model_dir: Path = typer.Argument(..., help="transformers checkpoint
 
     text = _read_text(calib, "--calib") if calib else None
     reports = sparsify_checkpoint(model_dir, out_dir, density, bw=bw, calib_text=text, calib_tokens=calib_tokens,
-                                  device=device, method=method)
+                                  device=device, method=method, joint_panels=joint_panels)
     source = (f"calibration text {calib.name} ({method or 'activation'})" if calib
               else "random token ids (no --calib: magnitude pruning)")
     table = Table(title=f"{out_dir}: experts at {density:.0%} density; relative output error on {source}")
@@ -265,10 +268,12 @@ def bench_kernels(ctx: typer.Context):
 
 @bench_app.command(name="ep")
 def bench_ep(gpus: int = typer.Option(None, min=1, help="processes, one per GPU (default: all GPUs)"),
-             out_json: Path = typer.Option(None, help="JSON records, e.g. bench/results/ep_<gpu>.json"),
-             tokens: str = typer.Option("16,256,4096", help="tokens per rank, comma-separated"),
-             shapes: str = typer.Option("mixtral-8x7b,qwen3-30b-a3b,deepseek-v2-lite",
-                                        help="comma-separated, from hare.bench.ep.SHAPES ('small' for a smoke run)"),
+             out_json: Path = typer.Option(None, help="default on GPUs: bench/results/ep_<gpu>x<N>.json"),
+             tokens: str = typer.Option(None, help="tokens per rank, comma-separated (default: 1,128,4096)"),
+             shapes: str = typer.Option(None, help="comma-separated, from hare.bench.ep.SHAPES ('small' for a smoke "
+                                        "run; default: mixtral-8x7b,qwen3-30b-a3b)"),
+             densities: str = typer.Option(None, help="comma-separated: 1.0 (dense) or Block N:M densities of "
+                                           "hare.blocknm.DENSITIES, bw 16 (default: 1.0,0.25)"),
              iters: int = typer.Option(10, min=1),
              cpu: bool = typer.Option(False, help="gloo processes on the CPU instead of GPUs (a smoke run)")):
     """Expert-parallel MoE step on several GPUs: dispatch, local experts and combine times (torchrun)."""
@@ -278,16 +283,18 @@ def bench_ep(gpus: int = typer.Option(None, min=1, help="processes, one per GPU 
 
     from .bench.ep import parse_options
 
-    parse_options(shapes, tokens)  # a bad option fails here, not in every rank's process
+    parse_options(shapes, tokens, densities)  # a bad option fails here, not in every rank's process
     available = torch.cuda.device_count()
     procs = gpus or (2 if cpu else available)
     if not cpu and (available < 2 or procs > available):
         raise HareError(f"bench ep needs at least 2 GPUs and at most the {available} present; asked for {procs} "
                         "(use --cpu for a gloo run on the CPU)")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
-           "-m", "hare.bench.ep", "--tokens", tokens, "--shapes", shapes, "--iters", str(iters)]
-    if out_json:
-        cmd += ["--out-json", str(out_json)]
+           "-m", "hare.bench.ep", "--iters", str(iters)]
+    for option, value in (("--tokens", tokens), ("--shapes", shapes), ("--densities", densities),
+                          ("--out-json", out_json)):
+        if value is not None:
+            cmd += [option, str(value)]
     env = None if not cpu else {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     raise typer.Exit(subprocess.run(cmd, env=env).returncode)
 

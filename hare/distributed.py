@@ -148,7 +148,8 @@ class SendPlan:
     local_ids: torch.Tensor  # (n, min(k, local)) int32
     weights: torch.Tensor  # (n, min(k, local)) compute dtype
     send_rows: list[int]  # rows for each rank
-    combine_index: torch.Tensor  # (T, min(W, k)) each token's send rows in rank order, -1 past its last
+    return_index: torch.Tensor  # (T, min(W, k)) each token's send rows in rank order, -1 past its last: where
+    # its partial results arrive in the return all-to-all
 
 
 def plan_sends(topk_ids: torch.Tensor, topk_weights: torch.Tensor, world: int, local: int,
@@ -172,9 +173,9 @@ def plan_sends(topk_ids: torch.Tensor, topk_weights: torch.Tensor, world: int, l
     local_ids[slot_row, slot_pos] = (ids % local).to(torch.int32)
     weights = torch.zeros(token.numel(), slots, dtype=dtype, device=dev)
     weights[slot_row, slot_pos] = topk_weights.to(dtype)
-    combine_index = torch.full((num_tokens, min(world, top_k)), -1, dtype=torch.long, device=dev)
-    combine_index[token, hit.cumsum(1)[token, rank_of_row] - 1] = rows
-    return SendPlan(token, local_ids, weights, hit.sum(0).tolist(), combine_index)
+    return_index = torch.full((num_tokens, min(world, top_k)), -1, dtype=torch.long, device=dev)
+    return_index[token, hit.cumsum(1)[token, rank_of_row] - 1] = rows
+    return SendPlan(token, local_ids, weights, hit.sum(0).tolist(), return_index)
 
 
 def _gather_sum(values: torch.Tensor, index: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -260,7 +261,7 @@ def run_local_experts(d: Dispatched, w_gate_up_local, w_down_local, activation: 
 def combine(partials: torch.Tensor, d: Dispatched, group=None) -> torch.Tensor:
     """Step 4: send each row's partial result home; sum each token's partials in rank order."""
     back = _Collectives(group).all_to_all("combine", partials, d.plan.send_rows, d.recv_rows)
-    return _gather_sum(back, d.plan.combine_index)
+    return _gather_sum(back, d.plan.return_index)
 
 
 def ep_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_gate_up_local, w_down_local,

@@ -149,8 +149,9 @@ def peer_dies_or_hangs(rank, world, queue, mode, timeout_s, signal_file):
 def bench_tiny(rank, world, queue):
     from hare.bench.ep import bench_rank
 
-    records = bench_rank(shapes={"tiny": (32, 48, 4, 2)}, tokens=(0, 9), iters=2, dtype=torch.float32)
-    assert [r["tokens"] for r in records] == [0, 9]
+    records = bench_rank(shapes={"tiny": (32, 48, 4, 2)}, tokens=(0, 9), iters=2, dtype=torch.float32,
+                         densities=(1.0, 0.25))
+    assert [(r["density"], r["tokens"]) for r in records] == [(1.0, 0), (1.0, 9), (0.25, 0), (0.25, 9)]
     for r in records:
         assert r["world"] == world and r["case"] == f"tiny/ep{world}"
         phases = r["dispatch_ms"] + r["experts_ms"] + r["combine_ms"]

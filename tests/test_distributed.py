@@ -84,7 +84,7 @@ def test_send_plan_sends_each_token_once_per_rank(world, local, top_k):
             assert plan.weights[row].tolist() == [float(weights[t, j]) for j in mine] + [0.0] * pad
         for t in range(num_tokens):
             rows = [row for row, (_, tok) in enumerate(pairs) if tok == t]
-            assert plan.combine_index[t].tolist() == rows + [-1] * (min(world, top_k) - len(rows))
+            assert plan.return_index[t].tolist() == rows + [-1] * (min(world, top_k) - len(rows))
 
 
 @pytest.mark.parametrize("hidden,dtype", [(33, torch.bfloat16), (5, torch.float16), (7, torch.float32),
@@ -189,27 +189,39 @@ def test_ep_moe_refuses_bad_ids_before_any_collective(one_rank_group, monkeypatc
 
 
 def test_bench_ep_cli_runs_gloo_ranks_and_records_the_traffic(tmp_path):
-    """`hare bench ep --cpu`: torchrun, two gloo ranks, the results file with backend, world and bytes per step."""
+    """`hare bench ep --cpu`: torchrun, two gloo ranks, dense and Block 1:2 experts, the results file with backend,
+    world and bytes per step; the traffic depends on the routing only, not on the weights' density."""
     from typer.testing import CliRunner
 
     from hare.cli import app
 
     out = tmp_path / "ep.json"
     run = CliRunner().invoke(app, ["bench", "ep", "--cpu", "--shapes", "small", "--tokens", "0,5", "--iters", "1",
-                                   "--out-json", str(out)])
+                                   "--densities", "1.0,0.25", "--out-json", str(out)])
     assert run.exit_code == 0, run.output
     result = json.loads(out.read_text())
     assert (result["backend"], result["world"], result["gpu"]) == ("gloo", 2, "cpu") and result["commit"]
-    assert [(r["case"], r["tokens"]) for r in result["records"]] == [("small/ep2", 0), ("small/ep2", 5)]
+    assert result["date"]
+    records = result["records"]
+    assert [(r["case"], r["density"], r["tokens"]) for r in records] == [
+        ("small/ep2", d, t) for d in (1.0, 0.25) for t in (0, 5)]
     hidden, _, _, top_k = SHAPES["small"]
-    assert result["records"][0]["dispatch_bytes"] == result["records"][0]["combine_bytes"] == 0
-    sent = result["records"][1]["combine_bytes"] // (2 * hidden)  # bf16 rows to the other rank, both ranks
-    assert 0 < sent <= 2 * 5 and result["records"][1]["dispatch_bytes"] == sent * (2 * hidden + 8 * top_k)
-    assert result["summary"]["combine_bytes"] == result["records"][1]["combine_bytes"]
+    for empty, five in (records[:2], records[2:]):
+        assert empty["dispatch_bytes"] == empty["combine_bytes"] == 0
+        sent = five["combine_bytes"] // (2 * hidden)  # bf16 rows to the other rank, both ranks
+        assert 0 < sent <= 2 * 5 and five["dispatch_bytes"] == sent * (2 * hidden + 8 * top_k)
+        assert five["dispatch_gbps"] == five["dispatch_bytes"] / five["dispatch_ms"] / 1e6
+    assert (records[1]["dispatch_bytes"], records[1]["combine_bytes"]) == (records[3]["dispatch_bytes"],
+                                                                          records[3]["combine_bytes"])
+    assert result["summary"]["combine_bytes"] == 2 * records[1]["combine_bytes"]
+    assert set(result["summary"]["step_vs_all_experts_geomean"]) == {"1.0", "0.25"}
 
 
 @pytest.mark.parametrize("option,value,message", [("--shapes", "small,nope", r"shapes: unknown \['nope'\]"),
-                                                  ("--tokens", "16,x", "tokens: '16,x' is not")])
+                                                  ("--tokens", "16,x", "tokens: '16,x' is not"),
+                                                  ("--densities", "1.0,0.3", r"densities: '1.0,0.3'; expected"),
+                                                  ("--densities", "0.25,0.25", "expected distinct values"),
+                                                  ("--densities", "dense", r"from \[1.0, 0.5, 0.25, 0.1, 0.05\]")])
 def test_bench_ep_refuses_bad_options_before_starting_ranks(option, value, message, monkeypatch):
     from typer.testing import CliRunner
 
@@ -218,3 +230,29 @@ def test_bench_ep_refuses_bad_options_before_starting_ranks(option, value, messa
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("ranks were started"))
     run = CliRunner().invoke(app, ["bench", "ep", "--cpu", option, value])
     assert run.exit_code == 2 and re.search(message, run.output), run.output
+
+
+def test_bench_ep_passes_only_the_given_options_to_its_ranks(monkeypatch):
+    """Defaults live in hare.bench.ep alone: the CLI forwards what was given, and the ranks' parser takes it."""
+    from typer.testing import CliRunner
+
+    from hare.bench.ep import DEFAULT_DENSITIES, DEFAULT_SHAPES, TOKENS, parse_options
+    from hare.cli import app
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **k: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    run = CliRunner().invoke(app, ["bench", "ep", "--cpu", "--densities", "0.25"])
+    assert run.exit_code == 0, run.output
+    cmd = calls[0]
+    assert cmd[cmd.index("-m", 3) + 1:] == ["hare.bench.ep", "--iters", "10", "--densities", "0.25"]
+    assert "--nproc-per-node=2" in cmd
+    shapes, tokens, densities = parse_options()
+    assert (tuple(shapes), tuple(tokens), tuple(densities)) == (DEFAULT_SHAPES, TOKENS, DEFAULT_DENSITIES)
+    assert ("mixtral-8x7b", "qwen3-30b-a3b") == DEFAULT_SHAPES and TOKENS == (1, 128, 4096)
+
+
+def test_bench_ep_names_its_gpu_results_file_like_the_other_suites():
+    from hare.bench.ep import default_out_json
+
+    assert str(default_out_json("NVIDIA H200", 8)) == "bench/results/ep_h200x8.json"
+    assert str(default_out_json("NVIDIA H100 80GB HBM3", 2)) == "bench/results/ep_h100x2.json"
