@@ -271,7 +271,7 @@ def bench_ep(gpus: int = typer.Option(None, min=1, help="processes, one per GPU 
              out_json: Path = typer.Option(None, help="default on GPUs: bench/results/ep_<gpu>x<N>.json"),
              tokens: str = typer.Option(None, help="tokens per rank, comma-separated (default: 1,128,4096)"),
              shapes: str = typer.Option(None, help="comma-separated, from hare.bench.ep.SHAPES ('small' for a smoke "
-                                        "run; default: mixtral-8x7b,qwen3-30b-a3b)"),
+                                        "run; default: mixtral-8x7b,qwen3-30b-a3b,deepseek-v2-lite)"),
              densities: str = typer.Option(None, help="comma-separated: 1.0 (dense) or Block N:M densities of "
                                            "hare.blocknm.DENSITIES, bw 16 (default: 1.0,0.25)"),
              iters: int = typer.Option(10, min=1),

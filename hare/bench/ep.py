@@ -30,7 +30,7 @@ from .common import geomean, write_results
 from .shapes import MODEL_SHAPES
 
 SHAPES = {**MODEL_SHAPES, "small": (256, 512, 8, 2)}  # small: the demo's layer, for a smoke run (e.g. --cpu)
-DEFAULT_SHAPES = ("mixtral-8x7b", "qwen3-30b-a3b")
+DEFAULT_SHAPES = ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite")
 TOKENS = (1, 128, 4096)
 DEFAULT_DENSITIES = (1.0, 0.25)  # 1.0: dense; others from DENSITIES (0.25: Block 1:2)
 BW = 16
