@@ -28,7 +28,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export HARE_CACHE_DIR=${HARE_CACHE_DIR:-/tmp/hare_cache}
 PY=${PYTHON:-python3}
-DO_TESTS=0; DO_SAN=0; DO_BENCH=0; DO_SPARSE=0; DO_PAPER=0; DO_LAUNCH=0; DO_DEMO=0; DO_ATTN=0; DO_MODEL=0; NAME=kernels_h100; EXTRA=()
+DO_TESTS=0; DO_SAN=0; DO_BENCH=0; DO_SPARSE=0; DO_PAPER=0; DO_LAUNCH=0; DO_DEMO=0; DO_ATTN=0; DO_MODEL=0; DO_EP=0; NAME=kernels_h100; EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests) DO_TESTS=1 ;;
@@ -40,14 +40,15 @@ while [ $# -gt 0 ]; do
     --demo) DO_DEMO=1 ;;
     --attention) DO_ATTN=1 ;;
     --model) DO_MODEL=1 ;;
+    --ep) DO_EP=1 ;;
     --name) NAME=$2; shift ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "unknown flag $1"; exit 2 ;;
   esac
   shift
 done
-if [ $((DO_TESTS + DO_SAN + DO_BENCH + DO_SPARSE + DO_PAPER + DO_LAUNCH + DO_DEMO + DO_ATTN + DO_MODEL)) = 0 ]; then
-  DO_TESTS=1; DO_SAN=1; DO_BENCH=1; DO_SPARSE=1; DO_PAPER=1; DO_LAUNCH=1; DO_DEMO=1; DO_ATTN=1; DO_MODEL=1
+if [ $((DO_TESTS + DO_SAN + DO_BENCH + DO_SPARSE + DO_PAPER + DO_LAUNCH + DO_DEMO + DO_ATTN + DO_MODEL + DO_EP)) = 0 ]; then
+  DO_TESTS=1; DO_SAN=1; DO_BENCH=1; DO_SPARSE=1; DO_PAPER=1; DO_LAUNCH=1; DO_DEMO=1; DO_ATTN=1; DO_MODEL=1; DO_EP=1
 fi
 # NAME with "kernels" replaced by $1 (or NAME_$1 when it has no "kernels")
 derived_name() { local n=${NAME/kernels/$1}; [ "$n" = "$NAME" ] && n=${NAME}_$1; echo "$n"; }
@@ -128,6 +129,22 @@ if [ $DO_MODEL = 1 ]; then
   [ ${PIPESTATUS[0]} = 0 ] || STATUS=1
 fi
 t6=$(date +%s)
+if [ $DO_EP = 1 ]; then
+  # --ep: `hare bench ep` over NCCL, one torchrun process per GPU, NVLink multicast off (EP_ARGS: its options,
+  # EP_TIMEOUT: its limit) -> bench/results/ep_<gpu>x<N>.json; skipped on fewer than 2 GPUs. The EP tests
+  # (tests/test_distributed.py) run gloo on the CPU only: their rank programs keep every tensor on the CPU.
+  EP_GPUS=$(nvidia-smi -L | wc -l)
+  if [ "$EP_GPUS" -lt 2 ]; then
+    echo "ep: skipped, $EP_GPUS GPU (needs 2 or more)"
+  else
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    timeout ${EP_TIMEOUT:-540} $PY -m hare.cli bench ep --gpus "$EP_GPUS" ${EP_ARGS:-} 2>&1 \
+      | tee "$OUT/bench_ep.log" | tail -40
+    [ ${PIPESTATUS[0]} = 0 ] || STATUS=1
+    cp bench/results/ep_*x"$EP_GPUS".json "$OUT/" 2>/dev/null
+    echo "ep: $(($(date +%s) - t6))s"
+  fi
+fi
 echo "times: tests $((t1-t0))s sanitize $((t2-t1))s bench $((t3-t2))s sparse $((t4-t3))s paper+launch $((t5-t4))s" \
   "demo+model $((t6-t5))s; status $STATUS"
 # the device tool brings back few files: the JSON results stay loose, everything else goes into one archive
