@@ -31,6 +31,11 @@ Storage, laid out for the GPU kernels (``kb`` = kept blocks per panel, equal for
   2·(l/4) + (l&1) of step j, which holds rows 16G + l/4 and 16G + l/4 + 8, column half l&1.
 - ``block_idx`` (E, ceil(out/128), kb), int32: the kept column-block indices of each panel, ascending.
 
+Joint panels (``joint``): two panels may be made to choose the same kept blocks, so that one gathered token tile
+serves both. ``"halves"`` pairs panel m with panel m + P/2 (a stacked gate/up weight: gate panel m with up panel
+m; needs ``out`` a multiple of 256, i.e. ffn a multiple of 128), ``"adjacent"`` pairs panels 2m and 2m + 1 (a
+last odd panel chooses alone). The storage is unchanged: paired panels simply hold equal ``block_idx`` rows.
+
 The last panel may hold fewer than 128 rows (``out`` need not be a multiple of 128); ``in`` must be a multiple of
 ``bw``.
 """
@@ -52,6 +57,7 @@ _META_PAD = 0x44  # padding byte: two nibbles 0x4 (positions 0, 1)
 BLOCK_WIDTHS = (16, 32, 64)
 MAX_BM = 64
 DENSITIES = {0.5: (1, 1), 0.25: (1, 2), 0.1: (1, 5), 0.05: (1, 10)}  # density -> (bn, bm): the standard ratios
+JOINT = (None, "halves", "adjacent")  # which panels choose their kept blocks together (see the module docstring)
 
 
 def kept_blocks(num_blocks: int, bn: int, bm: int) -> int:
@@ -99,15 +105,35 @@ def check_ratio(bn, bm, bw) -> None:
         raise InvalidArgumentError(f"bw: expected one of {BLOCK_WIDTHS}, got {bw}")
 
 
+def check_joint(joint, out: int) -> None:
+    """``joint`` is one of JOINT and fits a weight of ``out`` rows, else a clear error."""
+    if joint not in JOINT:
+        raise InvalidArgumentError(f"joint: expected one of {JOINT}, got {joint!r}")
+    if joint == "halves" and out % (2 * PANEL):
+        raise InvalidArgumentError(f"joint='halves' pairs panel m with panel m + P/2, so out must be a multiple of "
+                                   f"{2 * PANEL} (a gate/up weight: ffn a multiple of {PANEL}); got out = {out}")
+
+
+def joint_partner(panels: int, joint, device=None) -> torch.Tensor:
+    """(P,) the panel each panel chooses its kept blocks with (itself when it chooses alone)."""
+    p = torch.arange(panels, device=device)
+    if joint == "halves":
+        return (p + panels // 2) % panels
+    if joint == "adjacent":
+        return torch.where((p ^ 1) < panels, p ^ 1, p)
+    return p
+
+
 class BlockNM:
     """A Block N:M sparse weight (or stack of expert weights) in the compressed storage described above."""
 
-    def __init__(self, values, meta, block_idx, *, shape, bn: int, bm: int, bw: int):
+    def __init__(self, values, meta, block_idx, *, shape, bn: int, bm: int, bw: int, joint: str | None = None):
         check_ratio(bn, bm, bw)
         shape = tuple(int(s) for s in shape)
         if len(shape) not in (2, 3) or min(shape) < 1:
             raise InvalidArgumentError(f"shape: expected (out, in) or (E, out, in) with positive sizes, got {shape}")
         experts, out, inp = (1, *shape) if len(shape) == 2 else shape
+        check_joint(joint, out)
         if inp % bw:
             raise InvalidArgumentError(f"shape: in = {inp} is not a multiple of bw = {bw}")
         kb = kept_blocks(inp // bw, bn, bm)
@@ -128,7 +154,7 @@ class BlockNM:
             raise InvalidArgumentError("values, meta and block_idx must be on one device")
         self.values, self.meta, self.block_idx = values, meta, block_idx
         self.shape = torch.Size(shape)
-        self.bn, self.bm, self.bw = bn, bm, bw
+        self.bn, self.bm, self.bw, self.joint = bn, bm, bw, joint
 
     # ---- sizes -------------------------------------------------------------------------------------------------
     @property
@@ -170,13 +196,14 @@ class BlockNM:
         return sum(t.numel() * t.element_size() for t in (self.values, self.meta, self.block_idx))
 
     def __repr__(self) -> str:
-        return (f"BlockNM(shape={tuple(self.shape)}, {self.bn}:{self.bm}, bw={self.bw}, density={self.density:.4f}, "
-                f"dtype={self.dtype}, device={self.device})")
+        joint = f", joint={self.joint}" if self.joint else ""
+        return (f"BlockNM(shape={tuple(self.shape)}, {self.bn}:{self.bm}, bw={self.bw}{joint}, "
+                f"density={self.density:.4f}, dtype={self.dtype}, device={self.device})")
 
     def to(self, device=None, dtype=None) -> "BlockNM":
         """Move the storage to ``device`` and/or cast the values to ``dtype`` (metadata and indices keep theirs)."""
         return BlockNM(self.values.to(device=device, dtype=dtype), self.meta.to(device), self.block_idx.to(device),
-                       shape=self.shape, bn=self.bn, bm=self.bm, bw=self.bw)
+                       shape=self.shape, bn=self.bn, bm=self.bm, bw=self.bw, joint=self.joint)
 
     def select_experts(self, start: int, stop: int) -> "BlockNM":
         """The stacked experts [start, stop) (views, no copy), e.g. one rank's shard for expert parallelism."""
@@ -184,7 +211,7 @@ class BlockNM:
             raise InvalidArgumentError(f"select_experts: need a stacked weight and 0 <= start < stop <= {self.num_experts}, "
                                        f"got [{start}, {stop}) of shape {tuple(self.shape)}")
         return BlockNM(self.values[start:stop], self.meta[start:stop], self.block_idx[start:stop],
-                       shape=(stop - start, *self.shape[1:]), bn=self.bn, bm=self.bm, bw=self.bw)
+                       shape=(stop - start, *self.shape[1:]), bn=self.bn, bm=self.bm, bw=self.bw, joint=self.joint)
 
     # ---- decoding ----------------------------------------------------------------------------------------------
     def _kept_groups(self):
@@ -234,6 +261,8 @@ class BlockNM:
             allowed[-1] = math.ceil(r * self.bn / self.bm)
         if bool((per_window != allowed).any()):
             raise InvalidArgumentError(f"block_idx: each window of {self.bm} blocks must keep {self.bn} blocks")
+        if not torch.equal(idx, idx[:, joint_partner(idx.shape[1], self.joint, idx.device)]):
+            raise InvalidArgumentError(f"block_idx: joint={self.joint!r}, but paired panels keep different blocks")
         nibbles = _unpack_meta(self.meta, self.out_features, self.kept_blocks * self.bw // GROUP)
         if bool(((nibbles & 3) >= (nibbles >> 2)).any()):
             raise InvalidArgumentError("meta: each 2:4 nibble must hold two ascending positions")
@@ -267,7 +296,7 @@ def _check_sparsify_args(weight, score, bn, bm, bw) -> torch.Tensor:
     return score
 
 
-def _select_one(score: torch.Tensor, bn: int, bm: int, bw: int):
+def _select_one(score: torch.Tensor, bn: int, bm: int, bw: int, joint):
     """Optimal mask of one (out, in) score matrix: returns (pos (out, G, 2), block_idx (P, kb))."""
     out, inp = score.shape
     groups = score.reshape(out, inp // GROUP, GROUP).float()
@@ -279,6 +308,10 @@ def _select_one(score: torch.Tensor, bn: int, bm: int, bw: int):
     panels = math.ceil(out / PANEL)
     block_score = torch.nn.functional.pad(block_score, (0, 0, 0, panels * PANEL - out))
     panel_score = block_score.reshape(panels, PANEL, num_blocks).sum(1)  # (P, num_blocks)
+    partner = joint_partner(panels, joint, score.device)
+    # a pair is worth the sum of its panels' scores; both get the same sum (a + b == b + a), so the same blocks
+    panel_score = panel_score + torch.where((partner != torch.arange(panels, device=score.device))[:, None],
+                                            panel_score[partner], 0.0)
 
     windows = math.ceil(num_blocks / bm)
     padded = torch.nn.functional.pad(panel_score, (0, windows * bm - num_blocks), value=-1.0)  # scores are >= 0
@@ -297,25 +330,29 @@ def _select_one(score: torch.Tensor, bn: int, bm: int, bw: int):
 
 
 def sparsify(weight: torch.Tensor, *, bn: int, bm: int, bw: int = 16, score: torch.Tensor | None = None,
-             dtype: torch.dtype = torch.bfloat16) -> BlockNM:
+             dtype: torch.dtype = torch.bfloat16, joint: str | None = None) -> BlockNM:
     """Prune ``weight`` (out, in) or (E, out, in) to Block N:M with the mask of highest total ``score``.
 
     ``score`` (default |weight|) is any nonnegative importance of the weight's shape, e.g. |w|·‖x_col‖ from
     calibration activations. The mask is optimal: a block is worth the sum over the panel's rows of the best 2:4
     score inside it, and each window keeps its ``bn`` most valuable blocks (the last, partial window of r blocks
     keeps ceil(r·bn/bm)). Ties go to the lower index. Values are stored in ``dtype`` (bf16 unless asked).
+    ``joint`` (``"halves"`` for a stacked gate/up weight, ``"adjacent"`` for down; see the module docstring) makes
+    pairs of panels keep the same blocks; the mask stays optimal under that constraint (a pair's block is worth the
+    sum over both panels; the 2:4 choice stays per row).
 
     On a GPU it returns once the storage is written, so the result is safe to use on any stream (benchmarks and
     CUDA-graph captures run on side streams that do not wait for the stream sparsify ran on).
     """
     score = _check_sparsify_args(weight, score, bn, bm, bw)
+    check_joint(joint, weight.shape[-2])
     if dtype not in FLOAT_DTYPES:
         raise InvalidArgumentError(f"dtype: expected a floating dtype, got {dtype}")
     w3, s3 = (weight, score) if weight.dim() == 3 else (weight[None], score[None])
     out, inp = w3.shape[-2:]
     values, metas, indices = [], [], []
     for w, s in zip(w3, s3):  # one expert at a time bounds the memory of the selection
-        pos, block_idx = _select_one(s, bn, bm, bw)
+        pos, block_idx = _select_one(s, bn, bm, bw, joint)
         per_block = bw // GROUP
         panel_of_row = torch.arange(out, device=w.device) // PANEL
         groups = (block_idx[panel_of_row][..., None] * per_block + torch.arange(per_block, device=w.device)).flatten(-2)
@@ -326,7 +363,7 @@ def sparsify(weight: torch.Tensor, *, bn: int, bm: int, bw: int = 16, score: tor
         metas.append(_pack_meta(nibble[None], meta_steps(block_idx.shape[-1], bw))[0])
         indices.append(block_idx.to(torch.int32))
     result = BlockNM(torch.stack(values), torch.stack(metas), torch.stack(indices),
-                     shape=weight.shape, bn=bn, bm=bm, bw=bw)
+                     shape=weight.shape, bn=bn, bm=bm, bw=bw, joint=joint)
     if result.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
         torch.cuda.current_stream(result.device).synchronize()
     return result

@@ -23,14 +23,17 @@ from .blocknm import BlockNM
 from .errors import CheckpointError, HareError, InvalidArgumentError
 
 FORMAT = "hare"
-VERSION = 2  # 2: BlockNM.meta in the sparse-wgmma register layout (1: one row of nibbles per weight row)
+VERSION = 3  # 3: BlockNM entries record ``joint``; 2: without it (read as joint=None: joint panels came with 3);
+# 2: BlockNM.meta in the sparse-wgmma register layout (1: one row of nibbles per weight row)
+_READS = ("2", str(VERSION))
 _PARTS = ("values", "meta", "block_idx")
 _SINGLE = "weight"  # entry name used when a single BlockNM is saved
 
 
 def _describe(name: str, obj) -> tuple[dict, dict[str, torch.Tensor]]:
     if isinstance(obj, BlockNM):
-        entry = {"kind": "blocknm", "shape": list(obj.shape), "bn": obj.bn, "bm": obj.bm, "bw": obj.bw}
+        entry = {"kind": "blocknm", "shape": list(obj.shape), "bn": obj.bn, "bm": obj.bm, "bw": obj.bw,
+                 "joint": obj.joint}
         return entry, {f"{name}.{p}": getattr(obj, p) for p in _PARTS}
     if isinstance(obj, torch.Tensor):
         return {"kind": "tensor"}, {name: obj}
@@ -82,8 +85,9 @@ def _read_header(path: Path) -> dict:
     if meta.get("version") == "1":
         raise CheckpointError(f"{path}: Hare format version 1, written by an older Hare with a different 2:4 metadata "
                               f"layout; this Hare reads version {VERSION}: re-run `hare sparsify` to rewrite it")
-    if meta.get("version") != str(VERSION):
-        raise CheckpointError(f"{path}: Hare format version {meta.get('version')!r}; this Hare reads version {VERSION}")
+    if meta.get("version") not in _READS:
+        raise CheckpointError(f"{path}: Hare format version {meta.get('version')!r}; this Hare reads versions "
+                              f"{', '.join(_READS)}")
     return meta
 
 
@@ -107,6 +111,7 @@ def load(path, device="cpu"):
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     meta = _read_header(path)
+    joint_recorded = meta["version"] != "2"
     try:
         entries = json.loads(meta["entries"])
         single = json.loads(meta["single"])
@@ -122,7 +127,8 @@ def load(path, device="cpu"):
                 result[name] = tensors.pop(name)
             elif entry["kind"] == "blocknm":
                 parts = [tensors.pop(f"{name}.{p}") for p in _PARTS]
-                w = BlockNM(*parts, shape=entry["shape"], bn=entry["bn"], bm=entry["bm"], bw=entry["bw"])
+                w = BlockNM(*parts, shape=entry["shape"], bn=entry["bn"], bm=entry["bm"], bw=entry["bw"],
+                            joint=entry["joint"] if joint_recorded else None)
                 w.check()
                 result[name] = w
             else:

@@ -148,7 +148,7 @@ def _prune_again(weights):  # a file of 1:5 weights (the dense expansion re-prun
     (lambda f: (f / MANIFEST).write_text("[1, 2]"), "expected a JSON object, got a JSON list"),
     (lambda f: _edit_manifest(f, lambda m: {k: v for k, v in m.items() if k != "experts"}), "no 'experts' field"),
     (lambda f: _edit_manifest(f, lambda m: {**m, "version": 1}), r"version 1, written by an older Hare.*re-run"),
-    (lambda f: _edit_manifest(f, lambda m: {**m, "version": 7}), "version 7; this Hare reads version 2"),
+    (lambda f: _edit_manifest(f, lambda m: {**m, "version": 7}), "version 7; this Hare reads versions 2 and 3"),
     (lambda f: _edit_manifest(f, lambda m: {**m, "bm": 5}), r"density 0.25 is Block 1:2, but fields bn, bm say 1:5"),
     (lambda f: _edit_manifest(f, lambda m: {**m, "density": 0.1, "bm": 5}),
      r"hare-experts-00000.safetensors: density is '0.25' in the file, '0.1' in hare_model.json"),

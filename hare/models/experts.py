@@ -30,9 +30,11 @@ class HareExperts(nn.Module):
         self.num_experts, two_ffn, self.hidden_dim = w_gate_up.shape
         self.intermediate_dim = two_ffn // 2
         self.sparsity = None
+        self.joint = {}  # per BlockNM weight: its joint-panel pairing (hare.sparsify's joint)
         for name, w in (("gate_up", w_gate_up), ("down", w_down)):
             if isinstance(w, BlockNM):
                 self.sparsity = {"bn": w.bn, "bm": w.bm, "bw": w.bw}
+                self.joint[name] = w.joint
                 for part in _PARTS:
                     self.register_buffer(f"{name}_{part}", getattr(w, part))
             else:
@@ -50,7 +52,8 @@ class HareExperts(nn.Module):
             return getattr(self, f"{name}_proj")
         shape = ((self.num_experts, 2 * self.intermediate_dim, self.hidden_dim) if name == "gate_up"
                  else (self.num_experts, self.hidden_dim, self.intermediate_dim))
-        return BlockNM(*(getattr(self, f"{name}_{p}") for p in _PARTS), shape=shape, **self.sparsity)
+        return BlockNM(*(getattr(self, f"{name}_{p}") for p in _PARTS), shape=shape, **self.sparsity,
+                       joint=self.joint[name])
 
     def blocknm_weights(self) -> dict[str, BlockNM | torch.Tensor]:
         """What a Hare checkpoint file holds for this module: both weights and the biases it has."""
@@ -73,6 +76,7 @@ class HareExperts(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "dense" if not self.sparse else "{bn}:{bm} bw{bw}".format(**self.sparsity)
+        kind += " joint panels" if any(self.joint.values()) else ""
         shard = "" if self.group is None else " (this rank's shard)"
         bias = ", biases" if self.gate_up_bias is not None or self.down_bias is not None else ""
         return (f"experts={self.num_experts}{shard}, hidden={self.hidden_dim}, ffn={self.intermediate_dim}, "

@@ -8,7 +8,8 @@ layer (activation-aware with calibration text) and writes:
   and the shard index without them;
 - one Hare file (``hare.save``) per MoE layer with its ``gate_up`` and ``down`` BlockNM weights (and, for models
   with expert biases, the dense ``gate_up_bias`` and ``down_bias``);
-- ``hare_model.json``: format, version, sparsity and which file holds which experts module. Each Hare file also
+- ``hare_model.json``: format, version, sparsity (with ``joint_panels``: gate/up pruned with ``joint="halves"``,
+  down with ``joint="adjacent"``) and which file holds which experts module. Each Hare file also
   records its layer and sparsity itself, so a swapped or stale file is caught.
 
 Every argument is checked before the model loads. The folder is written beside ``out_dir`` under a temporary
@@ -37,10 +38,11 @@ from ..errors import CheckpointError, InvalidArgumentError
 from ..metrics import relative_error
 from .experts import HareExperts
 from .generation import load_tokenizer
-from .patch import METHODS, calibrate, dense_experts, experts_modules, patch, replace_module
+from .patch import JOINT_PANELS, METHODS, calibrate, dense_experts, experts_modules, patch, replace_module
 
 FORMAT = "hare-model"
-VERSION = 2  # 2: each expert file records its layer and sparsity (1: only the manifest did)
+VERSION = 3  # 3: records joint_panels (2: without it, read as False: joint panels came with 3);
+# 2: each expert file records its layer and sparsity (1: only the manifest did)
 MANIFEST = "hare_model.json"
 INDEX = "model.safetensors.index.json"
 EXPERT_FILES = "hare-experts-*.safetensors"
@@ -167,10 +169,11 @@ def _alive(pid: int) -> bool:
 @torch.no_grad()
 def sparsify_checkpoint(model_dir, out_dir, density: float, *, bw: int = 16, calib_text: str | None = None,
                         calib_tokens: int = 512, device=None, progress: bool = True, seed: int = 0,
-                        method: str | None = None) -> list[LayerReport]:
+                        method: str | None = None, joint_panels: bool = False) -> list[LayerReport]:
     """Prune ``model_dir`` into a Hare checkpoint in ``out_dir``; returns each MoE layer's relative output error on
     the calibration tokens (random token ids when no text is given; pruning is then by magnitude). ``method``
-    (``hare.patch``'s: magnitude, activation or reconstruct) defaults to activation with text, magnitude without."""
+    (``hare.patch``'s: magnitude, activation or reconstruct) defaults to activation with text, magnitude without;
+    ``joint_panels`` is ``hare.patch``'s."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     bn, bm = density_ratio(density)
     check_ratio(bn, bm, bw)
@@ -181,6 +184,8 @@ def sparsify_checkpoint(model_dir, out_dir, density: float, *, bw: int = 16, cal
         raise InvalidArgumentError(f"method: expected one of {METHODS}, got {method!r}")
     if method != "magnitude" and calib_text is None:
         raise InvalidArgumentError(f"method {method!r} needs calibration text (--calib)")
+    if not isinstance(joint_panels, bool):
+        raise InvalidArgumentError(f"joint_panels: expected a bool, got {joint_panels!r}")
     device = resolve_device(device)
     shards = check_source(model_dir)
     if (model_dir / MANIFEST).exists() or any(model_dir.glob(EXPERT_FILES)):
@@ -204,14 +209,15 @@ def sparsify_checkpoint(model_dir, out_dir, density: float, *, bw: int = 16, cal
     dense_bytes = {n: sum(p.numel() * p.element_size() for p in modules[n].parameters()) for n in modules}
     del modules
     patch(model, bn=bn, bm=bm, bw=bw, score=calib if method != "magnitude" else None, progress=progress,
-          method=method)
+          method=method, joint_panels=joint_panels)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_partials(out_dir)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{PARTIAL}{os.getpid()}-", dir=out_dir.parent))
     try:
         reports = _write_checkpoint(model, model_dir, work, shards, calib, dense_out, dense_bytes, progress,
-                                    density=density, bn=bn, bm=bm, bw=bw, calibrated=calib_text is not None,
+                                    density=density, bn=bn, bm=bm, bw=bw, joint_panels=joint_panels,
+                                    calibrated=calib_text is not None,
                                     criterion={"activation": "activation-aware"}.get(method, method))
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above; a folder that filled meanwhile makes this fail, not vanish
@@ -223,7 +229,7 @@ def sparsify_checkpoint(model_dir, out_dir, density: float, *, bw: int = 16, cal
 
 
 def _write_checkpoint(model, model_dir: Path, out_dir: Path, shards, calib, dense_out, dense_bytes, progress, *,
-                      density, bn, bm, bw, calibrated: bool, criterion: str) -> list[LayerReport]:
+                      density, bn, bm, bw, joint_panels: bool, calibrated: bool, criterion: str) -> list[LayerReport]:
     from safetensors import safe_open
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -256,6 +262,7 @@ def _write_checkpoint(model, model_dir: Path, out_dir: Path, shards, calib, dens
         index["weight_map"] = kept_keys
         (out_dir / INDEX).write_text(json.dumps(index, indent=2))
     manifest = {"format": FORMAT, "version": VERSION, "density": density, "bn": bn, "bm": bm, "bw": bw,
+                "joint_panels": joint_panels,
                 "calibration": {"source": "text" if calibrated else "random token ids", "tokens": calib.tokens,
                                 "criterion": criterion},
                 "experts": files}
@@ -281,12 +288,15 @@ def read_manifest(folder: Path) -> dict | None:
         raise CheckpointError(f"{path}: {FORMAT} version 1, written by an older Hare whose expert files do not "
                               f"record their layer; this Hare reads version {VERSION}: re-run `hare sparsify` on "
                               "the dense model")
-    if version != VERSION:
-        raise CheckpointError(f"{path}: {FORMAT} version {version!r}; this Hare reads version {VERSION}")
-    for key, kinds in (("density", (int, float)), ("bn", (int,)), ("bm", (int,)), ("bw", (int,)), ("experts", (dict,))):
+    if version not in (2, VERSION):
+        raise CheckpointError(f"{path}: {FORMAT} version {version!r}; this Hare reads versions 2 and {VERSION}")
+    if version == 2:
+        manifest = {**manifest, "joint_panels": False}
+    for key, kinds in (("density", (int, float)), ("bn", (int,)), ("bm", (int,)), ("bw", (int,)),
+                       ("joint_panels", (bool,)), ("experts", (dict,))):
         if key not in manifest:
             raise CheckpointError(f"{path}: no {key!r} field")
-        if isinstance(manifest[key], bool) or not isinstance(manifest[key], kinds):
+        if isinstance(manifest[key], bool) != (kinds == (bool,)) or not isinstance(manifest[key], kinds):
             raise CheckpointError(f"{path}: field {key!r} is {manifest[key]!r}; expected a "
                                   f"{' or '.join(k.__name__ for k in kinds)}")
     try:
@@ -336,6 +346,10 @@ def _load_expert_file(path: Path, module, manifest: dict, device) -> tuple[dict,
             if sparsity != (manifest["bn"], manifest["bm"], manifest["bw"]):
                 raise CheckpointError(f"{path}: {part} is {'dense' if sparsity is None else '%d:%d bw %d' % sparsity}"
                                       f", {MANIFEST} says {manifest['bn']}:{manifest['bm']} bw {manifest['bw']}")
+            joint = JOINT_PANELS[part] if manifest["joint_panels"] else None
+            if w.joint != joint:
+                raise CheckpointError(f"{path}: {part} has joint={w.joint!r}, {MANIFEST} (joint_panels="
+                                      f"{manifest['joint_panels']}) says joint={joint!r}")
         if not bool(torch.isfinite(w if isinstance(w, torch.Tensor) else w.values).all()):
             raise CheckpointError(f"{path}: {part} holds non-finite values (NaN or inf)")
     return weights, dense.activation

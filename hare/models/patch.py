@@ -83,7 +83,10 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 METHODS = ("magnitude", "activation", "reconstruct")
 
 
-def _check_ratio_args(bn, bm, score, method) -> str | None:
+JOINT_PANELS = {"gate_up": "halves", "down": "adjacent"}  # joint_panels=True: hare.sparsify's joint per weight
+
+
+def _check_ratio_args(bn, bm, score, method, joint_panels) -> str | None:
     """The pruning method (None when dense): ``method``, or activation with a calibration and magnitude without."""
     if (bn is None) != (bm is None):
         raise InvalidArgumentError(f"hare.patch: give both bn and bm (for pruning) or neither (dense); got bn={bn}, bm={bm}")
@@ -96,6 +99,10 @@ def _check_ratio_args(bn, bm, score, method) -> str | None:
         raise InvalidArgumentError(f"method: expected one of {METHODS}, got {method!r}")
     if method is not None and bn is None:
         raise InvalidArgumentError("method: only matters when pruning; give bn and bm too")
+    if not isinstance(joint_panels, bool):
+        raise InvalidArgumentError(f"joint_panels: expected a bool, got {joint_panels!r}")
+    if joint_panels and bn is None:
+        raise InvalidArgumentError("joint_panels: only matters when pruning; give bn and bm too")
     if bn is None:
         return None
     method = method or ("magnitude" if score is None else "activation")
@@ -108,25 +115,27 @@ def _check_ratio_args(bn, bm, score, method) -> str | None:
     return method
 
 
-def _prune(name: str, method: str, weights, stats, bn: int, bm: int, bw: int, dtype) -> list:
+def _prune(name: str, method: str, weights, stats, bn: int, bm: int, bw: int, dtype, joint_panels: bool) -> list:
     """The two BlockNM weights (gate/up, down) of one experts module; ``stats`` are its norms (activation) or grams
     (reconstruct), on the weights' device."""
+    joints = [JOINT_PANELS[part] if joint_panels else None for part in ("gate_up", "down")]
     if method == "reconstruct":
         *grams, counts = stats
-        pruned = [reconstruct(w, g, bn=bn, bm=bm, bw=bw, counts=counts, dtype=dtype) for w, g in zip(weights, grams)]
+        pruned = [reconstruct(w, g, bn=bn, bm=bm, bw=bw, counts=counts, dtype=dtype, joint=j)
+                  for w, g, j in zip(weights, grams, joints)]
         fallback = sorted(set(pruned[0][1]) | set(pruned[1][1]))
         if fallback:
             warnings.warn(f"{name}: experts {fallback} were routed fewer than {MIN_TOKENS} calibration tokens; "
                           "pruned activation-aware instead of reconstructed")
         return [p[0] for p in pruned]
     scores = [None, None] if method == "magnitude" else [activation_score(w, n) for w, n in zip(weights, stats)]
-    return [sparsify(w, bn=bn, bm=bm, bw=bw, score=s, dtype=dtype) for w, s in zip(weights, scores)]
+    return [sparsify(w, bn=bn, bm=bm, bw=bw, score=s, dtype=dtype, joint=j) for w, s, j in zip(weights, scores, joints)]
 
 
 @torch.no_grad()
 def patch(model: nn.Module, bn: int | None = None, bm: int | None = None, bw: int = 16,
           score: Calibration | None = None, progress: bool = False, ep_group=None,
-          method: str | None = None) -> nn.Module:
+          method: str | None = None, joint_panels: bool = False) -> nn.Module:
     """Replace, in place, the experts of a transformers MoE model by Hare's; returns the model.
 
     Without ``bn``/``bm`` the experts stay dense (same logits as before). With them every expert weight is pruned
@@ -134,12 +143,14 @@ def patch(model: nn.Module, bn: int | None = None, bm: int | None = None, bw: in
     ``"activation"`` (|w|·‖x_col‖, the default when ``score`` is a ``Calibration`` from ``hare.calibrate``) or
     ``"reconstruct"`` (``hare.reconstruct``: the kept weights updated to preserve each expert's outputs on the
     calibration tokens; needs ``hare.calibrate(..., grams=True)``). Values are stored in the model's dtype.
+    ``joint_panels=True`` prunes gate/up with ``joint="halves"`` (gate panel m and up panel m keep the same blocks;
+    needs ffn a multiple of 128) and down with ``joint="adjacent"`` (see ``hare.sparsify``).
 
     With ``ep_group`` (a torch.distributed group, e.g. ``hare.ep_group()``), every rank keeps only its contiguous
     shard of each layer's experts (pruned after sharding, so each rank prunes only its own) and the layers run
     ``hare.ep_moe``; call it on every rank with the same model, then run each rank's own tokens.
     """
-    method = _check_ratio_args(bn, bm, score, method)
+    method = _check_ratio_args(bn, bm, score, method, joint_panels)
     modules = experts_modules(model)
     _refuse_unsupported(modules)
     names = list(modules)
@@ -163,7 +174,7 @@ def patch(model: nn.Module, bn: int | None = None, bm: int | None = None, bw: in
         if bn is None:
             new = HareExperts(w_gate_up, w_down, dense.activation, ep_group, *biases)
         else:
-            sparse = _prune(name, method, (w_gate_up, w_down), stats, bn, bm, bw, w_gate_up.dtype)
+            sparse = _prune(name, method, (w_gate_up, w_down), stats, bn, bm, bw, w_gate_up.dtype, joint_panels)
             new = HareExperts(*sparse, dense.activation, ep_group, *biases)
         del w_gate_up, w_down, dense
         replace_module(model, name, new)
