@@ -127,8 +127,8 @@ def bench_rank(shapes=None, tokens=TOKENS, iters: int = 10, device=None, dtype=t
 def _print(records: list[dict]) -> None:
     """Times in ms (the slowest rank's median); 'all experts' is one process running every expert on its tokens;
     KiB are all ranks' bytes to other ranks per step."""
-    print(f"{'case':<28}{'density':>8}{'tok/rank':>9}{'dispatch ms':>13}{'experts ms':>13}{'combine ms':>13}{'step ms':>13}"
-          f"{'all experts ms':>16}{'dispatch KiB':>14}{'combine KiB':>13}")
+    print(f"{'case':<28}{'density':>8}{'tok/rank':>9}{'dispatch ms':>13}{'experts ms':>13}{'combine ms':>13}"
+          f"{'step ms':>13}{'all experts ms':>16}{'dispatch KiB':>14}{'combine KiB':>13}")
     for r in records:
         print(f"{r['case']:<28}{r['density']:>8}{r['tokens']:>9}{r['dispatch_ms']:>13.3f}{r['experts_ms']:>13.3f}"
               f"{r['combine_ms']:>13.3f}{r['ours_ms']:>13.3f}{r['baseline_ms']:>16.3f}"
