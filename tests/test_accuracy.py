@@ -66,6 +66,7 @@ def test_train_sparsify_eval_pipeline(tmp_path):
     assert result["dense_ppl"] < result["unigram_ppl"]
     records = result["records"]
     assert len(records) == 2 * 3 + 2 * 2 + 1
+    assert "no joint-panel records: they need ffn a multiple of 128, this model's is 64" in run.output
     for r in records:
         assert set(r) == SCHEMA | ({"score"} if r["method"] == "unstructured" else set())
         assert r["ppl"] > 0 and 0 < r["layer_rel_err"] < 1.5
@@ -77,3 +78,20 @@ def test_train_sparsify_eval_pipeline(tmp_path):
     assert result["reconstruct_timing"]["layer_seconds"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
     assert "| reconstruct bw16 |" in out.with_suffix(".md").read_text()
+
+
+def test_configurations_add_joint_panel_records_at_bw16():
+    from hare.bench.accuracy import configurations, markdown_table
+
+    configs = configurations((0.5, 0.1), (16, 32))
+    joint = [c for c in configs if c["joint_panels"]]
+    assert joint == [{"method": m, "density": d, "bw": 16, "joint_panels": True}
+                     for d in (0.5, 0.1) for m in ("activation", "reconstruct")]
+    assert len(configs) == len(configurations((0.5, 0.1), (16, 32), joint_panels=False)) + 4
+    assert not any(c["joint_panels"] for c in configurations((0.5,), (32,)))  # joint records are bw 16 only
+    records = [{**c, "ppl": 2.0, "layer_rel_err": 0.1, **({"score": "x"} if "unstructured" in c["method"] else {})}
+               for c in configs]
+    for r in records:
+        r["method"] = "unstructured" if r["method"].startswith("unstructured") else r["method"]
+    table = markdown_table({"records": records})
+    assert "| activation bw16 joint |" in table and "| activation bw16 |" in table

@@ -5,7 +5,9 @@ text, every record prunes a fresh copy of the dense model and measures the valid
 ``layer_rel_err``, the mean over MoE layers of the relative output error of the pruned experts on the calibration
 tokens. Records: Block N:M at each density x method (magnitude, activation-aware, reconstruct) x block width, and
 the references that price the hierarchy itself: unstructured pruning at the same density (per output row, by
-magnitude or activation score) and plain 2:4 (activation score) at 50%. Evaluation runs in float32 on
+magnitude or activation score) and plain 2:4 (activation score) at 50%. Joint-panel records (``joint_panels``:
+``hare.patch(..., joint_panels=True)``) price that option for activation-aware and reconstruct at bw 16, when
+the model's ffn is a multiple of 128. Evaluation runs in float32 on
 ``hare.moe``'s reference path (what pruning costs, without bf16 rounding on top). Writes the JSON, a plot and a
 markdown table. ``time_layer`` times the reconstruction pruner on a random layer of Mixtral-8x7B's size.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..blocknm import DENSITIES, GROUP
+from ..blocknm import DENSITIES, GROUP, PANEL
 from ..errors import InvalidArgumentError
 from ..metrics import relative_error
 from ..models.experts import HareExperts
@@ -29,6 +31,7 @@ from .common import pyplot, run_info, save_results
 from .trained_moe import INFO, read_split
 
 METHODS = ("magnitude", "activation", "reconstruct")
+JOINT_METHODS, JOINT_BW = ("activation", "reconstruct"), 16  # the joint-panel records
 BLOCK_WIDTHS = (16, 32, 64)
 EVAL = "float32 weights and activations, hare.moe reference path (PyTorch)"
 
@@ -70,12 +73,17 @@ def _layer_rel_err(model, calib, dense_out) -> float:
     return sum(errs) / len(errs)
 
 
-def configurations(densities, bws) -> list[dict]:
-    """Every record's (method, density, bw): Block N:M methods x densities x bws, then the references."""
-    configs = [{"method": m, "density": d, "bw": bw} for bw in bws for d in densities for m in METHODS]
-    configs += [{"method": m, "density": d, "bw": None} for d in densities
+def configurations(densities, bws, joint_panels: bool = True) -> list[dict]:
+    """Every record's (method, density, bw, joint_panels): Block N:M methods x densities x bws, the joint-panel
+    records (if ``joint_panels`` and bw 16 is among ``bws``), then the references."""
+    configs = [{"method": m, "density": d, "bw": bw, "joint_panels": False}
+               for bw in bws for d in densities for m in METHODS]
+    if joint_panels and JOINT_BW in bws:
+        configs += [{"method": m, "density": d, "bw": JOINT_BW, "joint_panels": True}
+                    for d in densities for m in JOINT_METHODS]
+    configs += [{"method": m, "density": d, "bw": None, "joint_panels": False} for d in densities
                 for m in ("unstructured-magnitude", "unstructured-activation")]
-    return configs + [{"method": "2:4", "density": 0.5, "bw": None}]
+    return configs + [{"method": "2:4", "density": 0.5, "bw": None, "joint_panels": False}]
 
 
 @torch.no_grad()
@@ -108,8 +116,11 @@ def evaluate(model_dir, corpus_dir, *, densities=tuple(DENSITIES), bws=BLOCK_WID
     log(f"dense ppl {dense_ppl:.3f} on {scored} validation tokens; calibration on {calib.tokens} tokens "
         f"({time.perf_counter() - t0:.1f} s)")
 
+    ffn = dense_experts(next(iter(experts_modules(base).values()))).down.shape[-1]
+    if ffn % PANEL:
+        log(f"no joint-panel records: they need ffn a multiple of {PANEL}, this model's is {ffn}")
     records = []
-    for cfg in configurations(densities, bws):
+    for cfg in configurations(densities, bws, joint_panels=ffn % PANEL == 0):
         t0 = time.perf_counter()
         model = copy.deepcopy(base)
         if cfg["bw"] is None:
@@ -117,11 +128,11 @@ def evaluate(model_dir, corpus_dir, *, densities=tuple(DENSITIES), bws=BLOCK_WID
         else:
             bn, bm = DENSITIES[cfg["density"]]
             patch(model, bn=bn, bm=bm, bw=cfg["bw"], score=None if cfg["method"] == "magnitude" else calib,
-                  method=cfg["method"])
+                  method=cfg["method"], joint_panels=cfg["joint_panels"])
         ppl, _ = perplexity(model, valid_ids, window)
         method = cfg["method"].removeprefix("unstructured-") if cfg["method"].startswith("unstructured") else None
         record = {"method": "unstructured" if method else cfg["method"], "density": cfg["density"], "bw": cfg["bw"],
-                  "joint_panels": False, "ppl": ppl, "layer_rel_err": _layer_rel_err(model, calib, dense_out)}
+                  "joint_panels": cfg["joint_panels"], "ppl": ppl, "layer_rel_err": _layer_rel_err(model, calib, dense_out)}
         if method:
             record["score"] = method
         records.append(record)
@@ -169,7 +180,7 @@ def time_layer(device=None, experts: int = 8, hidden: int = 4096, ffn: int = 143
 def _label(r: dict) -> str:
     if r["method"] == "unstructured":
         return f"unstructured ({r['score']})"
-    return r["method"] if r["bw"] is None else f"{r['method']} bw{r['bw']}"
+    return r["method"] if r["bw"] is None else f"{r['method']} bw{r['bw']}{' joint' if r['joint_panels'] else ''}"
 
 
 def plot(result: dict, path) -> None:
@@ -188,7 +199,8 @@ def plot(result: dict, path) -> None:
         pts = sorted(series[_label(r)])
         color = colors[r.get("score") or r["method"]]
         style = "-." if r["method"] == "unstructured" else styles.get(r["bw"], "")
-        ax.plot(*zip(*pts), style, color=color, marker="x" if r["bw"] is None else "o", label=_label(r),
+        marker = "x" if r["bw"] is None else "s" if r["joint_panels"] else "o"
+        ax.plot(*zip(*pts), style, color=color, marker=marker, label=_label(r),
                 linewidth=1.2, markersize=4, alpha=0.6 if r["method"] == "unstructured" else 1.0)
     ax.axhline(result["dense_ppl"], color="black", linewidth=0.8, label=f"dense ({result['dense_ppl']:.2f})")
     ax.set_xscale("log")
