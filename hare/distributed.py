@@ -68,7 +68,7 @@ def shard_experts(weight, group=None):
     if isinstance(weight, BlockNM):
         part = weight.select_experts(start, stop)
         return BlockNM(part.values.clone(), part.meta.clone(), part.block_idx.clone(), shape=part.shape,
-                       bn=part.bn, bm=part.bm, bw=part.bw)
+                       bn=part.bn, bm=part.bm, bw=part.bw, joint=part.joint)
     return weight[start:stop].clone()
 
 

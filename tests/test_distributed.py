@@ -143,6 +143,16 @@ def test_one_rank_group_equals_moe_and_sends_nothing_to_peers(one_rank_group):
         assert torch.equal(out, hare.ep_moe(x, ids, w, wg, wd, group=one_rank_group))
 
 
+def test_shard_experts_keeps_the_block_nm_format(one_rank_group):
+    """A rank's shard of a Block N:M weight keeps its ratio, block width and joint-panel pairing, and its values."""
+    w = hare.sparsify(torch.randn(4, 256, 64, generator=torch.Generator().manual_seed(0)), bn=1, bm=2, bw=16,
+                      joint="halves")
+    shard = hare.shard_experts(w, one_rank_group)
+    assert (shard.bn, shard.bm, shard.bw, shard.joint) == (1, 2, 16, "halves")
+    assert torch.equal(shard.to_dense(), w.to_dense()) and shard.values.data_ptr() != w.values.data_ptr()
+    shard.check()
+
+
 @pytest.mark.parametrize("error", [dist.DistBackendError, RuntimeError])
 def test_every_collective_failure_names_its_phase(one_rank_group, monkeypatch, error):
     """Whatever the backend raises (a DistError or a plain RuntimeError such as Gloo's), at any collective of a step
