@@ -31,6 +31,11 @@ def run_info(device=None) -> dict:
             "torch": torch.__version__}
 
 
+def gpu_slug(gpu: str) -> str:
+    """The short GPU name of results files: "NVIDIA H200" -> "h200", "NVIDIA H100 80GB HBM3" -> "h100"."""
+    return gpu.replace("NVIDIA ", "").split()[0].lower()
+
+
 def geomean(values) -> float:
     values = list(values)
     return math.exp(sum(math.log(v) for v in values) / len(values))

@@ -26,7 +26,7 @@ from ..blocknm import DENSITIES, sparsify
 from ..distributed import combine, dispatch, run_local_experts, shard_experts
 from ..errors import InvalidArgumentError
 from ..moe import moe
-from .common import geomean, write_results
+from .common import geomean, gpu_slug, write_results
 from .shapes import MODEL_SHAPES
 
 SHAPES = {**MODEL_SHAPES, "small": (256, 512, 8, 2)}  # small: the demo's layer, for a smoke run (e.g. --cpu)
@@ -165,7 +165,7 @@ def parse_options(shapes: str | None = None, tokens: str | None = None,
 
 def default_out_json(gpu: str, world: int) -> Path:
     """``bench/results/ep_<gpu>x<world>.json``, the GPU named as the other suites name it (e.g. h200)."""
-    return Path("bench/results") / f"ep_{gpu.replace('NVIDIA ', '').split()[0].lower()}x{world}.json"
+    return Path("bench/results") / f"ep_{gpu_slug(gpu)}x{world}.json"
 
 
 def main(argv=None) -> None:

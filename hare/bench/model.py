@@ -29,7 +29,7 @@ from torch import nn
 
 from ..blocknm import DENSITIES
 from ..errors import InvalidArgumentError, UnsupportedDeviceError
-from .common import pyplot, results, save_results
+from .common import gpu_slug, pyplot, results, save_results
 from .toolkit import median_ms
 from ..models import experts_modules, patch
 from ..models.attention import use_decode_attention
@@ -311,8 +311,7 @@ def main(models: str = "all", out_json=None, quick: bool = False, layers: int | 
         raise UnsupportedDeviceError("hare bench model needs a CUDA GPU")
     device, dtype = torch.device("cuda"), torch.bfloat16
     gpu = torch.cuda.get_device_name(device)
-    slug = gpu.replace("NVIDIA ", "").split()[0].lower()
-    out = Path(out_json) if out_json else Path("bench/results") / f"model_{slug}.json"
+    out = Path(out_json) if out_json else Path("bench/results") / f"model_{gpu_slug(gpu)}.json"
     t0 = time.perf_counter()
     records = []
     for name in names:  # the file is rewritten after each model and attention, so a run cut short keeps its records
