@@ -248,9 +248,7 @@ def run_fused_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str,
     return _fused_moe_impl(*args)
 
 
-@functools.lru_cache(maxsize=4096)
-def _plan(T, k, E, H, F, gu: WeightFormat, dn: WeightFormat, activation, deterministic, num_sms, config):
-    return plan_moe(T, k, E, H, F, gu, dn, activation, deterministic, num_sms, config)
+_plan = functools.lru_cache(maxsize=4096)(plan_moe)  # a plan is a pure function of its (hashable) arguments
 
 
 def _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, gu_bw, w_down, d_meta, d_block_idx,
