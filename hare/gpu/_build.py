@@ -3,11 +3,10 @@
 The sources are ``csrc/`` plus what ``plan.generated_sources`` writes from the Python tables (the kernels' argument
 structs and GEMM entry points). The cache key is the SHA-256 of every source, generated ones included, the nvcc
 command line and ``nvcc --version``: never the token count, the routing or anything else known only at run time,
-so serving never recompiles. ``HARE_DEBUG=1`` builds
-(and caches apart) a debug cubin whose kernels check every index they turn into an address and trap with a
-message naming it (``HARE_DEVICE_CHECK`` in ``csrc/common.cuh``). The cache lives in
-``$HARE_CACHE_DIR`` (default ``~/.cache/hare/kernels``); a build writes a temporary file and renames it, so
-concurrent first uses are safe.
+so serving never recompiles. ``HARE_DEBUG=1`` builds (and caches apart) a debug cubin whose kernels check every
+index they turn into an address and trap with a message naming it (``HARE_DEVICE_CHECK`` in ``csrc/common.cuh``).
+The cache lives in ``$HARE_CACHE_DIR`` (default ``~/.cache/hare/kernels``); a build writes a temporary file and
+renames it, so concurrent first uses are safe.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 Imported lazily (only when a kernel runs): a CPU-only machine without cuda-bindings can import hare.gpu.
 Kernel argument structs are packed from their one table (``plan.py``; the C++ side is generated from it) into
-byte buffers, and the ``void**`` argument array is handed to cuLaunchKernelEx as a raw address. TMA descriptors (CUtensorMap, 128 bytes)
-are encoded with cuTensorMapEncodeTiled and cached per weight tensor (pointer, shape, strides, box).
+byte buffers, and the ``void**`` argument array is handed to cuLaunchKernelEx as a raw address. TMA descriptors
+(CUtensorMap, 128 bytes) are encoded with cuTensorMapEncodeTiled and cached per weight tensor (pointer, dtype,
+shape, box).
 """
 
 from __future__ import annotations

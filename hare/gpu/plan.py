@@ -83,16 +83,6 @@ def best_splits(tiles: int, k_stages: int, num_sms: int, max_splits: int = 16) -
     return normalize_splits(best, k_stages)
 
 
-def layout_supported(num_rows: int, num_experts: int) -> bool:
-    """Whether the layout kernels build this layout: the last CTA of layout_count holds a tiles x E table in shared
-    memory. Larger T·k·E take the torch-ops layout (no host sync either)."""
-    return 4 * (8 * num_experts + _layout_tiles(num_rows) * num_experts + 4 * num_experts) <= LAYOUT_SMEM_CAP
-
-
-def _layout_tiles(num_rows: int) -> int:
-    return -(-max(num_rows, 1) // LAYOUT_TILE_ITEMS)
-
-
 @dataclass(frozen=True)
 class LaunchConfig:
     """Overrides of the plan's choices (None: let the plan choose). For benchmarks and tests; the defaults are
@@ -221,7 +211,7 @@ class MoePlan:
 
 def layout_plan(R: int, E: int, slots: int) -> LayoutPlan:
     """The layout build of R rows over E experts into `slots` row-block slots."""
-    tiles = _layout_tiles(R)
+    tiles = -(-max(R, 1) // LAYOUT_TILE_ITEMS)
     sizes = (E, E + 1, R, R, R, slots, slots, slots, 1, tiles * E)
     offsets, o = [], 0
     for n in sizes:
@@ -229,7 +219,8 @@ def layout_plan(R: int, E: int, slots: int) -> LayoutPlan:
         o += n
     count = SmallLaunch("hare_layout_count", tiles, 4 * (8 * E + tiles * E + 4 * E))
     scatter = SmallLaunch("hare_layout_scatter", tiles, 4 * 8 * E) if tiles > 1 else None
-    return LayoutPlan(tiles, tuple(offsets), o, layout_supported(R, E), count, scatter)
+    # the last CTA of layout_count holds a tiles x E table in shared memory; larger T·k·E take the torch-ops layout
+    return LayoutPlan(tiles, tuple(offsets), o, count.smem <= LAYOUT_SMEM_CAP, count, scatter)
 
 
 def plan_moe(tokens: int, top_k: int, experts: int, hidden: int, ffn: int, gate_up: WeightFormat,
@@ -241,7 +232,6 @@ def plan_moe(tokens: int, top_k: int, experts: int, hidden: int, ffn: int, gate_
     n = config.tile_n or choose_block_n(R, E)
     slots = max_blocks(R, E, n)
     raster = config.raster or DEFAULT_RASTER
-    act = activation
 
     def splits(override, tiles, k_stages):
         if override is not None:
@@ -253,15 +243,14 @@ def plan_moe(tokens: int, top_k: int, experts: int, hidden: int, ffn: int, gate_
         return GemmLaunch(gemm_kernel(kind, fmt.sparse, n), grid, gemm_smem_bytes(n, fmt.sparse), s,
                           -(-fmt.k_stages // s), raster)
 
-    est = slots  # row blocks at most (all used when every touched expert has a partial block)
-    num_m_gu, num_m_dn = -(-F // 128), -(-H // 256)
-    gs = splits(config.gateup_splits, est * num_m_gu, gate_up.k_stages)
-    ds = splits(config.down_splits, est * num_m_dn, down.k_stages)
+    num_m_gu, num_m_dn = -(-F // 128), -(-H // 256)  # tiles counted over every row-block slot
+    gs = splits(config.gateup_splits, slots * num_m_gu, gate_up.k_stages)
+    ds = splits(config.down_splits, slots * num_m_dn, down.k_stages)
     elementwise = lambda total: max(1, min(-(-total // SMALL_THREADS), 8 * num_sms))  # noqa: E731
-    glu = SmallLaunch(f"hare_glu_combine_{act}", elementwise(R * F)) if gs > 1 else None
+    glu = SmallLaunch(f"hare_glu_combine_{activation}", elementwise(R * F)) if gs > 1 else None
     direct = deterministic and k == 1 and ds == 1
     combine = SmallLaunch("hare_combine", elementwise(T * H // 8)) if deterministic and not direct else None
-    return MoePlan(T, k, E, H, F, n, slots, layout_plan(R, E, slots), gemm(f"gateup_{act}", gate_up, num_m_gu, gs),
+    return MoePlan(T, k, E, H, F, n, slots, layout_plan(R, E, slots), gemm(f"gateup_{activation}", gate_up, num_m_gu, gs),
                    glu, gemm("down_det" if deterministic else "down_fast", down, num_m_dn, ds), combine,
                    deterministic, config.programmatic_launch)
 
