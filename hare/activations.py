@@ -1,12 +1,14 @@
 """The gated units of MoE experts, hidden = f(gate, up), by name: the registry every path reads.
 
 ``glu_function(name)`` gives the unit for any name of ``ACTIVATION_FORMS``; the reference path and the grouped
-GEMM path compute every one of them, the Hopper kernels those of ``hare.gpu.FUSED_ACTIVATIONS``.
+GEMM path compute every one of them, and so do the Hopper kernels (``hare.gpu.FUSED_ACTIVATIONS``, parameters
+from ``glu_parameters``).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +40,12 @@ ACTIVATION_FORMS = (*ACTIVATIONS, "clamped-silu:limit=L", "gpt-oss", "gpt-oss:al
 
 
 @functools.lru_cache(maxsize=None)
-def glu_function(activation: str):
-    """The gated unit hidden = f(gate, up) that ``activation`` names (one of ``ACTIVATION_FORMS``); ValueError if
-    it names none."""
+def glu_parameters(activation: str) -> tuple[str, dict[str, float]]:
+    """(family, parameters) of a gated unit named as in ``ACTIVATION_FORMS``, parameters with their defaults
+    filled in: "gpt-oss" -> ("gpt-oss", {"alpha": 1.702, "limit": 7.0}), "silu" -> ("silu", {}). ValueError if the
+    name names none."""
     if activation in ACTIVATIONS:
-        act = ACTIVATIONS[activation]
-        return lambda gate, up: act(gate) * up
+        return activation, {}
     family, _, params = activation.partition(":")
     if family not in GLU_FAMILIES:
         raise ValueError(f"unknown activation {activation!r}; expected one of {list(ACTIVATION_FORMS)}")
@@ -53,11 +55,27 @@ def glu_function(activation: str):
         key, eq, value = item.partition("=")
         if not eq or key not in names:
             raise ValueError(f"activation {activation!r}: {family} takes {', '.join(names)}")
-        kwargs[key] = float(value)
+        try:
+            kwargs[key] = float(value)
+        except ValueError:
+            raise ValueError(f"activation {activation!r}: {key} must be a number, got {value!r}") from None
     missing = [k for k in required if k not in kwargs]
     if missing:
         raise ValueError(f"activation {activation!r}: {family} needs {', '.join(missing)}")
-    return functools.partial(fn, **kwargs)
+    defaults = {k: v.default for k, v in inspect.signature(fn).parameters.items() if k in names
+                and v.default is not inspect.Parameter.empty}
+    return family, {**defaults, **kwargs}
+
+
+@functools.lru_cache(maxsize=None)
+def glu_function(activation: str):
+    """The gated unit hidden = f(gate, up) that ``activation`` names (one of ``ACTIVATION_FORMS``); ValueError if
+    it names none."""
+    family, params = glu_parameters(activation)
+    if family in ACTIVATIONS:
+        act = ACTIVATIONS[family]
+        return lambda gate, up: act(gate) * up
+    return functools.partial(GLU_FAMILIES[family][0], **params)
 
 
 def glu(activation: str, gate_up: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,6 @@ def layer_paths(model) -> list[tuple[str, str, str, str]]:
             w_gate_up, w_down = m.weight("gate_up"), m.weight("down")
             x = torch.empty(1, m.hidden_dim, dtype=model.dtype, device=w_gate_up.device)  # as the layer's input
             weights = "dense" if not m.sparse else "{bn}:{bm} bw{bw}".format(**m.sparsity)
-            biased = m.gate_up_bias is not None or m.down_bias is not None
-            path, why = backend(x, w_gate_up, w_down, m.activation, biased)
+            path, why = backend(x, w_gate_up, w_down, m.activation)
             rows.append((name, weights, path, why))
     return rows

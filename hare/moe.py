@@ -1,8 +1,8 @@
 """``hare.moe``: the MoE experts of a layer, routed rows in, combined tokens out.
 
 Checks every argument first, then runs the fastest path the device allows: the Hopper kernels (``hare.gpu``) for
-bf16 CUDA tensors on an sm_90 GPU with nvcc; for layers they do not compute (expert biases, clamped gated units)
-PyTorch's grouped GEMM (``hare.grouped_mm``); the reference path (``hare.reference``) everywhere else. On a CUDA
+bf16 CUDA tensors on an sm_90 GPU with nvcc; for CUDA layers they do not compute (``hare.gpu.unsupported`` says
+which) PyTorch's grouped GEMM (``hare.grouped_mm``); the reference path (``hare.reference``) everywhere else. On a CUDA
 device where the kernels cannot run, it says why once (a warning) and which path it runs instead.
 """
 
@@ -86,20 +86,18 @@ def _contiguous(w):
     return w if isinstance(w, BlockNM) else w.contiguous()
 
 
-def backend(x: torch.Tensor, w_gate_up, w_down, activation: str = "silu", biased: bool = False) -> tuple[str, str]:
+def backend(x: torch.Tensor, w_gate_up, w_down, activation: str = "silu") -> tuple[str, str]:
     """("hopper", "") when ``moe`` on these arguments runs the GPU kernels, else ("grouped_mm" or "reference", why
-    not the kernels)."""
+    not the kernels). Expert biases do not matter: every path adds them."""
     if not x.is_cuda:
         return "reference", f"tensors on {x.device}"
     from . import gpu
 
-    if activation not in gpu.FUSED_ACTIVATIONS or biased:
-        why = (f"the Hopper kernels compute {'/'.join(gpu.FUSED_ACTIVATIONS)} gated experts without biases; this "
-               f"layer has activation {activation!r}{' and expert biases' if biased else ''}")
-        ok, why_not = grouped_mm.available(x, w_gate_up, w_down)
-        return ("grouped_mm", why) if ok else ("reference", f"{why}; {why_not}")
     why = gpu.unsupported(x, w_gate_up, w_down, activation)
-    return ("reference", why) if why else ("hopper", "")
+    if why is None:
+        return "hopper", ""
+    ok, why_not = grouped_mm.available(x, w_gate_up, w_down)
+    return ("grouped_mm", why) if ok else ("reference", f"{why}; {why_not}")
 
 
 def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_gate_up, w_down,
@@ -112,7 +110,7 @@ def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_g
     ``activation`` is "silu" or "gelu" (tanh), or a clamped gated unit: "clamped-silu:limit=L", "gpt-oss"
     (GPT-OSS's clamped SwiGLU), "gpt-oss:alpha=A,limit=L" (``activations.glu_function``).
     Optional expert biases ``gate_up_bias`` (E, 2·ffn) and ``down_bias`` (E, hidden) are added after each
-    projection, before the routing weight (on a GPU such layers run on the grouped GEMM path). Returns (T, hidden)
+    projection, before the routing weight (in fp32 on the Hopper kernels). Returns (T, hidden)
     in x's dtype.
     ``deterministic`` (GPU only): sum the top-k results in slot order rather than with atomics, for
     bitwise-reproducible outputs.
@@ -122,12 +120,12 @@ def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_g
     range: never a bad memory access).
     """
     check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, check_ids, gate_up_bias, down_bias)
-    path, why = backend(x, w_gate_up, w_down, activation, gate_up_bias is not None or down_bias is not None)
+    path, why = backend(x, w_gate_up, w_down, activation)
     if path == "hopper":  # arguments checked above, once: the kernels' unchecked entry
         from .gpu import run_fused_moe
 
         return run_fused_moe(x, topk_ids, topk_weights, _contiguous(w_gate_up), _contiguous(w_down), activation,
-                             deterministic)
+                             deterministic, gate_up_bias=gate_up_bias, down_bias=down_bias)
     if x.is_cuda and why not in _warned:
         _warned.add(why)
         name = "PyTorch's grouped GEMM" if path == "grouped_mm" else "the reference path"

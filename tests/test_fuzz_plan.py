@@ -1,6 +1,6 @@
 """CPU test of the GPU fuzzer's plan (tests/gpu/fuzz.py): the default seed's cases are reproducible and cover what
 the fuzzer promises (every ratio x bw on both projections, every routing, execution and combine mode, 0 to 5000
-tokens, the odd shapes)."""
+tokens, the odd shapes, every fused gated unit with and without biases, a Block N:M gate/up at ffn % 128 = 64)."""
 
 from hare.blocknm import BLOCK_WIDTHS, DENSITIES
 from tests.gpu import fuzz
@@ -16,6 +16,8 @@ def test_default_seed_is_reproducible_and_covers_the_space():
     assert {c.deterministic for c in cases} == {True, False}
     assert {c.public_api for c in cases} == {True, False}
     assert {c.garbage for c in cases} == {"bytes", "nan"}
+    assert {(c.activation, c.biased) for c in cases} == {(a, b) for a in fuzz.UNITS for b in (True, False)}
+    assert any(c.gate_up is not None and c.F % 128 == 64 for c in cases)
     assert min(c.T for c in cases) == 0 and max(c.T for c in cases) == 5000
     assert {(c.H, c.F, c.E, c.k) for c in cases} == set(fuzz.MODEL_SHAPES) | set(fuzz.ODD_SHAPES)
 
@@ -23,8 +25,6 @@ def test_default_seed_is_reproducible_and_covers_the_space():
 def test_cases_respect_the_kernels_contract():
     for c in fuzz.draw_cases(3, 500) + fuzz.draw_cases(7, 50, small=True, max_tokens=300, modes=("eager",)):
         assert c.H % 64 == 0 and c.F % 64 == 0 and c.k <= c.E
-        if c.gate_up is not None:  # Block N:M gate/up needs ffn % 128 == 0 on the GPU
-            assert c.F % 128 == 0
         for fmt, inp in ((c.gate_up, c.H), (c.down, c.F)):
             if fmt is not None:
                 assert inp % fmt[2] == 0

@@ -67,38 +67,43 @@ def _fields(name, buf):
     return s, dict(zip((f for _, f, _ in s.fields), s.unpack(bytes(buf))))
 
 
-CASES = [  # (T, H, F, E, k, gate_up ratio or None, down ratio or None, deterministic, config)
+CASES = [  # (T, H, F, E, k, gate_up ratio or None, down ratio or None, deterministic, config[, unit, biased])
     (1, 256, 128, 8, 2, None, None, True, None),
     (37, 320, 256, 6, 3, (1, 2), (1, 5), True, None),
     (300, 256, 128, 4, 1, None, (1, 1), True, None),  # top-1: the down GEMM writes out directly
     (5, 512, 256, 16, 2, (1, 10), None, False, hg.LaunchConfig(gateup_splits=3, down_splits=2)),
     (2100, 256, 128, 3, 2, (1, 1), (1, 2), True, hg.LaunchConfig(tile_n=64, raster=-2, programmatic_launch=False)),
+    # biased GPT-OSS unit, ffn % 128 = 64 in the halves layout (three panels per half), split and unsplit
+    (40, 320, 320, 8, 4, (1, 2), (1, 2), True, None, "gpt-oss:alpha=1.5,limit=3", True),
+    (3, 320, 320, 8, 4, (1, 5), None, False, hg.LaunchConfig(gateup_splits=2, down_splits=2), "clamped-silu:limit=2",
+     True),
 ]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_launches_follow_the_plan_and_stay_inside_the_call_tensors(device, case):
-    T, H, F, E, k, gu_ratio, dn_ratio, det, config = case
+    T, H, F, E, k, gu_ratio, dn_ratio, det, config, unit, biased = (*case, "silu", False)[:11]
     g = torch.Generator().manual_seed(T)
     x = torch.randn(T, H, generator=g).bfloat16()
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
     w = torch.rand(T, k, generator=g)
     wgu = (torch.randn(E, 2 * F, H, generator=g) * H ** -0.5).bfloat16()
     wd = (torch.randn(E, H, F, generator=g) * F ** -0.5).bfloat16()
-    gu = hare.sparsify(wgu, bn=gu_ratio[0], bm=gu_ratio[1], bw=16) if gu_ratio else wgu
+    gu = hare.sparsify(wgu, bn=gu_ratio[0], bm=gu_ratio[1], bw=16, halves=True) if gu_ratio else wgu
     dn = hare.sparsify(wd, bn=dn_ratio[0], bm=dn_ratio[1], bw=32) if dn_ratio else wd
+    bgu, bd = (torch.randn(E, 2 * F, generator=g), torch.randn(E, H, generator=g)) if biased else (None, None)
     allocs = _Allocations()
     with allocs:
-        out = hg.run_fused_moe(x, ids, w, gu, dn, "silu", det, config)
+        out = hg.run_fused_moe(x, ids, w, gu, dn, unit, det, config, bgu, bd)
     assert out.shape == (T, H) and out.dtype == torch.bfloat16
 
     fmt = lambda wt, K: plan.WeightFormat.of(K, wt.block_idx, wt.bw) if isinstance(wt, hare.BlockNM) \
         else plan.WeightFormat.of(K)  # noqa: E731
-    p = plan.plan_moe(T, k, E, H, F, fmt(gu, H), fmt(dn, F), "silu", det, device.num_sms, config or hg.LaunchConfig())
+    p = plan.plan_moe(T, k, E, H, F, fmt(gu, H), fmt(dn, F), unit, det, device.num_sms, config or hg.LaunchConfig())
     expected = [p.layout.count, p.layout.scatter, p.gate_up, p.glu_combine, p.down, p.combine]
     expected = [e for e in expected if e is not None]
     assert [name for name, *_ in device.launches] == [e.kernel for e in expected]
-    inputs = [x, ids, w, device.ticket] + [t for wt in (gu, dn) for t in (
+    inputs = [x, ids, w, device.ticket, *(b for b in (bgu, bd) if b is not None)] + [t for wt in (gu, dn) for t in (
         (wt.values, wt.meta, wt.block_idx) if isinstance(wt, hare.BlockNM) else (wt,))]
     ranges = allocs.ranges + [(t.data_ptr(), t.numel() * t.element_size()) for t in inputs]
     inside = lambda v: any(a <= v < a + n for a, n in ranges)  # noqa: E731
@@ -111,8 +116,16 @@ def test_launches_follow_the_plan_and_stay_inside_the_call_tensors(device, case)
                 continue
             s, f = _fields(name, prm)
             for t, field, _ in s.fields:
-                if t not in ("int", "long long") and not (field == "block_idx" and f[field] == 0):
+                if t not in ("int", "long long", "float") and not (field in ("block_idx", "bias") and f[field] == 0):
                     assert inside(f[field]), f"{name}.{field} points outside every tensor of the call"
             if isinstance(e, plan.GemmLaunch):
                 assert (f["splits"], f["k_blocks_per_split"], f["group"]) == (e.splits, e.k_per_split, e.raster)
                 assert (f["num_rows"], f["top_k"], f["num_experts"], f["num_slots"]) == (T * k, k, E, p.slots)
+                gate_up = name.startswith("hare_gateup")
+                bias = bgu if gate_up else bd
+                assert f["bias"] == (0 if bias is None else bias.data_ptr())
+                wt = gu if gate_up else dn
+                if isinstance(wt, hare.BlockNM):  # box 1 reads up panel m (P/2 + m) or down panel 2m + 1
+                    assert f["box1_panel_offset"] == (wt.block_idx.shape[1] // 2 if gate_up else 1)
+            if name.startswith(("hare_gateup", "hare_glu")):
+                assert (f.get("act_alpha", f.get("alpha")), f.get("act_limit", f.get("limit"))) == p.glu_args

@@ -10,6 +10,7 @@ from hare.gpu.plan import LaunchConfig, WeightFormat, plan_moe
 from hare.routing import max_blocks
 
 SMS = 132
+UNITS = ("silu", "gelu", "clamped-silu:limit=7", "gpt-oss", "gpt-oss:alpha=1.5,limit=3")  # one of each fused unit
 
 
 def _format(K, sparse, rng):
@@ -31,7 +32,7 @@ def _random_plans(n, seed=0):
         k = rng.randint(1, min(8, E))
         T = rng.choice((1, 2, 7, 64, 300, 1000, 4096, 20000))
         gu, dn = _format(H, rng.random() < 0.5, rng), _format(F, rng.random() < 0.5, rng)
-        act, det = rng.choice(plan.FUSED_ACTIVATIONS), rng.random() < 0.7
+        act, det = rng.choice(UNITS), rng.random() < 0.7
         yield (T, k, E, H, F, gu, dn, act, det), plan_moe(T, k, E, H, F, gu, dn, act, det, SMS)
 
 
@@ -47,7 +48,9 @@ def test_plans_keep_the_kernels_contract():
             assert (g.splits - 1) * g.k_per_split < fmt.k_stages <= g.splits * g.k_per_split
             if R > plan.SPLIT_MAX_ROWS:
                 assert g.splits == 1
-        assert p.gate_up.kernel.startswith(f"hare_gateup_{act}")
+        unit, alpha, limit = plan.gated_unit(act)
+        assert p.gate_up.kernel.startswith(f"hare_gateup_{unit}") and p.glu_args == (alpha, limit)
+        assert p.glu_combine is None or p.glu_combine.kernel == f"hare_glu_combine_{unit}"
         assert p.down.kernel.startswith("hare_down_det" if det else "hare_down_fast")
         assert (p.glu_combine is not None) == (p.gate_up.splits > 1)
         # the deterministic top-k sum runs unless the down GEMM writes the output rows itself (top-1, unsplit)
@@ -112,19 +115,40 @@ def test_sparse_format_counts_kept_columns():
 
 def test_one_variant_table_names_every_kernel_and_entry_point():
     names = plan.kernel_names()
-    assert len(names) == len(set(names)) == len(plan.SMALL_KERNELS) + 2 * len(plan.GEMM_KINDS) * len(plan.TILE_NS)
-    entries = plan.generated_sources()["hare_gemm_entry_points.cuh"]
-    for kind in plan.GEMM_KINDS:
-        for sparse in (False, True):
-            for n in plan.TILE_NS:
-                assert f" {plan.gemm_kernel(kind, sparse, n)}(" in entries
+    gemms = sum(len(epis) for _, epis in plan.GEMM_VARIANTS.values()) * 2 * len(plan.TILE_NS)
+    assert len(names) == len(set(names)) == len(plan.SMALL_KERNELS) + gemms
+    entries = plan.generated_sources()["hare_entry_points.cuh"]
+    for proj, (proj_enum, epis) in plan.GEMM_VARIANTS.items():
+        for epi, epi_enum in epis.items():
+            for sparse in (False, True):
+                for n in plan.TILE_NS:
+                    name = plan.gemm_kernel(proj, epi, sparse, n)
+                    assert f" {name}(" in entries
+                    body = entries[entries.index(f" {name}("):].split("\n")[1]
+                    assert f"moe_gemm_body<{n}, {proj_enum}, {epi_enum}, {'true' if sparse else 'false'}>" in body
+    for name, enum in plan.GATE_UP_UNITS.values():  # every fused unit has its split-K combine
+        assert f"HARE_SMALL_KERNEL(hare_glu_combine_{name}, 256, GluCombineParams, glu_combine<{enum}>)" in entries
+
+
+def test_gated_units_carry_their_parameters():
+    assert plan.gated_unit("silu") == ("silu", 0.0, 0.0)
+    assert plan.gated_unit("gpt-oss") == ("gpt_oss", 1.702, 7.0)  # GPT-OSS's defaults
+    assert plan.gated_unit("gpt-oss:limit=5") == ("gpt_oss", 1.702, 5.0)
+    assert plan.gated_unit("clamped-silu:limit=10") == ("clamped_silu", 0.0, 10.0)
+    assert set(plan.FUSED_ACTIVATIONS) == {"silu", "gelu", "clamped-silu", "gpt-oss"}
+    for bad in ("relu", "clamped-silu", "gpt-oss:beta=1", "gpt-oss:limit=x"):
+        with pytest.raises(InvalidArgumentError):
+            plan.gated_unit(bad)
 
 
 def test_param_structs_pack_to_their_c_layout():
     gemm = plan.GEMM_PARAMS
-    n_ptr = sum(t not in ("int", "long long") for t, _, _ in gemm.fields)
-    assert gemm.size == 8 * n_ptr + 8 + 4 * (len(gemm.fields) - n_ptr - 1)
-    assert plan.GLU_COMBINE_PARAMS.size == 40  # 2 pointers, a long long, 3 ints and the tail padding to 8
+    n_ptr = sum(t not in ("int", "long long", "float") for t, _, _ in gemm.fields)
+    n4 = len(gemm.fields) - n_ptr - 1
+    assert gemm.size == 8 * n_ptr + 8 + 4 * n4 + 4 * (n4 % 2)
+    assert plan.GLU_COMBINE_PARAMS.size == 48  # 2 pointers, a long long, 3 ints, 2 floats and the tail padding
+    alpha, limit = plan.GLU_COMBINE_PARAMS.unpack(plan.GLU_COMBINE_PARAMS.pack(1, 2, 3, 4, 5, 6, 1.5, 7.0))[-2:]
+    assert (alpha, limit) == (1.5, 7.0)
     assert len(plan.LAYOUT_PARAMS.pack(*range(len(plan.LAYOUT_PARAMS.fields)))) == plan.LAYOUT_PARAMS.size
     with pytest.raises(ValueError, match="8-byte fields"):
         plan.ParamStruct("Bad", (("int", "a", ""), ("void*", "b", "")))

@@ -6,8 +6,9 @@ Public entry points:
 * :func:`unsupported` -- why the kernels do not take a layer's arguments (None when they do).
 * :func:`build_layout` -- the routing layout of :func:`hare.routing.route`, built on the GPU with no host sync
   (two kernel launches; capturable in a CUDA graph; every shape fixed by tokens, top-k and experts).
-* :func:`fused_moe` -- the routed expert MLP: gate/up GEMM with the token gather and SwiGLU/GELU fused, then the
-  down GEMM with the routing weight, the return to token order and the top-k sum fused. Dense bf16 weights run
+* :func:`fused_moe` -- the routed expert MLP: gate/up GEMM with the token gather, the expert bias and the gated
+  unit fused (SwiGLU, GELU, clamped SiLU, GPT-OSS's clamped SwiGLU), then the down GEMM with the expert bias, the
+  routing weight, the return to token order and the top-k sum fused. Dense bf16 weights run
   on wgmma; Block N:M (``hare.BlockNM``) weights run on the sparse tensor cores (``wgmma.mma_async.sp``), looping
   only over each 128-row panel's kept K blocks.
 * :class:`LaunchConfig` -- overrides of the launch plan (``plan.py``) for benchmarks and tests.
@@ -38,7 +39,7 @@ from ..errors import InvalidArgumentError
 from ..routing import DEFAULT_BLOCK, RoutingLayout, max_blocks, route
 from .plan import (COMBINE_PARAMS, DEFAULT_CONFIG, FUSED_ACTIVATIONS, GEMM_PARAMS, GLU_COMBINE_PARAMS, K_ALIGN,
                    LAYOUT_PARAMS, LAYOUT_TILE_ITEMS, SMALL_THREADS, GEMM_THREADS, LaunchConfig, LayoutPlan,
-                   WeightFormat, choose_block_n, layout_plan, plan_moe)
+                   WeightFormat, choose_block_n, gated_unit, layout_plan, plan_moe)
 
 __all__ = ["availability", "unsupported", "build_layout", "fused_moe", "LaunchConfig", "choose_block_n",
            "FUSED_ACTIVATIONS", "K_ALIGN"]
@@ -79,8 +80,9 @@ def availability(device=None) -> tuple[bool, str]:
 
 def unsupported(x: torch.Tensor, w_gate_up, w_down, activation: str) -> str | None:
     """Why the kernels do not compute a layer whose arguments passed ``hare.moe``'s checks, or None when they do:
-    bf16 CUDA tensors, a fused gated unit, hidden and ffn multiples of 64 (and ffn of 128 under a Block N:M
-    gate/up, so gate panel m and up panel m cover the same ffn columns), on a device where they run."""
+    bf16 CUDA tensors, a fused gated unit, hidden and ffn multiples of 64 (and under a Block N:M gate/up, ffn a
+    multiple of 128 or the weight sparsified with ``halves=True``, so gate panel m and up panel m cover the same
+    ffn columns), on a device where they run. Expert biases (any float dtype) are always taken."""
     if not x.is_cuda:
         return f"tensors on {x.device}"
     why = _contract(x, w_gate_up, w_down, activation)
@@ -92,8 +94,10 @@ def unsupported(x: torch.Tensor, w_gate_up, w_down, activation: str) -> str | No
 
 def _contract(x: torch.Tensor, w_gate_up, w_down, activation: str) -> str | None:
     """The part of ``unsupported`` that reads shapes and dtypes alone (so torch.compile traces it)."""
-    if activation not in FUSED_ACTIVATIONS:
-        return f"the Hopper kernels fuse the {'/'.join(FUSED_ACTIVATIONS)} gated units, not {activation!r}"
+    try:
+        gated_unit(activation)
+    except InvalidArgumentError as e:
+        return str(e)
     if x.dtype != torch.bfloat16:
         return f"the Hopper kernels take bfloat16, got {x.dtype}"
     for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
@@ -102,9 +106,10 @@ def _contract(x: torch.Tensor, w_gate_up, w_down, activation: str) -> str | None
     hidden, ffn = x.shape[1], w_down.shape[2]
     if hidden % K_ALIGN or ffn % K_ALIGN:
         return f"hidden {hidden} and ffn {ffn} must be multiples of {K_ALIGN} for the Hopper kernels"
-    if isinstance(w_gate_up, BlockNM) and ffn % PANEL:
-        return (f"ffn {ffn} is not a multiple of {PANEL}: a Block N:M gate/up panel would mix gate and up rows, "
-                "which the Hopper kernels do not take")
+    if isinstance(w_gate_up, BlockNM) and ffn % PANEL and not w_gate_up.halves:
+        return (f"ffn {ffn} is not a multiple of {PANEL}, so a panel of this Block N:M gate/up mixes gate and up "
+                "rows, which the Hopper kernels do not take: sparsify it with halves=True (hare.patch and `hare "
+                "sparsify` do)")
     return None
 
 
@@ -210,18 +215,22 @@ def _weight_parts(w) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | 
 
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_gate_up, w_down,
-              activation: str = "silu", deterministic: bool = True, config: LaunchConfig | None = None) -> torch.Tensor:
-    """out[t] = sum_j w[t,j] * W_down[e] (act(W_gate[e] x_t) * W_up[e] x_t), e = topk_ids[t,j], on the kernels.
+              activation: str = "silu", deterministic: bool = True, config: LaunchConfig | None = None,
+              gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out[t] = sum_j w[t,j] * (W_down[e] glu(W_gate[e] x_t + b_gate[e], W_up[e] x_t + b_up[e]) + b_down[e]),
+    e = topk_ids[t,j], on the kernels.
 
     x (T, H) bf16; topk_ids (T, k) int; topk_weights (T, k) float; w_gate_up (E, 2F, H) (rows [0, F) gate,
     [F, 2F) up) and w_down (E, H, F), each a bf16 tensor or a stacked ``hare.BlockNM`` with bf16 values (the
-    sparse kernels run on its compressed storage); all on one sm_90 device; ``unsupported`` says what else the
-    kernels need. Ids are not range-checked (``hare.moe`` does that unless told not to). ``config`` overrides the
-    launch plan. Returns (T, H) bf16. ``deterministic`` (default True): see the module docstring.
+    sparse kernels run on its compressed storage); optional float expert biases gate_up_bias (E, 2F) and
+    down_bias (E, H) (added in fp32); ``activation`` one of ``FUSED_ACTIVATIONS``' units as ``hare.activations``
+    names them ("gpt-oss:alpha=A,limit=L", ...); all on one sm_90 device; ``unsupported`` says what else the kernels
+    need. Ids are not range-checked (``hare.moe`` does that unless told not to). ``config`` overrides the launch
+    plan. Returns (T, H) bf16. ``deterministic`` (default True): see the module docstring.
     """
     from ..moe import check_moe_args
 
-    check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, check_ids=False)
+    check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, False, gate_up_bias, down_bias)
     # tracing for torch.compile reads no device facts (availability runs nvcc lookups): shapes and dtypes only
     why = _contract(x, w_gate_up, w_down, activation) if torch.compiler.is_compiling() else \
         unsupported(x, w_gate_up, w_down, activation)
@@ -232,16 +241,21 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
             raise InvalidArgumentError(f"{name}: expert weights must be contiguous")
     if config is not None and not isinstance(config, LaunchConfig):
         raise InvalidArgumentError(f"config: expected a hare.gpu.LaunchConfig, got {type(config).__name__}")
-    return run_fused_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation, deterministic, config)
+    return run_fused_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation, deterministic, config,
+                         gate_up_bias, down_bias)
+
+
+def _fp32(b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if b is None or (b.dtype == torch.float32 and b.is_contiguous()) else b.float().contiguous()
 
 
 def run_fused_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str, deterministic: bool,
-                  config: LaunchConfig | None = None) -> torch.Tensor:
+                  config: LaunchConfig | None = None, gate_up_bias=None, down_bias=None) -> torch.Tensor:
     """fused_moe on arguments already checked (``hare.moe`` calls this after its own pass; weights contiguous)."""
     c = config or DEFAULT_CONFIG
-    args = (x, topk_ids, topk_weights, *_weight_parts(w_gate_up), *_weight_parts(w_down), activation,
-            bool(deterministic), c.tile_n or 0, c.gateup_splits or 0, c.down_splits or 0, c.raster or 0,
-            c.programmatic_launch)
+    args = (x, topk_ids, topk_weights, *_weight_parts(w_gate_up), *_weight_parts(w_down), _fp32(gate_up_bias),
+            _fp32(down_bias), activation, bool(deterministic), c.tile_n or 0, c.gateup_splits or 0,
+            c.down_splits or 0, c.raster or 0, c.programmatic_launch)
     if torch.compiler.is_compiling():
         return torch.ops.hare.fused_moe(*args)
     # eager (and CUDA-graph capture): skip the custom-op dispatcher, which costs ~80 us per call in eager mode
@@ -252,9 +266,10 @@ _plan = functools.lru_cache(maxsize=4096)(plan_moe)  # a plan is a pure function
 
 
 def _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, gu_bw, w_down, d_meta, d_block_idx,
-                    d_bw, activation: str, deterministic: bool, tile_n: int, gateup_splits: int, down_splits: int,
-                    raster: int, programmatic_launch: bool):
-    """Plan -> allocate -> launch. Each projection dense (meta None) or Block N:M (values, meta, block_idx, bw)."""
+                    d_bw, gate_up_bias, down_bias, activation: str, deterministic: bool, tile_n: int,
+                    gateup_splits: int, down_splits: int, raster: int, programmatic_launch: bool):
+    """Plan -> allocate -> launch. Each projection dense (meta None) or Block N:M (values, meta, block_idx, bw);
+    biases fp32 contiguous or None."""
     from . import _launch
 
     T, H = x.shape
@@ -286,12 +301,16 @@ def _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx,
     ws = torch.empty(plan.workspace_elements, dtype=torch.bfloat16, device=dev)
     h_ptr = ws.data_ptr()
 
-    def gemm(launch, fmt, maps, block_idx, b_src, out_ptr, split_stride, K, M, rows_per_expert, box1, m_tile, num_m):
+    alpha, limit = plan.glu_args
+
+    def gemm(launch, fmt, maps, block_idx, bias, b_src, out_ptr, split_stride, K, M, rows_per_expert, box1, m_tile,
+             num_m, box1_panel_offset):
         p = _launch.params(GEMM_PARAMS, b_src, out_ptr, lay.gather_index, lay.row_assignment, wts.data_ptr(),
                            lay.block_expert, lay.block_start, lay.block_height, lay.num_blocks,
-                           0 if block_idx is None else block_idx.data_ptr(), split_stride, K, M, rows_per_expert,
-                           box1, m_tile, num_m, launch.splits, launch.k_per_split, k, R, launch.raster, fmt.k_stages,
-                           fmt.kept, fmt.bw_log2, fmt.panels, int(fmt.shared_b), E, slots)
+                           0 if block_idx is None else block_idx.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                           split_stride, K, M, rows_per_expert, box1, m_tile, num_m, launch.splits,
+                           launch.k_per_split, k, R, launch.raster, fmt.k_stages, fmt.kept, fmt.bw_log2, fmt.panels,
+                           box1_panel_offset, int(fmt.shared_b), E, slots, alpha, limit)
         mod.launch(launch.kernel, launch.grid, GEMM_THREADS, launch.smem, stream, pdl, *maps, p)
 
     def maps(w, meta, out_rows, K):
@@ -302,28 +321,31 @@ def _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx,
     # gate/up: h (R, F) = act(x[g] W_gate^T) * (x[g] W_up^T), expert-sorted rows; split: fp32 partials, then combine
     g = plan.gate_up
     gu_maps = maps(w_gate_up, gu_meta, F2, H)
+    # box 1 is up panel m: panel P/2 + m (halves layout, or ffn a multiple of 128)
+    gu_args = (gu_maps, gu_block_idx, gate_up_bias, x.data_ptr())
+    gu_shape = (H, F, F2, F, 128, -(-F // 128), gu.panels // 2)
     if plan.glu_combine is None:
-        gemm(g, gu, gu_maps, gu_block_idx, x.data_ptr(), h_ptr, 0, H, F, F2, F, 128, -(-F // 128))
+        gemm(g, gu, *gu_args, h_ptr, 0, *gu_shape)
     else:
         part = torch.empty(plan.partial_elements, dtype=torch.float32, device=dev)
-        gemm(g, gu, gu_maps, gu_block_idx, x.data_ptr(), part.data_ptr(), R * F2, H, F, F2, F, 128, -(-F // 128))
+        gemm(g, gu, *gu_args, part.data_ptr(), R * F2, *gu_shape)
         c = plan.glu_combine
         mod.launch(c.kernel, c.grid, SMALL_THREADS, c.smem, stream, pdl,
-                   _launch.params(GLU_COMBINE_PARAMS, part.data_ptr(), h_ptr, R * F2, R, F, g.splits))
+                   _launch.params(GLU_COMBINE_PARAMS, part.data_ptr(), h_ptr, R * F2, R, F, g.splits, alpha, limit))
 
     # down: y = (h W_down^T) * routing weight, back in token order
     d = plan.down
     d_maps = maps(w_down, d_meta, H, F)
     if deterministic:
         y_ptr = out.data_ptr() if plan.direct else h_ptr + 2 * R * F  # Y follows h in the workspace
-        gemm(d, dn, d_maps, d_block_idx, h_ptr, y_ptr, R * H, F, H, H, 128, 256, -(-H // 256))
+        gemm(d, dn, d_maps, d_block_idx, down_bias, h_ptr, y_ptr, R * H, F, H, H, 128, 256, -(-H // 256), 1)
         if plan.combine is not None:
             c = plan.combine
             mod.launch(c.kernel, c.grid, SMALL_THREADS, c.smem, stream, pdl,
                        _launch.params(COMBINE_PARAMS, y_ptr, out.data_ptr(), R * H, T, H, k, d.splits))
     else:
         acc = torch.zeros(T, H, dtype=torch.float32, device=dev)
-        gemm(d, dn, d_maps, d_block_idx, h_ptr, acc.data_ptr(), 0, F, H, H, 128, 256, -(-H // 256))
+        gemm(d, dn, d_maps, d_block_idx, down_bias, h_ptr, acc.data_ptr(), 0, F, H, H, 128, 256, -(-H // 256), 1)
         out.copy_(acc)
     return out
 
@@ -351,14 +373,15 @@ def _build_layout_fake(topk_ids, num_experts, block):
 def _fused_moe_op(
     x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_gate_up: torch.Tensor,
     gu_meta: torch.Tensor | None, gu_block_idx: torch.Tensor | None, gu_bw: int, w_down: torch.Tensor,
-    d_meta: torch.Tensor | None, d_block_idx: torch.Tensor | None, d_bw: int, activation: str, deterministic: bool,
-    tile_n: int, gateup_splits: int, down_splits: int, raster: int, programmatic_launch: bool,
+    d_meta: torch.Tensor | None, d_block_idx: torch.Tensor | None, d_bw: int, gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None, activation: str, deterministic: bool, tile_n: int, gateup_splits: int,
+    down_splits: int, raster: int, programmatic_launch: bool,
 ) -> torch.Tensor:
-    """Dense weights: meta and block_idx None; Block N:M weights: their values, meta, block_idx and bw. The launch
-    overrides are LaunchConfig's fields, 0 for None."""
+    """Dense weights: meta and block_idx None; Block N:M weights: their values, meta, block_idx and bw; biases fp32
+    or None. The launch overrides are LaunchConfig's fields, 0 for None."""
     return _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, gu_bw, w_down, d_meta,
-                           d_block_idx, d_bw, activation, deterministic, tile_n, gateup_splits, down_splits, raster,
-                           programmatic_launch)
+                           d_block_idx, d_bw, gate_up_bias, down_bias, activation, deterministic, tile_n,
+                           gateup_splits, down_splits, raster, programmatic_launch)
 
 
 @_fused_moe_op.register_fake

@@ -5,8 +5,10 @@ never a host sync, so a plan holds for every call of a CUDA graph) the token til
 the shared memory, the kernel names and the workspace layout; ``hare.gpu.fused_moe`` allocates what the plan says
 and launches it. ``LaunchConfig`` overrides choices, for benchmarks and tests. Pure Python: tested on the CPU.
 
-Kernel variants: ``GEMM_KINDS`` x (dense, sparse) x ``TILE_NS`` GEMMs plus ``SMALL_KERNELS`` make the one table that
-``_build`` instantiates (``kernel_names``); ``gemm_kernel`` is the one function naming a GEMM.
+Kernel variants: ``GEMM_VARIANTS`` (projection x its epilogues) x (dense, sparse) x ``TILE_NS`` GEMMs plus the
+small kernels make the one table that ``_build`` instantiates (``kernel_names``, ``generated_sources``);
+``gemm_kernel`` is the one function naming a GEMM. A new gated unit is one entry of ``GATE_UP_UNITS`` (and its
+``glu<>`` case in csrc/epilogue.cuh).
 """
 
 from __future__ import annotations
@@ -18,10 +20,18 @@ from ..errors import InvalidArgumentError
 from ..routing import max_blocks
 
 TILE_NS = (16, 32, 64, 128)  # token rows per GEMM tile (the wgmma N); one kernel variant each
-GEMM_KINDS = ("gateup_silu", "gateup_gelu", "down_det", "down_fast")
-FUSED_ACTIVATIONS = ("silu", "gelu")  # the gated units the gate/up epilogue computes (hare.activations names)
+# The gated units the gate/up epilogue fuses: hare.activations family name -> (kernel-name part, Activation
+# enumerator of csrc/epilogue.cuh). Their parameters (alpha, limit) are launch arguments, not variants.
+GATE_UP_UNITS = {"silu": ("silu", "kSilu"), "gelu": ("gelu", "kGelu"),
+                 "clamped-silu": ("clamped_silu", "kClampedSilu"), "gpt-oss": ("gpt_oss", "kGptOss")}
+FUSED_ACTIVATIONS = tuple(GATE_UP_UNITS)
+# The GEMM variant table: projection -> (Projection enumerator of csrc/moe_gemm.cuh, {epilogue: its enumerator}).
+# gate/up epilogues are the fused gated units; down epilogues the top-k reductions (det: rows summed in slot order
+# by hare_combine, or written directly; fast: fp32 atomics).
+GEMM_VARIANTS = {"gateup": ("kGateUp", dict(GATE_UP_UNITS.values())),
+                 "down": ("kDown", {"det": "kDet", "fast": "kFast"})}
 SMALL_KERNELS = ("hare_layout_count", "hare_layout_scatter", "hare_combine",
-                 *(f"hare_glu_combine_{a}" for a in FUSED_ACTIVATIONS))
+                 *(f"hare_glu_combine_{name}" for name, _ in GATE_UP_UNITS.values()))
 K_ALIGN = 64  # hidden and ffn must be multiples of this: the K step of a pipeline stage
 GEMM_THREADS = 384  # two consumer warpgroups and one producer (moe_gemm.cuh)
 SMALL_THREADS = 256
@@ -32,14 +42,35 @@ SPLIT_MAX_ROWS = 4096  # K is split only up to this many rows (decode); above, a
 DEFAULT_RASTER = 8  # M tiles per rasterization group (scheduler.cuh)
 
 
-def gemm_kernel(kind: str, sparse: bool, tile_n: int) -> str:
-    """The entry point of a GEMM variant: hare_<kind>[_sp]_bn<tile_n>."""
-    return f"hare_{kind}{'_sp' if sparse else ''}_bn{tile_n}"
+def gemm_kernel(projection: str, epilogue: str, sparse: bool, tile_n: int) -> str:
+    """The entry point of a GEMM variant: hare_<projection>_<epilogue>[_sp]_bn<tile_n>."""
+    return f"hare_{projection}_{epilogue}{'_sp' if sparse else ''}_bn{tile_n}"
+
+
+def gemm_variants():
+    """(projection, epilogue, sparse, tile_n) of every GEMM entry point."""
+    return [(proj, epi, sp, n) for proj, (_, epis) in GEMM_VARIANTS.items() for epi in epis
+            for sp in (False, True) for n in TILE_NS]
 
 
 def kernel_names() -> tuple[str, ...]:
     """Every kernel entry point of the cubin."""
-    return (*SMALL_KERNELS, *(gemm_kernel(kind, sp, n) for kind in GEMM_KINDS for sp in (False, True) for n in TILE_NS))
+    return (*SMALL_KERNELS, *(gemm_kernel(*v) for v in gemm_variants()))
+
+
+def gated_unit(activation: str) -> tuple[str, float, float]:
+    """(kernel-name part, alpha, limit) of a fused gated unit named as hare.activations names it (parameters the
+    unit does not take are 0). InvalidArgumentError for a unit the kernels do not fuse."""
+    from ..activations import glu_parameters
+
+    try:
+        family, params = glu_parameters(activation)
+    except ValueError as e:
+        raise InvalidArgumentError(str(e)) from None
+    if family not in GATE_UP_UNITS:
+        raise InvalidArgumentError(f"the Hopper kernels fuse the {'/'.join(FUSED_ACTIVATIONS)} gated units, not "
+                                   f"{activation!r}")
+    return GATE_UP_UNITS[family][0], float(params.get("alpha", 0.0)), float(params.get("limit", 0.0))
 
 
 def gemm_smem_bytes(tile_n: int, sparse: bool) -> int:
@@ -181,6 +212,7 @@ class MoePlan:
     slots: int  # row-block slots of the layout (max_blocks)
     layout: LayoutPlan
     gate_up: GemmLaunch
+    glu_args: tuple[float, float]  # (alpha, limit) of the gated unit (0 where it takes none)
     glu_combine: SmallLaunch | None  # after a split gate/up GEMM
     down: GemmLaunch
     combine: SmallLaunch | None  # deterministic top-k (and split) sum, unless the down GEMM writes out directly
@@ -238,27 +270,29 @@ def plan_moe(tokens: int, top_k: int, experts: int, hidden: int, ffn: int, gate_
             return normalize_splits(override, k_stages)
         return 1 if R > SPLIT_MAX_ROWS else best_splits(tiles, k_stages, num_sms)
 
-    def gemm(kind, fmt, tiles_m, s):
+    def gemm(projection, epilogue, fmt, tiles_m, s):
         grid = max(1, min(num_sms, slots * tiles_m * s))
-        return GemmLaunch(gemm_kernel(kind, fmt.sparse, n), grid, gemm_smem_bytes(n, fmt.sparse), s,
+        return GemmLaunch(gemm_kernel(projection, epilogue, fmt.sparse, n), grid, gemm_smem_bytes(n, fmt.sparse), s,
                           -(-fmt.k_stages // s), raster)
 
     num_m_gu, num_m_dn = -(-F // 128), -(-H // 256)  # tiles counted over every row-block slot
     gs = splits(config.gateup_splits, slots * num_m_gu, gate_up.k_stages)
     ds = splits(config.down_splits, slots * num_m_dn, down.k_stages)
     elementwise = lambda total: max(1, min(-(-total // SMALL_THREADS), 8 * num_sms))  # noqa: E731
-    glu = SmallLaunch(f"hare_glu_combine_{activation}", elementwise(R * F)) if gs > 1 else None
+    unit, alpha, limit = gated_unit(activation)
+    glu = SmallLaunch(f"hare_glu_combine_{unit}", elementwise(R * F)) if gs > 1 else None
     direct = deterministic and k == 1 and ds == 1
     combine = SmallLaunch("hare_combine", elementwise(T * H // 8)) if deterministic and not direct else None
-    return MoePlan(T, k, E, H, F, n, slots, layout_plan(R, E, slots), gemm(f"gateup_{activation}", gate_up, num_m_gu, gs),
-                   glu, gemm("down_det" if deterministic else "down_fast", down, num_m_dn, ds), combine,
-                   deterministic, config.programmatic_launch)
+    return MoePlan(T, k, E, H, F, n, slots, layout_plan(R, E, slots), gemm("gateup", unit, gate_up, num_m_gu, gs),
+                   (alpha, limit), glu, gemm("down", "det" if deterministic else "fast", down, num_m_dn, ds),
+                   combine, deterministic, config.programmatic_launch)
 
 
 # ------------------------------------------------------------------------------------------- kernel ABI
 # The argument structs the kernels receive, written once: _build generates their C++ definitions
 # (hare_params.cuh) and the GEMM entry points from these tables; the launch path packs them with `pack`.
-_FORMATS = {"long long": "q", "int": "i"}  # everything else named here is a pointer
+_FORMATS = {"long long": "q", "int": "i", "float": "f"}  # everything else named here is a pointer
+_SIZES = {"int": 4, "float": 4}  # everything else is 8 bytes
 
 
 @dataclass(frozen=True)
@@ -267,7 +301,7 @@ class ParamStruct:
     fields: tuple[tuple[str, str, str], ...]  # (C++ type, field name, comment)
 
     def __post_init__(self):
-        sizes = [4 if t == "int" else 8 for t, _, _ in self.fields]
+        sizes = [_SIZES.get(t, 8) for t, _, _ in self.fields]
         if sizes != sorted(sizes, reverse=True):  # 8-byte fields first: no interior padding to mirror
             raise ValueError(f"{self.name}: 8-byte fields must precede int fields")
         fmt = "<" + "".join(_FORMATS.get(t, "Q") for t, _, _ in self.fields)
@@ -303,6 +337,7 @@ GEMM_PARAMS = ParamStruct("GemmParams", (
     ("const int*", "block_height", ""),
     ("const int*", "num_blocks", ""),
     ("const int*", "block_idx", "sparse: (E, panels, kept) kept K-block indices of each 128-row weight panel"),
+    ("const float*", "bias", "fp32 expert bias or null: gate/up (E, 2F), down (E, H)"),
     ("long long", "out_split_stride", "elements between K-split slices of `out` (split gate/up, down det)"),
     ("int", "K", "row length of b_src: H (gate/up) or F (down)"),
     ("int", "M", "valid out-dim: F (gate/up) or H (down); also the row stride of `out`"),
@@ -319,9 +354,12 @@ GEMM_PARAMS = ParamStruct("GemmParams", (
     ("int", "kept", "sparse: kept K blocks per panel"),
     ("int", "bw_log2", "sparse: log2 of the block width bw"),
     ("int", "panels", "sparse: 128-row panels per expert"),
+    ("int", "box1_panel_offset", "sparse: panel of box 1 minus that of box 0: P/2 (gate/up: up panel m), 1 (down)"),
     ("int", "shared_b", "sparse 1:1 (every K block kept): one token tile serves both weight boxes"),
     ("int", "num_experts", "E (the debug build's index checks)"),
     ("int", "num_slots", "B: row-block slots of the layout (the debug build's index checks)"),
+    ("float", "act_alpha", "gate/up: the gated unit's alpha (gpt-oss)"),
+    ("float", "act_limit", "gate/up: the gated unit's clamp limit (clamped-silu, gpt-oss)"),
 ))
 LAYOUT_PARAMS = ParamStruct("LayoutParams", (
     ("const void*", "topk_ids", ""),
@@ -355,27 +393,30 @@ GLU_COMBINE_PARAMS = ParamStruct("GluCombineParams", (
     ("int", "num_rows", ""),
     ("int", "ffn", ""),
     ("int", "splits", ""),
+    ("float", "alpha", "the gated unit's parameters (GemmParams::act_alpha, act_limit)"),
+    ("float", "limit", ""),
 ))
 PARAM_STRUCTS = (GEMM_PARAMS, LAYOUT_PARAMS, COMBINE_PARAMS, GLU_COMBINE_PARAMS)
-GEMM_KIND_ENUMS = dict(zip(GEMM_KINDS, ("kGateUpSilu", "kGateUpGelu", "kDownDet", "kDownFast")))  # moe_gemm.cuh
 
 
 def generated_sources() -> dict[str, str]:
-    """The C++ that _build generates from the tables above: the argument structs and every GEMM entry point."""
+    """The C++ that _build generates from the tables above: the argument structs, every GEMM entry point and the
+    split gate/up combine of every gated unit (HARE_SMALL_KERNEL: hare_kernels.cu)."""
     params = "\n\n".join(s.cpp() for s in PARAM_STRUCTS)
     entries = []
-    for kind in GEMM_KINDS:
-        for sparse in (False, True):
-            for n in TILE_NS:
-                maps = "const __grid_constant__ CUtensorMap tmap_a" + (
-                    ", const __grid_constant__ CUtensorMap tmap_meta" if sparse else "")
-                entries.append(
-                    f'extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) {gemm_kernel(kind, sparse, n)}('
-                    f"{maps}, const GemmParams p) {{\n"
-                    f"  moe_gemm_body<{n}, {GEMM_KIND_ENUMS[kind]}, {'true' if sparse else 'false'}>(&tmap_a, "
-                    f"{'&tmap_meta' if sparse else 'nullptr'}, p);\n}}")
+    for proj, epi, sparse, n in gemm_variants():
+        proj_enum, epi_enums = GEMM_VARIANTS[proj]
+        maps = "const __grid_constant__ CUtensorMap tmap_a" + (
+            ", const __grid_constant__ CUtensorMap tmap_meta" if sparse else "")
+        entries.append(
+            f'extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) {gemm_kernel(proj, epi, sparse, n)}('
+            f"{maps}, const GemmParams p) {{\n"
+            f"  moe_gemm_body<{n}, {proj_enum}, {epi_enums[epi]}, {'true' if sparse else 'false'}>(&tmap_a, "
+            f"{'&tmap_meta' if sparse else 'nullptr'}, p);\n}}")
+    for name, enum in GATE_UP_UNITS.values():
+        entries.append(f"HARE_SMALL_KERNEL(hare_glu_combine_{name}, 256, GluCombineParams, glu_combine<{enum}>)")
     head = "// Generated by hare/gpu/plan.py (generated_sources): do not edit.\n#pragma once\n"
     return {
         "hare_params.cuh": f"{head}#include <cuda_bf16.h>\n\nnamespace hare {{\n\n{params}\n\n}}  // namespace hare\n",
-        "hare_gemm_entry_points.cuh": f"{head}\n" + "\n".join(entries) + "\n",
+        "hare_entry_points.cuh": f"{head}\n" + "\n".join(entries) + "\n",
     }

@@ -2,7 +2,9 @@
 
 Each case draws a shape (model shapes with fewer experts, and odd ones: hidden/ffn off the 128 tile, partial
 Block N:M windows, an out size that is not a multiple of 128), dense or Block N:M weights for each projection (every
-ratio x every bw), a token count from 0 to 5000, a routing (uniform, skewed, every token on one expert, most experts
+ratio x every bw; a Block N:M gate/up in the halves layout, so ffn % 128 = 64 runs sparse too), a gated unit
+(SiLU, GELU, clamped SiLU, GPT-OSS's clamped SwiGLU, with limits low enough to clamp), expert biases or none, a
+token count from 0 to 5000, a routing (uniform, skewed, every token on one expert, most experts
 empty), an execution (eager, a CUDA graph captured on a side stream and replayed on new inputs, or do_bench-style:
 eager warm-ups then a graph of several calls replayed repeatedly, on a fresh side stream) and the combine mode.
 Before every case the allocator's cached memory is filled with garbage (random bytes or NaN patterns) and the
@@ -24,7 +26,7 @@ import torch
 
 import hare
 import hare.gpu as hg
-from hare.blocknm import BLOCK_WIDTHS, DENSITIES, PANEL
+from hare.blocknm import BLOCK_WIDTHS, DENSITIES
 
 from .moe_cases import reference, rel_err
 
@@ -33,7 +35,7 @@ RATIOS = sorted(DENSITIES.values())
 MODEL_SHAPES = [(4096, 14336, 2, 2), (2048, 768, 16, 8), (2048, 1408, 12, 6), (2048, 1408, 10, 4)]
 ODD_SHAPES = [
     (704, 384, 8, 2),   # H/16 = 44 blocks: partial last window at 1:5 and 1:10; H % 128 = 64 (partial down panel)
-    (320, 192, 6, 3),   # ffn % 128 = 64: Block N:M gate/up is refused, so gate/up stays dense
+    (320, 192, 6, 3),   # ffn % 128 = 64: a Block N:M gate/up's last gate and up panels hold 64 rows
     (576, 256, 5, 1),   # top-1
     (192, 128, 3, 2),   # tiny: H % 128 = 64, one panel
     (1088, 640, 7, 2),  # H % 256 = 64: the down tile's second box past the last panel
@@ -41,6 +43,8 @@ ODD_SHAPES = [
 TOKENS = [0, 1, 2, 3, 16, 17, 64, 127, 128, 129, 300, 777, 1000, 2048, 5000]
 ROUTINGS = ("uniform", "skewed", "one-expert", "most-empty")
 MODES = ("eager", "graph", "bench")
+# limits of about one standard deviation of the projections (~N(0, 1) here), so the clamps act
+UNITS = ("silu", "gelu", "clamped-silu:limit=0.75", "gpt-oss:alpha=1.702,limit=0.75")
 TOL = 1e-2
 
 
@@ -55,6 +59,8 @@ class Case:
     gate_up: tuple | None  # (bn, bm, bw) or None for dense
     down: tuple | None
     routing: str
+    activation: str
+    biased: bool  # random fp32 gate_up_bias and down_bias
     mode: str
     deterministic: bool
     public_api: bool  # hare.moe (validation, dispatch) instead of hare.gpu.fused_moe
@@ -63,7 +69,8 @@ class Case:
     def __str__(self) -> str:
         w = lambda c: "dense" if c is None else f"{c[0]}:{c[1]}/bw{c[2]}"  # noqa: E731
         return (f"#{self.index} H={self.H} F={self.F} E={self.E} k={self.k} T={self.T} gate_up={w(self.gate_up)} "
-                f"down={w(self.down)} {self.routing} {self.mode} det={self.deterministic} "
+                f"down={w(self.down)} {self.routing} {self.activation}{' biased' if self.biased else ''} "
+                f"{self.mode} det={self.deterministic} "
                 f"{'hare.moe' if self.public_api else 'fused_moe'} garbage={self.garbage}")
 
 
@@ -80,9 +87,9 @@ def draw_cases(seed: int, n: int, small: bool = False, modes=MODES, max_tokens: 
         if H * F * E > 2 ** 27 and T > 2048:  # the Mixtral-sized shape: keep its reference cheap
             T = 2048
         weight = lambda: None if rng.random() < 0.25 else (*rng.choice(RATIOS), rng.choice(BLOCK_WIDTHS))  # noqa: E731
-        gate_up = weight() if F % PANEL == 0 else None
-        down = weight()
-        cases.append(Case(i, H, F, E, k, T, gate_up, down, rng.choice(ROUTINGS), rng.choice(modes),
+        gate_up, down = weight(), weight()
+        cases.append(Case(i, H, F, E, k, T, gate_up, down, rng.choice(ROUTINGS), rng.choice(UNITS),
+                          rng.random() < 0.4, rng.choice(modes),
                           rng.random() < 0.7, rng.random() < 0.3,
                           rng.choice(("bytes", "nan")) if garbage else "none"))
     return cases
@@ -124,8 +131,12 @@ def _weights(case: Case, gen: torch.Generator):
     H, F, E = case.H, case.F, case.E
     wgu = (torch.randn(E, 2 * F, H, device="cuda", generator=gen) * H ** -0.5).to(torch.bfloat16)
     wd = (torch.randn(E, H, F, device="cuda", generator=gen) * F ** -0.5).to(torch.bfloat16)
-    prune = lambda w, c: w if c is None else hare.sparsify(w, bn=c[0], bm=c[1], bw=c[2])  # noqa: E731
-    return prune(wgu, case.gate_up), prune(wd, case.down)
+    prune = lambda w, c, halves: w if c is None else hare.sparsify(w, bn=c[0], bm=c[1], bw=c[2],  # noqa: E731
+                                                                   halves=halves)
+    biases = (None, None)
+    if case.biased:
+        biases = tuple(torch.randn(E, n, device="cuda", generator=gen) * 0.5 for n in (2 * F, H))
+    return prune(wgu, case.gate_up, True), prune(wd, case.down, False), biases
 
 
 def _inputs(case: Case, gen: torch.Generator):
@@ -135,13 +146,15 @@ def _inputs(case: Case, gen: torch.Generator):
 
 def run_case(case: Case, gen: torch.Generator) -> float:
     """Runs one case; returns the relative error of its (last) output against the float32 reference."""
-    wgu, wd = _weights(case, gen)
+    wgu, wd, (bgu, bd) = _weights(case, gen)
     dirty_allocator(case.garbage, 64 << 20, gen)
 
     def call(x, ids, w):
         if case.public_api:
-            return hare.moe(x, ids, w, wgu, wd, deterministic=case.deterministic, check_ids=False)
-        return hg.fused_moe(x, ids, w, wgu, wd, deterministic=case.deterministic)
+            return hare.moe(x, ids, w, wgu, wd, case.activation, deterministic=case.deterministic, check_ids=False,
+                            gate_up_bias=bgu, down_bias=bd)
+        return hg.fused_moe(x, ids, w, wgu, wd, case.activation, deterministic=case.deterministic,
+                            gate_up_bias=bgu, down_bias=bd)
 
     x, ids, w = _inputs(case, gen)
     if case.mode == "eager":
@@ -180,7 +193,7 @@ def run_case(case: Case, gen: torch.Generator) -> float:
     if not bool(torch.isfinite(out).all()):
         raise AssertionError(f"{case}: non-finite output (rows left unwritten?)")
     dense = [t.to_dense() if isinstance(t, hare.BlockNM) else t for t in (wgu, wd)]
-    err = rel_err(out, reference(x, ids, w, *dense))
+    err = rel_err(out, reference(x, ids, w, *dense, case.activation, bgu, bd))
     if not err < TOL:
         raise AssertionError(f"{case}: rel err {err:.3e}")
     return err

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as Fn
 
+from hare.activations import glu_function
 from hare.bench.shapes import MODEL_SHAPES
 from hare.bench.toolkit import make_weights  # noqa: F401 (the GPU tests take their inputs from here)
 from hare.metrics import relative_error as rel_err  # noqa: F401
@@ -28,18 +28,22 @@ def make_x(T, H, device, gen=None):
     return torch.randn(T, H, device=device, generator=gen).to(torch.bfloat16)
 
 
-def reference(x, ids, w, wgu, wd, activation="silu"):
-    """float32 reference on the inputs' device (callers disable TF32)."""
+def reference(x, ids, w, wgu, wd, activation="silu", gate_up_bias=None, down_bias=None):
+    """float32 reference on the inputs' device (callers disable TF32): the gated unit `activation` names
+    (hare.activations) and optional expert biases, added after each projection."""
     T, H = x.shape
     F = wd.shape[2]
     xf = x.float()
     out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
-    act = Fn.silu if activation == "silu" else (lambda t: Fn.gelu(t, approximate="tanh"))
+    unit = glu_function(activation)
     for e in torch.unique(ids).tolist():
         tok, slot = (ids == e).nonzero(as_tuple=True)
         gu = xf[tok] @ wgu[e].float().t()
-        h = act(gu[:, :F]) * gu[:, F:]
-        y = h @ wd[e].float().t()
+        if gate_up_bias is not None:
+            gu = gu + gate_up_bias[e].float()
+        y = unit(gu[:, :F], gu[:, F:]) @ wd[e].float().t()
+        if down_bias is not None:
+            y = y + down_bias[e].float()
         out.index_add_(0, tok, y * w[tok, slot].float()[:, None])
     return out
 

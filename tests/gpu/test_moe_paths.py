@@ -1,5 +1,6 @@
 """hare.moe on the GPU: which path runs, and that every path equals the float32 reference."""
 
+import copy
 import warnings
 
 import pytest
@@ -43,36 +44,37 @@ def test_blocknm_bf16_runs_the_sparse_kernels_and_matches_the_dense_equivalent()
 
 
 def test_blocknm_the_kernels_do_not_take_says_why_once_and_matches():
-    H, F, E, k, T = 512, 192, 8, 2, 100  # ffn not a multiple of 128: a gate/up panel mixes gate and up rows
+    H, F, E, k, T = 512, 192, 8, 2, 100  # ffn % 128 = 64 without the halves layout: a panel mixes gate and up rows
     wgu, wd = make_weights(E, H, F, "cuda")
     sgu, sd = hare.sparsify(wgu, bn=1, bm=2), hare.sparsify(wd, bn=1, bm=2)
     ids, w = make_routing(T, E, k, "cuda")
     x = make_x(T, H, "cuda")
-    assert backend(x, sgu, sd)[0] == "reference"
+    path, why = backend(x, sgu, sd)
+    assert path == "grouped_mm" and "halves=True" in why
     assert backend(x, wgu, sd) == ("hopper", "")  # a sparse down projection alone is fine
+    assert backend(x, hare.sparsify(wgu, bn=1, bm=2, halves=True), sd) == ("hopper", "")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = hare.moe(x, ids, w, sgu, sd)
         hare.moe(x, ids, w, sgu, sd)
-    assert sum("reference path" in str(c.message) for c in caught) == 1
+    assert sum("grouped GEMM" in str(c.message) for c in caught) == 1
     assert rel_err(out, reference(x, ids, w, sgu.to_dense(), sd.to_dense())) < 1e-2
 
 
-def test_biased_gpt_oss_experts_run_the_grouped_gemm_path_on_the_gpu_match_the_cpu_and_capture():
-    """The Hopper kernels have no bias or clamped-gate epilogue: such layers say so once and run PyTorch's grouped
-    GEMM, which matches the float64 CPU result and replays in a CUDA graph."""
+def test_biased_gpt_oss_experts_run_the_kernels_match_the_cpu_and_capture():
+    """Expert biases and GPT-OSS's clamped SwiGLU run on the Hopper kernels, with no warning; the result matches
+    the float64 CPU result and replays in a CUDA graph."""
     H, F, E, k, T = 256, 128, 8, 2, 64
     wgu, wd = make_weights(E, H, F, "cuda")
     ids, w = make_routing(T, E, k, "cuda")
     x = make_x(T, H, "cuda") * 4
     bgu, bd = (torch.randn(E, n, device="cuda").to(torch.bfloat16) for n in (2 * F, H))
-    path, why = backend(x, wgu, wd, "gpt-oss", biased=True)
-    assert path == "grouped_mm" and "biases" in why
+    assert backend(x, wgu, wd, "gpt-oss") == ("hopper", "")
     run = lambda: hare.moe(x, ids, w, wgu, wd, "gpt-oss", check_ids=False, gate_up_bias=bgu, down_bias=bd)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = run()
-    assert sum("grouped GEMM" in str(c.message) for c in caught) == 1
+    assert not [c for c in caught if "hare.moe" in str(c.message)]
     x64, w64, wgu64, wd64, bgu64, bd64 = (t.cpu().double() for t in (x, w, wgu, wd, bgu, bd))
     cpu = hare.moe(x64, ids.cpu(), w64, wgu64, wd64, "gpt-oss", gate_up_bias=bgu64, down_bias=bd64)
     assert out.dtype == torch.bfloat16 and rel_err(out.cpu(), cpu) < 1e-2
@@ -105,17 +107,25 @@ def test_patched_model_on_gpu_generates_the_same_with_and_without_cuda_graphs():
 
 
 @pytest.mark.parametrize("arch,overrides", [
-    ("gpt_oss", dict(hidden_size=128, intermediate_size=128, head_dim=32)),  # biases, clamped SwiGLU: grouped GEMM
-    ("llama4_text", dict(hidden_size=128, intermediate_size=128, intermediate_size_mlp=256, head_dim=32)),  # kernels
+    ("gpt_oss", dict(hidden_size=128, intermediate_size=192, head_dim=32)),  # biases, clamped SwiGLU, ffn % 128 = 64
+    ("llama4_text", dict(hidden_size=128, intermediate_size=128, intermediate_size_mlp=256, head_dim=32)),
 ])
-def test_patched_gpt_oss_and_llama4_on_the_gpu_keep_their_logits(arch, overrides):
+@pytest.mark.parametrize("bm", [None, 2])
+def test_patched_gpt_oss_and_llama4_on_the_gpu_run_the_kernels_and_keep_their_logits(arch, overrides, bm):
+    """Dense: the patched model's logits equal the original's; pruned to 25%: they equal the original model's with
+    the pruned weights put back dense (the kernels compute the same layer as the reference path)."""
     model = tiny_model(arch, **overrides).to("cuda", torch.bfloat16)
     ids = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(0)).cuda()
     with torch.no_grad():
         ref = model(ids).logits.float()
-        patch(model)
+        patch(model, bn=1 if bm else None, bm=bm)
+        experts = next(iter(experts_modules(model).values()))
+        probe = torch.empty(1, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+        assert backend(probe, experts.weight("gate_up"), experts.weight("down"), experts.activation)[0] == "hopper"
         out = model(ids).logits
-    assert rel_err(out, ref) < 2e-2
+        if bm:  # the same pruned model on the CPU reference path, in float64
+            ref = copy.deepcopy(model).cpu().double()(ids.cpu()).logits
+    assert rel_err(out.cpu(), ref.cpu()) < 3e-2
 
 
 @pytest.mark.parametrize("bm", [None, 2])

@@ -53,7 +53,8 @@ __device__ __forceinline__ void combine(const CombineParams& p) {
   }
 }
 
-// h[r, f] = act(sum_s gate_s[r, f]) * sum_s up_s[r, f], splits summed in order (deterministic).
+// h[r, f] = glu(sum_s gate_s[r, f], sum_s up_s[r, f]), splits summed in order (deterministic); split 0 holds the
+// gate/up bias.
 template <int ACT>
 __device__ __forceinline__ void glu_combine(const GluCombineParams& p) {
   const long long total = static_cast<long long>(p.num_rows) * p.ffn;
@@ -77,7 +78,7 @@ __device__ __forceinline__ void glu_combine(const GluCombineParams& p) {
         u += uv[q];
       }
     }
-    p.h[idx] = __float2bfloat16_rn(activate<ACT>(g) * u);
+    p.h[idx] = __float2bfloat16_rn(glu<ACT>(g, u, GluArgs{p.alpha, p.limit}));
   }
 }
 

@@ -21,35 +21,67 @@ __device__ __forceinline__ uint32_t stage_chunk_offset(int n, int c) {
   return static_cast<uint32_t>(n * 128 + ((c ^ (n & 7)) << 4));
 }
 
-enum Activation : int { kSilu = 0, kGelu = 1 };
+// The gated units the gate/up epilogue fuses (hare.activations): act(gate) * up, or a clamped form. Their
+// parameters (alpha, limit) come from the call (GemmParams / GluCombineParams), the unit from the template.
+enum Activation : int { kSilu = 0, kGelu = 1, kClampedSilu = 2, kGptOss = 3 };
+
+struct GluArgs {
+  float alpha, limit;
+};
 
 template <int ACT>
-__device__ __forceinline__ float activate(float g) {
-  if constexpr (ACT == kSilu) return silu(g);
-  else return gelu_tanh(g);
-}
-
-// act(gate) * up -> staging (bf16).
-template <int BN, int ACT>
-__device__ __forceinline__ void stage_glu(uint8_t* stage, const float (&gate)[BN / 2], const float (&up)[BN / 2],
-                                          int warp, int lane) {
-#pragma unroll
-  for (int i = 0; i < BN / 2; ++i) {
-    const int f = warp * 16 + (lane >> 2) + ((i & 2) ? 8 : 0);
-    const int n = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-    *reinterpret_cast<__nv_bfloat16*>(stage + stage_offset(n, f)) = __float2bfloat16_rn(activate<ACT>(gate[i]) * up[i]);
+__device__ __forceinline__ float glu(float g, float u, const GluArgs& a) {
+  if constexpr (ACT == kSilu) {
+    return silu(g) * u;
+  } else if constexpr (ACT == kGelu) {
+    return gelu_tanh(g) * u;
+  } else if constexpr (ACT == kClampedSilu) {  // silu(min(g, limit)) * clamp(u, +-limit)
+    return silu(fminf(g, a.limit)) * fminf(fmaxf(u, -a.limit), a.limit);
+  } else {  // GPT-OSS: (clamp(u, +-limit) + 1) * g * sigmoid(alpha * g), g = min(g, limit)
+    g = fminf(g, a.limit);
+    return (fminf(fmaxf(u, -a.limit), a.limit) + 1.0f) * (g / (1.0f + __expf(-a.alpha * g)));
   }
 }
 
-// acc * row_weight[token] -> staging (bf16).
-template <int BN>
-__device__ __forceinline__ void stage_scaled(uint8_t* stage, const float (&acc)[BN / 2], const float* row_weight,
-                                             int warp, int lane) {
+// The two out-dim rows a thread holds in a 64-row accumulator (epilogue layout above): row0 and row0 + 8.
+__device__ __forceinline__ int acc_row0(int warp, int lane) { return warp * 16 + (lane >> 2); }
+
+// A per-row bias of those two rows (bias[f0 + row] for row < valid, else 0; all 0 without a bias).
+__device__ __forceinline__ float2 row_bias_pair(const float* bias, int f0, int valid, int warp, int lane) {
+  const int f = f0 + acc_row0(warp, lane);
+  float2 b = make_float2(0.0f, 0.0f);
+  if (bias != nullptr) {
+    if (f < valid) b.x = __ldg(bias + f);
+    if (f + 8 < valid) b.y = __ldg(bias + f + 8);
+  }
+  return b;
+}
+
+// glu(gate + bias_g, up + bias_u) -> staging (bf16).
+template <int BN, int ACT>
+__device__ __forceinline__ void stage_glu(uint8_t* stage, const float (&gate)[BN / 2], const float (&up)[BN / 2],
+                                          float2 bias_g, float2 bias_u, const GluArgs& args, int warp, int lane) {
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) {
-    const int f = warp * 16 + (lane >> 2) + ((i & 2) ? 8 : 0);
+    const bool hi = (i & 2) != 0;
+    const int f = acc_row0(warp, lane) + (hi ? 8 : 0);
     const int n = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-    *reinterpret_cast<__nv_bfloat16*>(stage + stage_offset(n, f)) = __float2bfloat16_rn(acc[i] * row_weight[n]);
+    const float g = gate[i] + (hi ? bias_g.y : bias_g.x), u = up[i] + (hi ? bias_u.y : bias_u.x);
+    *reinterpret_cast<__nv_bfloat16*>(stage + stage_offset(n, f)) = __float2bfloat16_rn(glu<ACT>(g, u, args));
+  }
+}
+
+// (acc + bias) * row_weight[token] -> staging (bf16).
+template <int BN>
+__device__ __forceinline__ void stage_scaled(uint8_t* stage, const float (&acc)[BN / 2], float2 bias,
+                                             const float* row_weight, int warp, int lane) {
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) {
+    const bool hi = (i & 2) != 0;
+    const int f = acc_row0(warp, lane) + (hi ? 8 : 0);
+    const int n = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
+    *reinterpret_cast<__nv_bfloat16*>(stage + stage_offset(n, f)) =
+        __float2bfloat16_rn((acc[i] + (hi ? bias.y : bias.x)) * row_weight[n]);
   }
 }
 

@@ -8,6 +8,12 @@
 //   down:    box 0 / box 1 = rows [256 m, +128) / [256 m + 128, +128) of W_down[e] (H x F).
 // Warpgroups 0-1 (threads 0-255) are the consumers, warpgroup 2 (threads 256-383) the producer: one thread
 // issues TMA, all 128 gather B rows. setmaxnreg moves registers from the producer (56) to the consumers (224).
+// A kernel is moe_gemm_body<BN, PROJ, EPI, SPARSE>: the projection (which rows a tile's boxes and token rows
+// are) and its epilogue (gate/up: the fused gated unit; down: how the top-k rows are reduced) are the two axes
+// of the variant table in hare/gpu/plan.py. The body reads as its pieces: produce (TMA + gather), mainloop
+// (one tile's wgmma K loop), and the epilogues epilogue_gate_up_partials / epilogue_gate_up / epilogue_down.
+// Expert biases (GemmParams::bias, fp32, null when absent) are added to the accumulators in the epilogue; with
+// K split, only split 0 adds them.
 // Sparse (Block N:M + 2:4) weights, SPARSE = true: the K loop runs over the kept columns of each 128-row panel
 // (its kept K blocks, concatenated), 64 of them per stage = two m64nNk32 sparse wgmma steps. A stage holds the
 // two boxes' compressed values (128 rows x 32 bf16, TMA, 64B swizzle), their 2:4 metadata (TMA, in the
@@ -32,7 +38,8 @@
 
 namespace hare {
 
-enum GemmKind : int { kGateUpSilu = 0, kGateUpGelu = 1, kDownDet = 2, kDownFast = 3 };
+enum Projection : int { kGateUp = 0, kDown = 1 };
+enum Reduction : int { kDet = 0, kFast = 1 };  // down: rows to a buffer summed in slot order, or fp32 atomics
 
 constexpr int kSmemLimit = 232448;  // 227 KB opt-in per block on sm_90
 constexpr int kProducerThreads = 128;
@@ -61,6 +68,36 @@ struct GemmConfig {
   static_assert(kStageBytes % 1024 == 0, "stages keep the 1024-byte alignment of 128B-swizzled tiles");
 };
 
+// The dynamic shared memory of a GEMM CTA: STAGES pipeline stages, then per consumer warpgroup its epilogue
+// staging tile and per-row routing data, then the full/empty mbarriers.
+template <int BN, bool SPARSE>
+struct GemmSmem {
+  using Cfg = GemmConfig<BN, SPARSE>;
+  uint8_t* base;
+  __device__ __forceinline__ uint8_t* stage(int st) const { return base + st * Cfg::kStageBytes; }
+  __device__ __forceinline__ uint8_t* epi(int cw) const {
+    return base + Cfg::kStages * Cfg::kStageBytes + cw * BN * 128;
+  }
+  __device__ __forceinline__ float* row_weight(int cw) const {
+    return reinterpret_cast<float*>(base + Cfg::kStages * Cfg::kStageBytes + Cfg::kEpiBytes + cw * BN * 8);
+  }
+  __device__ __forceinline__ int* row_dest(int cw) const { return reinterpret_cast<int*>(row_weight(cw) + BN); }
+  __device__ __forceinline__ uint64_t* full() const {
+    return reinterpret_cast<uint64_t*>(base + Cfg::kStages * Cfg::kStageBytes + Cfg::kEpiBytes + Cfg::kAuxBytes);
+  }
+  __device__ __forceinline__ uint64_t* empty() const { return full() + Cfg::kStages; }
+};
+
+// One output tile: row block b, M tile m, K split s covering pipeline stages [kb0, kb1).
+struct Tile {
+  int b, m, s, kb0, kb1;
+  __device__ __forceinline__ Tile(const TileScheduler& sched, const GemmParams& p, int tile) {
+    sched.get(tile, b, m, s);
+    kb0 = s * p.k_blocks_per_split;
+    kb1 = min(p.k_stages, kb0 + p.k_blocks_per_split);
+  }
+};
+
 // Kept K block q of a weight panel (its row of block_idx at `panel_idx`). block_idx is the caller's tensor, so
 // the index is clamped into the K blocks before it becomes an address: a corrupt or not-yet-written weight gives
 // wrong numbers, never a read outside b_src (the debug build reports it instead).
@@ -71,30 +108,270 @@ __device__ __forceinline__ int kept_block(const GemmParams& p, const int* panel_
   return min(max(v, 0), num_k_blocks - 1);
 }
 
-template <int BN, int KIND, bool SPARSE>
-__device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const CUtensorMap* tmap_meta,
-                                              const GemmParams& p) {
+// ---------------------------------------------------------------------------------------------- producer
+// Warpgroup 2: for every tile of this CTA, TMA of the two weight boxes (and their 2:4 metadata) and the cp.async
+// gather of the token rows into each stage; a stage's full barrier completes when both have landed.
+template <int BN, int PROJ, bool SPARSE>
+__device__ __forceinline__ void produce(const CUtensorMap* tmap_a, const CUtensorMap* tmap_meta, const GemmParams& p,
+                                        const TileScheduler& sched, const GemmSmem<BN, SPARSE>& sm) {
   using Cfg = GemmConfig<BN, SPARSE>;
   constexpr int STAGES = Cfg::kStages;
   constexpr int LAG = Cfg::kLag;
-  constexpr bool kGateUp = KIND == kGateUpSilu || KIND == kGateUpGelu;
-  constexpr int ACT = KIND == kGateUpGelu ? kGelu : kSilu;
+  uint64_t* full = sm.full();
+  uint64_t* empty = sm.empty();
+  const int tid = threadIdx.x - 256;
+  if (tid == 0) {
+    tma_prefetch_desc(tmap_a);
+    if constexpr (SPARSE) tma_prefetch_desc(tmap_meta);
+  }
+  int it = 0;
+  for (int tile = blockIdx.x; tile < sched.total; tile += gridDim.x) {
+    const Tile t(sched, p, tile);
+    const int e = p.block_expert[t.b], start = p.block_start[t.b], height = p.block_height[t.b];
+    HARE_DEVICE_CHECK(e >= 0 && e < p.num_experts && height >= 1 && height <= BN && start >= 0 &&
+                          start + height <= p.num_rows,
+                      "row block %d: expert %d, rows [%d, +%d) (E %d, R %d, BN %d)", t.b, e, start, height,
+                      p.num_experts, p.num_rows, BN);
+    RowGather<BN, kProducerThreads> g;
+    if constexpr (PROJ == kGateUp) {
+      g.setup(height, tid, [&](int r) {
+        const int token = p.gather_index[start + r];
+        HARE_DEVICE_CHECK(token >= 0 && token < p.num_rows / p.top_k, "gather_index[%d] = %d not in [0, %d)",
+                          start + r, token, p.num_rows / p.top_k);
+        return token;
+      });
+    } else {
+      g.setup(height, tid, [&](int r) { return start + r; });
+    }
+    const int row0 = e * p.a_rows_per_expert + t.m * p.m_tile;
+    const int row1 = row0 + p.a_box1_offset;
+    const int* bidx0 = nullptr;
+    const int* bidx1 = nullptr;
+    if constexpr (SPARSE) {  // a box past the last panel (out not a multiple of 256) reads masked rows only
+      const int panel0 = min(t.m * (p.m_tile >> 7), p.panels - 1);
+      const int panel1 = min(t.m * (p.m_tile >> 7) + p.box1_panel_offset, p.panels - 1);
+      bidx0 = p.block_idx + (static_cast<long long>(e) * p.panels + panel0) * p.kept;
+      bidx1 = p.block_idx + (static_cast<long long>(e) * p.panels + panel1) * p.kept;
+    }
+    for (int kb = t.kb0; kb < t.kb1; ++kb, ++it) {
+      const int st = it % STAGES;
+      mbar_wait(&empty[st], ((it / STAGES) & 1) ^ 1);
+      uint8_t* a = sm.stage(st);
+      uint8_t* b = a + Cfg::kABytes;
+      if constexpr (SPARSE) {
+        if (tid == 0) {
+          uint8_t* meta = b + Cfg::kBBytes;
+          mbar_arrive_expect_tx(&full[st], Cfg::kABytes + Cfg::kMetaBytes);
+          tma_load_2d(a, tmap_a, &full[st], kb * 32, row0);
+          tma_load_2d(a + Cfg::kABytes / 2, tmap_a, &full[st], kb * 32, row1);
+          tma_load_2d(meta, tmap_meta, &full[st], kb * 128, row0 >> 4);
+          tma_load_2d(meta + 1024, tmap_meta, &full[st], kb * 128, row1 >> 4);
+        }
+        if (p.shared_b) {
+          g.load(smem_u32(b), p.b_src, p.K, kb * 64);
+        } else {
+          // logical columns past the last kept block (the zero-filled tail of the values) read the last block
+          const int logical = kb * 64 + g.col;
+          const int q = min(logical >> p.bw_log2, p.kept - 1);
+          const int off = logical & ((1 << p.bw_log2) - 1);
+          g.load_at(smem_u32(b), p.b_src, p.K, (kept_block(p, bidx0, q) << p.bw_log2) + off);
+          g.load_at(smem_u32(b + Cfg::kBTileBytes), p.b_src, p.K, (kept_block(p, bidx1, q) << p.bw_log2) + off);
+        }
+      } else {
+        if (tid == 0) {
+          mbar_arrive_expect_tx(&full[st], Cfg::kABytes);
+          tma_load_2d(a, tmap_a, &full[st], kb * 64, row0);
+          tma_load_2d(a + Cfg::kABytes / 2, tmap_a, &full[st], kb * 64, row1);
+        }
+        g.load(smem_u32(b), p.b_src, p.K, kb * 64);
+      }
+      cp_async_commit();
+      if (it >= LAG) {
+        cp_async_wait<LAG>();
+        fence_proxy_async_smem();
+        mbar_arrive(&full[(it - LAG) % STAGES]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  fence_proxy_async_smem();
+  for (int j = it - LAG < 0 ? 0 : it - LAG; j < it; ++j) mbar_arrive(&full[j % STAGES]);
+}
 
+// ---------------------------------------------------------------------------------------------- mainloop
+// One consumer warpgroup's K loop of one tile: acc0 / acc1 (its 64 rows of box 0 / box 1 x BN tokens). wgmma
+// groups of consecutive K blocks overlap: after issuing block kb, wait until only that group is in flight, then
+// release the previous block's stage. `it` counts stages over the CTA's tiles (the producer counts the same).
+template <int BN, bool SPARSE>
+__device__ __forceinline__ void mainloop(float (&acc0)[BN / 2], float (&acc1)[BN / 2], const GemmParams& p,
+                                         const Tile& t, int& it, int cw, int lane, int meta_word,
+                                         const GemmSmem<BN, SPARSE>& sm) {
+  using Cfg = GemmConfig<BN, SPARSE>;
+  constexpr int STAGES = Cfg::kStages;
+  uint64_t* full = sm.full();
+  uint64_t* empty = sm.empty();
+  int prev_st = -1;
+  for (int kb = t.kb0; kb < t.kb1; ++kb, ++it) {
+    const int st = it % STAGES;
+    mbar_wait(&full[st], (it / STAGES) & 1);
+    const uint8_t* a = sm.stage(st);
+    if constexpr (SPARSE) {
+      const uint64_t da0 = make_desc<64>(a + cw * 64 * 64);
+      const uint64_t da1 = make_desc<64>(a + Cfg::kABytes / 2 + cw * 64 * 64);
+      const uint64_t db0 = make_desc<128>(a + Cfg::kABytes);
+      const uint64_t db1 = p.shared_b ? db0 : make_desc<128>(a + Cfg::kABytes + Cfg::kBTileBytes);
+      const uint32_t* meta = reinterpret_cast<const uint32_t*>(a + Cfg::kABytes + Cfg::kBBytes) + meta_word;
+      const uint32_t e00 = meta[0], e01 = meta[16], e10 = meta[256], e11 = meta[256 + 16];
+      fence_operand(acc0);
+      fence_operand(acc1);
+      wgmma_fence();
+      const int scale_d = kb > t.kb0 ? 1 : 0;
+      WgmmaSp<BN>::mma(acc0, da0, db0, e00, scale_d);
+      WgmmaSp<BN>::mma(acc1, da1, db1, e10, scale_d);
+      WgmmaSp<BN>::mma(acc0, da0 + 2, db0 + 4, e01, 1);
+      WgmmaSp<BN>::mma(acc1, da1 + 2, db1 + 4, e11, 1);
+    } else {
+      const uint64_t da0 = make_desc<128>(a + cw * 64 * 128);
+      const uint64_t da1 = make_desc<128>(a + Cfg::kABytes / 2 + cw * 64 * 128);
+      const uint64_t db = make_desc<128>(a + Cfg::kABytes);
+      fence_operand(acc0);
+      fence_operand(acc1);
+      wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int scale_d = (kb > t.kb0 || k > 0) ? 1 : 0;
+        Wgmma<BN>::mma(acc0, da0 + 2 * k, db + 2 * k, scale_d);
+        Wgmma<BN>::mma(acc1, da1 + 2 * k, db + 2 * k, scale_d);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+    fence_operand(acc0);
+    fence_operand(acc1);
+    if (prev_st >= 0 && lane == 0) mbar_arrive(&empty[prev_st]);
+    prev_st = st;
+  }
+  wgmma_wait<0>();
+  fence_operand(acc0);
+  fence_operand(acc1);
+  if (prev_st >= 0 && lane == 0) mbar_arrive(&empty[prev_st]);
+}
+
+// ---------------------------------------------------------------------------------------------- epilogues
+// Each consumer warpgroup writes its own 64 out-dim columns of the tile: cw selects them, t is the thread within
+// the warpgroup. The staging tile is shared by the warpgroup's 128 threads (named barrier 1 + cw).
+
+// Split gate/up (decode): fp32 partial gate | up sums to (splits, R, 2F); hare_glu_combine finishes.
+template <int BN>
+__device__ __forceinline__ void epilogue_gate_up_partials(const GemmParams& p, const Tile& t, int e, int start,
+                                                          int height, const float (&acc0)[BN / 2],
+                                                          const float (&acc1)[BN / 2], int cw, int warp, int lane) {
+  float* part = static_cast<float*>(p.out) + t.s * p.out_split_stride;
+  const int f0 = t.m * 128 + cw * 64;
+  const float* bias = t.s == 0 && p.bias != nullptr ? p.bias + static_cast<long long>(e) * 2 * p.M : nullptr;
+  const float2 bg = row_bias_pair(bias, f0, p.M, warp, lane);
+  const float2 bu = row_bias_pair(bias == nullptr ? nullptr : bias + p.M, f0, p.M, warp, lane);
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) {
+    const bool hi = (i & 2) != 0;
+    const int f = f0 + acc_row0(warp, lane) + (hi ? 8 : 0);
+    const int n = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
+    if (n < height && f < p.M) {
+      float* row = part + static_cast<long long>(start + n) * (2 * p.M);
+      row[f] = acc0[i] + (hi ? bg.y : bg.x);
+      row[p.M + f] = acc1[i] + (hi ? bu.y : bu.x);
+    }
+  }
+}
+
+// gate/up: h[row, f] = glu(gate + bias, up + bias) for the tile's 64 ffn columns of this warpgroup, bf16.
+template <int BN, int ACT>
+__device__ __forceinline__ void epilogue_gate_up(const GemmParams& p, const Tile& t, int e, int start, int height,
+                                                 const float (&acc0)[BN / 2], const float (&acc1)[BN / 2],
+                                                 uint8_t* epi, int cw, int tid, int warp, int lane) {
+  const int col0 = t.m * 128 + cw * 64;
+  const float* bias = p.bias == nullptr ? nullptr : p.bias + static_cast<long long>(e) * 2 * p.M;
+  const float2 bg = row_bias_pair(bias, col0, p.M, warp, lane);
+  const float2 bu = row_bias_pair(bias == nullptr ? nullptr : bias + p.M, col0, p.M, warp, lane);
+  stage_glu<BN, ACT>(epi, acc0, acc1, bg, bu, GluArgs{p.act_alpha, p.act_limit}, warp, lane);
+  named_barrier(1 + cw, 128);
+  if (col0 < p.M) {
+    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+    for (int q = tid; q < BN * 8; q += 128) {
+      const int n = q >> 3, c = q & 7;
+      if (n < height) {
+        const uint4 v = *reinterpret_cast<const uint4*>(epi + stage_chunk_offset(n, c));
+        *reinterpret_cast<uint4*>(out + static_cast<long long>(start + n) * p.M + col0 + c * 8) = v;
+      }
+    }
+  }
+}
+
+// down: (acc + bias) * routing weight of each row, to its (token, slot) row of Y (kDet) or added to its token's
+// fp32 row (kFast); the warpgroup's columns of box 0, then of box 1, through the one staging tile.
+template <int BN, int RED>
+__device__ __forceinline__ void epilogue_down(const GemmParams& p, const Tile& t, int e, int start, int height,
+                                              const float (&acc0)[BN / 2], const float (&acc1)[BN / 2],
+                                              uint8_t* epi, float* row_weight, int* row_dest, int cw, int tid,
+                                              int warp, int lane) {
+  for (int n = tid; n < BN; n += 128) {
+    float w = 0.0f;
+    int d = 0;
+    if (n < height) {
+      const int ra = p.row_assignment[start + n];
+      HARE_DEVICE_CHECK(ra >= 0 && ra < p.num_rows, "row_assignment[%d] = %d not in [0, %d)", start + n, ra,
+                        p.num_rows);
+      w = p.topk_weights[ra];
+      d = RED == kFast ? ra / p.top_k : ra;
+    }
+    row_weight[n] = w;
+    row_dest[n] = d;
+  }
+  named_barrier(1 + cw, 128);
+  const float* bias = t.s == 0 && p.bias != nullptr ? p.bias + static_cast<long long>(e) * p.M : nullptr;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int col0 = t.m * 256 + half * 128 + cw * 64;
+    const float2 bias2 = row_bias_pair(bias, col0, p.M, warp, lane);
+    if (half == 0) stage_scaled<BN>(epi, acc0, bias2, row_weight, warp, lane);
+    else stage_scaled<BN>(epi, acc1, bias2, row_weight, warp, lane);
+    named_barrier(1 + cw, 128);
+    if (col0 < p.M) {
+      for (int q = tid; q < BN * 8; q += 128) {
+        const int n = q >> 3, c = q & 7;
+        if (n < height) {
+          const uint4 v = *reinterpret_cast<const uint4*>(epi + stage_chunk_offset(n, c));
+          const long long off = static_cast<long long>(row_dest[n]) * p.M + col0 + c * 8;
+          if constexpr (RED == kFast) {
+            atomic_add_bf16x8_to_f32(static_cast<float*>(p.out) + off, v);
+          } else {
+            __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + t.s * p.out_split_stride;
+            *reinterpret_cast<uint4*>(out + off) = v;
+          }
+        }
+      }
+    }
+    if (half == 0) named_barrier(1 + cw, 128);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- the kernel
+// EPI: an Activation (PROJ == kGateUp) or a Reduction (PROJ == kDown).
+template <int BN, int PROJ, int EPI, bool SPARSE>
+__device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const CUtensorMap* tmap_meta,
+                                              const GemmParams& p) {
+  using Cfg = GemmConfig<BN, SPARSE>;
   extern __shared__ __align__(1024) uint8_t smem[];
-  uint8_t* epi_base = smem + STAGES * Cfg::kStageBytes;
-  uint8_t* aux_base = epi_base + Cfg::kEpiBytes;
-  uint64_t* full = reinterpret_cast<uint64_t*>(aux_base + Cfg::kAuxBytes);
-  uint64_t* empty = full + STAGES;
-
-  const int wg = threadIdx.x / 128;  // 0, 1: consumers; 2: the producer warp
+  const GemmSmem<BN, SPARSE> sm{smem};
+  const int wg = threadIdx.x / 128;  // 0, 1: consumers; 2: the producer warpgroup
   if (threadIdx.x == 0) {
     uint32_t dyn;
     asm volatile("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(dyn));
     if ((smem_u32(smem) & 1023) != 0 || dyn < static_cast<uint32_t>(Cfg::kSmemBytes)) __trap();
 #pragma unroll
-    for (int s = 0; s < STAGES; ++s) {
-      mbar_init(&full[s], 1 + kProducerThreads);
-      mbar_init(&empty[s], 8);
+    for (int s = 0; s < Cfg::kStages; ++s) {
+      mbar_init(&sm.full()[s], 1 + kProducerThreads);
+      mbar_init(&sm.empty()[s], 8);
     }
     mbar_init_fence();
   }
@@ -103,233 +380,37 @@ __device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const C
   allow_dependents_launch();
 
   const TileScheduler sched(*p.num_blocks, p.num_m, p.splits, p.group);
-  const int nk_total = p.k_stages;
   HARE_DEVICE_CHECK(sched.num_blocks >= 0 && sched.num_blocks <= p.num_slots, "num_blocks %d not in [0, %d]",
                     sched.num_blocks, p.num_slots);
-
   if (wg == 2) {
-    // ---------------- producer ----------------
     setmaxnreg_dec<56>();
-    const int tid = threadIdx.x - 256;
-    if (tid == 0) {
-      tma_prefetch_desc(tmap_a);
-      if constexpr (SPARSE) tma_prefetch_desc(tmap_meta);
-    }
-    int it = 0;
-    for (int tile = blockIdx.x; tile < sched.total; tile += gridDim.x) {
-      int b, m, s;
-      sched.get(tile, b, m, s);
-      const int e = p.block_expert[b], start = p.block_start[b], height = p.block_height[b];
-      HARE_DEVICE_CHECK(e >= 0 && e < p.num_experts && height >= 1 && height <= BN && start >= 0 &&
-                            start + height <= p.num_rows,
-                        "row block %d: expert %d, rows [%d, +%d) (E %d, R %d, BN %d)", b, e, start, height,
-                        p.num_experts, p.num_rows, BN);
-      RowGather<BN, kProducerThreads> g;
-      if constexpr (kGateUp) {
-        g.setup(height, tid, [&](int r) {
-          const int token = p.gather_index[start + r];
-          HARE_DEVICE_CHECK(token >= 0 && token < p.num_rows / p.top_k, "gather_index[%d] = %d not in [0, %d)",
-                            start + r, token, p.num_rows / p.top_k);
-          return token;
-        });
+    produce<BN, PROJ, SPARSE>(tmap_a, tmap_meta, p, sched, sm);
+    return;
+  }
+  setmaxnreg_inc<224>();
+  const int cw = wg;
+  const int tid = threadIdx.x - 128 * wg;
+  const int warp = tid >> 5, lane = tid & 31;
+  // sparse: this thread's metadata word in a stage's metadata box (blocknm.py): 16-row group 4 cw + warp,
+  // slot 2 (lane / 4) + lane % 2; steps 64 bytes apart, box 1 at +1 KB
+  const int meta_word = (4 * cw + warp) * 32 + (lane >> 2) * 2 + (lane & 1);
+  uint8_t* epi = sm.epi(cw);
+  float acc0[BN / 2], acc1[BN / 2];
+  int it = 0;
+  for (int tile = blockIdx.x; tile < sched.total; tile += gridDim.x) {
+    const Tile t(sched, p, tile);
+    mainloop<BN, SPARSE>(acc0, acc1, p, t, it, cw, lane, meta_word, sm);
+    const int e = p.block_expert[t.b], start = p.block_start[t.b], height = p.block_height[t.b];
+    named_barrier(1 + cw, 128);  // the previous tile's staging reads are done
+    if constexpr (PROJ == kGateUp) {
+      if (p.splits > 1) {
+        epilogue_gate_up_partials<BN>(p, t, e, start, height, acc0, acc1, cw, warp, lane);
       } else {
-        g.setup(height, tid, [&](int r) { return start + r; });
+        epilogue_gate_up<BN, EPI>(p, t, e, start, height, acc0, acc1, epi, cw, tid, warp, lane);
       }
-      const int kb0 = s * p.k_blocks_per_split;
-      const int kb1 = min(nk_total, kb0 + p.k_blocks_per_split);
-      const int row0 = e * p.a_rows_per_expert + m * p.m_tile;
-      const int row1 = row0 + p.a_box1_offset;
-      const int* bidx0 = nullptr;
-      const int* bidx1 = nullptr;
-      if constexpr (SPARSE) {  // a box past the last panel (out not a multiple of 256) reads masked rows only
-        const int local0 = m * p.m_tile;
-        const int panel0 = min(local0 >> 7, p.panels - 1);
-        const int panel1 = min((local0 + p.a_box1_offset) >> 7, p.panels - 1);
-        bidx0 = p.block_idx + (static_cast<long long>(e) * p.panels + panel0) * p.kept;
-        bidx1 = p.block_idx + (static_cast<long long>(e) * p.panels + panel1) * p.kept;
-      }
-      for (int kb = kb0; kb < kb1; ++kb, ++it) {
-        const int st = it % STAGES;
-        mbar_wait(&empty[st], ((it / STAGES) & 1) ^ 1);
-        uint8_t* a = smem + st * Cfg::kStageBytes;
-        uint8_t* b = a + Cfg::kABytes;
-        if constexpr (SPARSE) {
-          if (tid == 0) {
-            uint8_t* meta = b + Cfg::kBBytes;
-            mbar_arrive_expect_tx(&full[st], Cfg::kABytes + Cfg::kMetaBytes);
-            tma_load_2d(a, tmap_a, &full[st], kb * 32, row0);
-            tma_load_2d(a + Cfg::kABytes / 2, tmap_a, &full[st], kb * 32, row1);
-            tma_load_2d(meta, tmap_meta, &full[st], kb * 128, row0 >> 4);
-            tma_load_2d(meta + 1024, tmap_meta, &full[st], kb * 128, row1 >> 4);
-          }
-          if (p.shared_b) {
-            g.load(smem_u32(b), p.b_src, p.K, kb * 64);
-          } else {
-            // logical columns past the last kept block (the zero-filled tail of the values) read the last block
-            const int logical = kb * 64 + g.col;
-            const int q = min(logical >> p.bw_log2, p.kept - 1);
-            const int off = logical & ((1 << p.bw_log2) - 1);
-            g.load_at(smem_u32(b), p.b_src, p.K, (kept_block(p, bidx0, q) << p.bw_log2) + off);
-            g.load_at(smem_u32(b + Cfg::kBTileBytes), p.b_src, p.K, (kept_block(p, bidx1, q) << p.bw_log2) + off);
-          }
-        } else {
-          if (tid == 0) {
-            mbar_arrive_expect_tx(&full[st], Cfg::kABytes);
-            tma_load_2d(a, tmap_a, &full[st], kb * 64, row0);
-            tma_load_2d(a + Cfg::kABytes / 2, tmap_a, &full[st], kb * 64, row1);
-          }
-          g.load(smem_u32(b), p.b_src, p.K, kb * 64);
-        }
-        cp_async_commit();
-        if (it >= LAG) {
-          cp_async_wait<LAG>();
-          fence_proxy_async_smem();
-          mbar_arrive(&full[(it - LAG) % STAGES]);
-        }
-      }
-    }
-    cp_async_wait<0>();
-    fence_proxy_async_smem();
-    for (int j = it - LAG < 0 ? 0 : it - LAG; j < it; ++j) mbar_arrive(&full[j % STAGES]);
-  } else {
-    // ---------------- consumers ----------------
-    setmaxnreg_inc<224>();
-    const int cw = wg;
-    const int t = threadIdx.x - 128 * wg;
-    const int warp = t >> 5, lane = t & 31;
-    // sparse: this thread's metadata word in a stage's metadata box (blocknm.py): 16-row group 4 cw + warp,
-    // slot 2 (lane / 4) + lane % 2; steps 64 bytes apart, box 1 at +1 KB
-    const int meta_word = (4 * cw + warp) * 32 + (lane >> 2) * 2 + (lane & 1);
-    uint8_t* epi = epi_base + cw * BN * 128;
-    float* aux_w = reinterpret_cast<float*>(aux_base + cw * BN * 8);
-    int* aux_d = reinterpret_cast<int*>(aux_w + BN);
-    float acc0[BN / 2], acc1[BN / 2];
-    int it = 0;
-    for (int tile = blockIdx.x; tile < sched.total; tile += gridDim.x) {
-      int b, m, s;
-      sched.get(tile, b, m, s);
-      const int kb0 = s * p.k_blocks_per_split;
-      const int kb1 = min(nk_total, kb0 + p.k_blocks_per_split);
-      // wgmma groups of consecutive K blocks overlap: after issuing block kb, wait until only that group is in
-      // flight, then release the previous block's stage.
-      int prev_st = -1;
-      for (int kb = kb0; kb < kb1; ++kb, ++it) {
-        const int st = it % STAGES;
-        mbar_wait(&full[st], (it / STAGES) & 1);
-        const uint8_t* a = smem + st * Cfg::kStageBytes;
-        if constexpr (SPARSE) {
-          const uint64_t da0 = make_desc<64>(a + cw * 64 * 64);
-          const uint64_t da1 = make_desc<64>(a + Cfg::kABytes / 2 + cw * 64 * 64);
-          const uint64_t db0 = make_desc<128>(a + Cfg::kABytes);
-          const uint64_t db1 = p.shared_b ? db0 : make_desc<128>(a + Cfg::kABytes + Cfg::kBTileBytes);
-          const uint32_t* meta = reinterpret_cast<const uint32_t*>(a + Cfg::kABytes + Cfg::kBBytes) + meta_word;
-          const uint32_t e00 = meta[0], e01 = meta[16], e10 = meta[256], e11 = meta[256 + 16];
-          fence_operand(acc0);
-          fence_operand(acc1);
-          wgmma_fence();
-          const int scale_d = kb > kb0 ? 1 : 0;
-          WgmmaSp<BN>::mma(acc0, da0, db0, e00, scale_d);
-          WgmmaSp<BN>::mma(acc1, da1, db1, e10, scale_d);
-          WgmmaSp<BN>::mma(acc0, da0 + 2, db0 + 4, e01, 1);
-          WgmmaSp<BN>::mma(acc1, da1 + 2, db1 + 4, e11, 1);
-        } else {
-          const uint64_t da0 = make_desc<128>(a + cw * 64 * 128);
-          const uint64_t da1 = make_desc<128>(a + Cfg::kABytes / 2 + cw * 64 * 128);
-          const uint64_t db = make_desc<128>(a + Cfg::kABytes);
-          fence_operand(acc0);
-          fence_operand(acc1);
-          wgmma_fence();
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const int scale_d = (kb > kb0 || k > 0) ? 1 : 0;
-            Wgmma<BN>::mma(acc0, da0 + 2 * k, db + 2 * k, scale_d);
-            Wgmma<BN>::mma(acc1, da1 + 2 * k, db + 2 * k, scale_d);
-          }
-        }
-        wgmma_commit();
-        wgmma_wait<1>();
-        fence_operand(acc0);
-        fence_operand(acc1);
-        if (prev_st >= 0 && lane == 0) mbar_arrive(&empty[prev_st]);
-        prev_st = st;
-      }
-      wgmma_wait<0>();
-      fence_operand(acc0);
-      fence_operand(acc1);
-      if (prev_st >= 0 && lane == 0) mbar_arrive(&empty[prev_st]);
-
-      // ---------------- epilogue ----------------
-      const int start = p.block_start[b], height = p.block_height[b];
-      named_barrier(1 + cw, 128);  // the previous tile's staging reads are done
-      if constexpr (kGateUp) {
-        if (p.splits > 1) {
-          // split-K (decode): fp32 partial gate/up sums to (splits, R, 2F); hare_glu_combine finishes
-          float* part = static_cast<float*>(p.out) + s * p.out_split_stride;
-          const int f0 = m * 128 + cw * 64;
-#pragma unroll
-          for (int i = 0; i < BN / 2; ++i) {
-            const int f = f0 + warp * 16 + (lane >> 2) + ((i & 2) ? 8 : 0);
-            const int n = (i >> 2) * 8 + (lane & 3) * 2 + (i & 1);
-            if (n < height && f < p.M) {
-              float* row = part + static_cast<long long>(start + n) * (2 * p.M);
-              row[f] = acc0[i];
-              row[p.M + f] = acc1[i];
-            }
-          }
-          continue;
-        }
-        stage_glu<BN, ACT>(epi, acc0, acc1, warp, lane);
-        named_barrier(1 + cw, 128);
-        const int col0 = m * 128 + cw * 64;
-        if (col0 < p.M) {
-          __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
-          for (int q = t; q < BN * 8; q += 128) {
-            const int n = q >> 3, c = q & 7;
-            if (n < height) {
-              const uint4 v = *reinterpret_cast<const uint4*>(epi + stage_chunk_offset(n, c));
-              *reinterpret_cast<uint4*>(out + static_cast<long long>(start + n) * p.M + col0 + c * 8) = v;
-            }
-          }
-        }
-      } else {
-        for (int n = t; n < BN; n += 128) {
-          float w = 0.0f;
-          int d = 0;
-          if (n < height) {
-            const int ra = p.row_assignment[start + n];
-            HARE_DEVICE_CHECK(ra >= 0 && ra < p.num_rows, "row_assignment[%d] = %d not in [0, %d)", start + n, ra,
-                              p.num_rows);
-            w = p.topk_weights[ra];
-            d = KIND == kDownFast ? ra / p.top_k : ra;
-          }
-          aux_w[n] = w;
-          aux_d[n] = d;
-        }
-        named_barrier(1 + cw, 128);
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          if (half == 0) stage_scaled<BN>(epi, acc0, aux_w, warp, lane);
-          else stage_scaled<BN>(epi, acc1, aux_w, warp, lane);
-          named_barrier(1 + cw, 128);
-          const int col0 = m * 256 + half * 128 + cw * 64;
-          if (col0 < p.M) {
-            for (int q = t; q < BN * 8; q += 128) {
-              const int n = q >> 3, c = q & 7;
-              if (n < height) {
-                const uint4 v = *reinterpret_cast<const uint4*>(epi + stage_chunk_offset(n, c));
-                const long long off = static_cast<long long>(aux_d[n]) * p.M + col0 + c * 8;
-                if constexpr (KIND == kDownFast) {
-                  atomic_add_bf16x8_to_f32(static_cast<float*>(p.out) + off, v);
-                } else {
-                  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + s * p.out_split_stride;
-                  *reinterpret_cast<uint4*>(out + off) = v;
-                }
-              }
-            }
-          }
-          if (half == 0) named_barrier(1 + cw, 128);
-        }
-      }
+    } else {
+      epilogue_down<BN, EPI>(p, t, e, start, height, acc0, acc1, epi, sm.row_weight(cw), sm.row_dest(cw), cw, tid,
+                             warp, lane);
     }
   }
 }
