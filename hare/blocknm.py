@@ -29,15 +29,22 @@ Storage, laid out for the GPU kernels (``kb`` = kept blocks per panel, equal for
   (16·R16, 4·NS) bytes viewed as (R16, h 2, g 8, j NS, t 2, b 2) permuted to (R16, j, g, t, h, b). This is the
   register of the PTX sparse wgmma: in the 64-row tile at row 64m, lane l of warp w (G = 4m + w) reads slot
   2·(l/4) + (l&1) of step j, which holds rows 16G + l/4 and 16G + l/4 + 8, column half l&1.
-- ``block_idx`` (E, ceil(out/128), kb), int32: the kept column-block indices of each panel, ascending.
+- ``block_idx`` (E, P, kb), int32: the kept column-block indices of each panel, ascending (P = ceil(out/128),
+  or 2·ceil(out/256) in the halves layout).
+
+Halves layout (``halves=True``, for a stacked gate/up weight): each half of the rows is cut into panels from its own
+first row, so row r < out/2 is in panel r // 128 and row r >= out/2 in panel P/2 + (r - out/2) // 128 (P =
+2·ceil(out/256)): no panel mixes gate and up rows whatever the ffn, and gate panel m pairs with up panel m + P/2.
+It needs out/2 a multiple of 16 (the metadata's row groups do not straddle the halves); values and meta are laid
+out as always, and when out/2 is a multiple of 128 the storage is that of the plain layout.
 
 Joint panels (``joint``): two panels may be made to choose the same kept blocks, so that one gathered token tile
 serves both. ``"halves"`` pairs panel m with panel m + P/2 (a stacked gate/up weight: gate panel m with up panel
-m; needs ``out`` a multiple of 256, i.e. ffn a multiple of 128), ``"adjacent"`` pairs panels 2m and 2m + 1 (a
-last odd panel chooses alone). The storage is unchanged: paired panels simply hold equal ``block_idx`` rows.
+m; in the plain layout it needs ``out`` a multiple of 256, i.e. ffn a multiple of 128, in the halves layout any
+ffn), ``"adjacent"`` pairs panels 2m and 2m + 1 (a last odd panel chooses alone). The storage is unchanged: paired panels simply hold equal ``block_idx`` rows.
 
-The last panel may hold fewer than 128 rows (``out`` need not be a multiple of 128); ``in`` must be a multiple of
-``bw``.
+The last panel (of each half, in the halves layout) may hold fewer than 128 rows (``out`` need not be a multiple of
+128); ``in`` must be a multiple of ``bw``.
 """
 
 from __future__ import annotations
@@ -105,13 +112,53 @@ def check_ratio(bn, bm, bw) -> None:
         raise InvalidArgumentError(f"bw: expected one of {BLOCK_WIDTHS}, got {bw}")
 
 
-def check_joint(joint, out: int) -> None:
-    """``joint`` is one of JOINT and fits a weight of ``out`` rows, else a clear error."""
+def halves_fit(out: int) -> bool:
+    """Whether a weight of ``out`` rows admits the halves layout: out even and out/2 a multiple of 16."""
+    return out % 2 == 0 and (out // 2) % META_ROWS == 0
+
+
+def check_layout(out: int, joint=None, halves: bool = False) -> None:
+    """``joint`` (one of JOINT) and ``halves`` (a bool) fit a weight of ``out`` rows, else a clear error."""
+    if not isinstance(halves, bool):
+        raise InvalidArgumentError(f"halves: expected a bool, got {halves!r}")
+    if halves and not halves_fit(out):
+        raise InvalidArgumentError(f"halves=True cuts each half of the rows into panels, so out must be even with "
+                                   f"out/2 a multiple of {META_ROWS} (a gate/up weight: ffn a multiple of "
+                                   f"{META_ROWS}); got out = {out}")
     if joint not in JOINT:
         raise InvalidArgumentError(f"joint: expected one of {JOINT}, got {joint!r}")
-    if joint == "halves" and out % (2 * PANEL):
+    if joint == "halves" and not halves and out % (2 * PANEL):
         raise InvalidArgumentError(f"joint='halves' pairs panel m with panel m + P/2, so out must be a multiple of "
-                                   f"{2 * PANEL} (a gate/up weight: ffn a multiple of {PANEL}); got out = {out}")
+                                   f"{2 * PANEL} (a gate/up weight: ffn a multiple of {PANEL}), or the layout halves="
+                                   f"True; got out = {out}")
+
+
+def panel_count(out: int, halves: bool = False) -> int:
+    """P: the panels of a weight of ``out`` rows (ceil(out/128), or 2·ceil((out/2)/128) in the halves layout)."""
+    return 2 * math.ceil(out // 2 / PANEL) if halves else math.ceil(out / PANEL)
+
+
+def row_slots(out: int, halves: bool = False, device=None) -> torch.Tensor:
+    """(out,) where each row sits in the grid of P panels of 128 row slots: its panel is slot // 128. The one map of
+    rows to panels: r itself, or in the halves layout r for r < out/2 and 128·P/2 + (r − out/2) past it."""
+    rows = torch.arange(out, device=device)
+    if not halves:
+        return rows
+    half = out // 2
+    return torch.where(rows < half, rows, rows + (PANEL * panel_count(out, True) // 2 - half))
+
+
+def panel_of_rows(out: int, halves: bool = False, device=None) -> torch.Tensor:
+    """(out,) the panel of each row (see ``row_slots``)."""
+    return row_slots(out, halves, device) // PANEL
+
+
+def _kept_group_index(block_idx: torch.Tensor, out: int, halves: bool, bw: int) -> torch.Tensor:
+    """(..., out, kb·bw/4): the dense 4-column group index of each row's kept groups, ascending, from ``block_idx``
+    (..., P, kb) and the row-to-panel map."""
+    per_block = bw // GROUP
+    blocks = block_idx.long()[..., panel_of_rows(out, halves, block_idx.device), :]  # (..., out, kb)
+    return (blocks[..., None] * per_block + torch.arange(per_block, device=block_idx.device)).flatten(-2)
 
 
 def joint_partner(panels: int, joint, device=None) -> torch.Tensor:
@@ -127,17 +174,18 @@ def joint_partner(panels: int, joint, device=None) -> torch.Tensor:
 class BlockNM:
     """A Block N:M sparse weight (or stack of expert weights) in the compressed storage described above."""
 
-    def __init__(self, values, meta, block_idx, *, shape, bn: int, bm: int, bw: int, joint: str | None = None):
+    def __init__(self, values, meta, block_idx, *, shape, bn: int, bm: int, bw: int, joint: str | None = None,
+                 halves: bool = False):
         check_ratio(bn, bm, bw)
         shape = tuple(int(s) for s in shape)
         if len(shape) not in (2, 3) or min(shape) < 1:
             raise InvalidArgumentError(f"shape: expected (out, in) or (E, out, in) with positive sizes, got {shape}")
         experts, out, inp = (1, *shape) if len(shape) == 2 else shape
-        check_joint(joint, out)
+        check_layout(out, joint, halves)
         if inp % bw:
             raise InvalidArgumentError(f"shape: in = {inp} is not a multiple of bw = {bw}")
         kb = kept_blocks(inp // bw, bn, bm)
-        panels = math.ceil(out / PANEL)
+        panels = panel_count(out, halves)
         expected = {
             "values": ((experts, out, kb * bw // 2), FLOAT_DTYPES, values),
             "meta": ((experts, math.ceil(out / META_ROWS), meta_steps(kb, bw) * 64), (torch.uint8,), meta),
@@ -154,7 +202,7 @@ class BlockNM:
             raise InvalidArgumentError("values, meta and block_idx must be on one device")
         self.values, self.meta, self.block_idx = values, meta, block_idx
         self.shape = torch.Size(shape)
-        self.bn, self.bm, self.bw, self.joint = bn, bm, bw, joint
+        self.bn, self.bm, self.bw, self.joint, self.halves = bn, bm, bw, joint, halves
 
     # ---- sizes -------------------------------------------------------------------------------------------------
     @property
@@ -186,6 +234,11 @@ class BlockNM:
         return self.values.device
 
     @property
+    def params(self) -> dict:
+        """The keyword arguments that rebuild this weight from its storage and shape: bn, bm, bw, joint, halves."""
+        return {"bn": self.bn, "bm": self.bm, "bw": self.bw, "joint": self.joint, "halves": self.halves}
+
+    @property
     def density(self) -> float:
         """Fraction of the dense weight's entries stored (bn / (2·bm) when ``in`` fills whole windows)."""
         return self.kept_blocks * self.bw / 2 / self.in_features
@@ -197,13 +250,14 @@ class BlockNM:
 
     def __repr__(self) -> str:
         joint = f", joint={self.joint}" if self.joint else ""
+        joint += ", halves=True" if self.halves else ""
         return (f"BlockNM(shape={tuple(self.shape)}, {self.bn}:{self.bm}, bw={self.bw}{joint}, "
                 f"density={self.density:.4f}, dtype={self.dtype}, device={self.device})")
 
     def to(self, device=None, dtype=None) -> "BlockNM":
         """Move the storage to ``device`` and/or cast the values to ``dtype`` (metadata and indices keep theirs)."""
         return BlockNM(self.values.to(device=device, dtype=dtype), self.meta.to(device), self.block_idx.to(device),
-                       shape=self.shape, bn=self.bn, bm=self.bm, bw=self.bw, joint=self.joint)
+                       shape=self.shape, **self.params)
 
     def select_experts(self, start: int, stop: int) -> "BlockNM":
         """The stacked experts [start, stop) (views, no copy), e.g. one rank's shard for expert parallelism."""
@@ -211,15 +265,12 @@ class BlockNM:
             raise InvalidArgumentError(f"select_experts: need a stacked weight and 0 <= start < stop <= {self.num_experts}, "
                                        f"got [{start}, {stop}) of shape {tuple(self.shape)}")
         return BlockNM(self.values[start:stop], self.meta[start:stop], self.block_idx[start:stop],
-                       shape=(stop - start, *self.shape[1:]), bn=self.bn, bm=self.bm, bw=self.bw, joint=self.joint)
+                       shape=(stop - start, *self.shape[1:]), **self.params)
 
     # ---- decoding ----------------------------------------------------------------------------------------------
     def _kept_groups(self):
         """Per row: the dense group index (E, out, n) of each kept 4-column group and its two positions (E, out, n, 2)."""
-        per_block = self.bw // GROUP
-        panel_of_row = torch.arange(self.out_features, device=self.device) // PANEL
-        blocks = self.block_idx.long()[:, panel_of_row]  # (E, out, kb)
-        groups = (blocks[..., None] * per_block + torch.arange(per_block, device=self.device)).flatten(-2)
+        groups = _kept_group_index(self.block_idx, self.out_features, self.halves, self.bw)
         nibbles = _unpack_meta(self.meta, self.out_features, groups.shape[-1]).long()  # (E, out, n)
         pos = torch.stack([nibbles & 3, nibbles >> 2], dim=-1)
         return groups, pos
@@ -296,7 +347,7 @@ def _check_sparsify_args(weight, score, bn, bm, bw) -> torch.Tensor:
     return score
 
 
-def _select_one(score: torch.Tensor, bn: int, bm: int, bw: int, joint):
+def _select_one(score: torch.Tensor, bn: int, bm: int, bw: int, joint, halves: bool):
     """Optimal mask of one (out, in) score matrix: returns (pos (out, G, 2), block_idx (P, kb))."""
     out, inp = score.shape
     groups = score.reshape(out, inp // GROUP, GROUP).float()
@@ -305,9 +356,11 @@ def _select_one(score: torch.Tensor, bn: int, bm: int, bw: int, joint):
     group_score = groups.gather(-1, top2).sum(-1, dtype=torch.float64)  # best 2:4 score of each group
     num_blocks = inp // bw
     block_score = group_score.reshape(out, num_blocks, bw // GROUP).sum(-1)
-    panels = math.ceil(out / PANEL)
-    block_score = torch.nn.functional.pad(block_score, (0, 0, 0, panels * PANEL - out))
-    panel_score = block_score.reshape(panels, PANEL, num_blocks).sum(1)  # (P, num_blocks)
+    panels = panel_count(out, halves)
+    # each panel sums its own rows (a short panel: fewer), in a fixed order: the rows laid in the panels' row slots
+    slotted = block_score.new_zeros(panels * PANEL, num_blocks).index_copy_(0, row_slots(out, halves, score.device),
+                                                                            block_score)
+    panel_score = slotted.reshape(panels, PANEL, num_blocks).sum(1)  # (P, num_blocks)
     partner = joint_partner(panels, joint, score.device)
     # a pair is worth the sum of its panels' scores; both get the same sum (a + b == b + a), so the same blocks
     panel_score = panel_score + torch.where((partner != torch.arange(panels, device=score.device))[:, None],
@@ -330,7 +383,7 @@ def _select_one(score: torch.Tensor, bn: int, bm: int, bw: int, joint):
 
 
 def sparsify(weight: torch.Tensor, *, bn: int, bm: int, bw: int = 16, score: torch.Tensor | None = None,
-             dtype: torch.dtype = torch.bfloat16, joint: str | None = None) -> BlockNM:
+             dtype: torch.dtype = torch.bfloat16, joint: str | None = None, halves: bool = False) -> BlockNM:
     """Prune ``weight`` (out, in) or (E, out, in) to Block N:M with the mask of highest total ``score``.
 
     ``score`` (default |weight|) is any nonnegative importance of the weight's shape, e.g. |w|·‖x_col‖ from
@@ -339,23 +392,22 @@ def sparsify(weight: torch.Tensor, *, bn: int, bm: int, bw: int = 16, score: tor
     keeps ceil(r·bn/bm)). Ties go to the lower index. Values are stored in ``dtype`` (bf16 unless asked).
     ``joint`` (``"halves"`` for a stacked gate/up weight, ``"adjacent"`` for down; see the module docstring) makes
     pairs of panels keep the same blocks; the mask stays optimal under that constraint (a pair's block is worth the
-    sum over both panels; the 2:4 choice stays per row).
+    sum over both panels; the 2:4 choice stays per row). ``halves=True`` cuts each half of the rows into panels from
+    its own first row (a stacked gate/up weight whose ffn is not a multiple of 128; see the module docstring).
 
     On a GPU it returns once the storage is written, so the result is safe to use on any stream (benchmarks and
     CUDA-graph captures run on side streams that do not wait for the stream sparsify ran on).
     """
     score = _check_sparsify_args(weight, score, bn, bm, bw)
-    check_joint(joint, weight.shape[-2])
+    check_layout(weight.shape[-2], joint, halves)
     if dtype not in FLOAT_DTYPES:
         raise InvalidArgumentError(f"dtype: expected a floating dtype, got {dtype}")
     w3, s3 = (weight, score) if weight.dim() == 3 else (weight[None], score[None])
     out, inp = w3.shape[-2:]
     values, metas, indices = [], [], []
     for w, s in zip(w3, s3):  # one expert at a time bounds the memory of the selection
-        pos, block_idx = _select_one(s, bn, bm, bw, joint)
-        per_block = bw // GROUP
-        panel_of_row = torch.arange(out, device=w.device) // PANEL
-        groups = (block_idx[panel_of_row][..., None] * per_block + torch.arange(per_block, device=w.device)).flatten(-2)
+        pos, block_idx = _select_one(s, bn, bm, bw, joint, halves)
+        groups = _kept_group_index(block_idx, out, halves, bw)
         kept_pos = pos.gather(1, groups[..., None].expand(-1, -1, 2))  # (out, n, 2)
         kept = w.reshape(out, inp // GROUP, GROUP).gather(1, groups[..., None].expand(-1, -1, GROUP))
         values.append(kept.gather(2, kept_pos).reshape(out, -1).to(dtype))
@@ -363,7 +415,7 @@ def sparsify(weight: torch.Tensor, *, bn: int, bm: int, bw: int = 16, score: tor
         metas.append(_pack_meta(nibble[None], meta_steps(block_idx.shape[-1], bw))[0])
         indices.append(block_idx.to(torch.int32))
     result = BlockNM(torch.stack(values), torch.stack(metas), torch.stack(indices),
-                     shape=weight.shape, bn=bn, bm=bm, bw=bw, joint=joint)
+                     shape=weight.shape, bn=bn, bm=bm, bw=bw, joint=joint, halves=halves)
     if result.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
         torch.cuda.current_stream(result.device).synchronize()
     return result

@@ -67,8 +67,7 @@ def shard_experts(weight, group=None):
     start, stop = rank * experts // world, (rank + 1) * experts // world
     if isinstance(weight, BlockNM):
         part = weight.select_experts(start, stop)
-        return BlockNM(part.values.clone(), part.meta.clone(), part.block_idx.clone(), shape=part.shape,
-                       bn=part.bn, bm=part.bm, bw=part.bw, joint=part.joint)
+        return BlockNM(part.values.clone(), part.meta.clone(), part.block_idx.clone(), shape=part.shape, **part.params)
     return weight[start:stop].clone()
 
 

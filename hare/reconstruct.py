@@ -31,7 +31,7 @@ import math
 import torch
 
 from ._checks import check_float
-from .blocknm import BlockNM, check_joint, check_ratio, sparsify
+from .blocknm import BlockNM, check_layout, check_ratio, sparsify
 from .errors import InvalidArgumentError
 
 CHUNK = 32  # columns solved at once: per row a c×c matrix, log2(c) batched products
@@ -92,12 +92,12 @@ def _solve_chunk(w: torch.Tensor, pruned: torch.Tensor, u: torch.Tensor) -> torc
     return e[..., 0, :]
 
 
-def _check_args(weight, gram, counts, bn, bm, bw, joint, damp, min_tokens, refine):
+def _check_args(weight, gram, counts, bn, bm, bw, joint, halves, damp, min_tokens, refine):
     check_float("weight", weight, ndim=(2, 3))
     check_ratio(bn, bm, bw)
     w3 = weight if weight.dim() == 3 else weight[None]
     experts, out, inp = w3.shape
-    check_joint(joint, out)
+    check_layout(out, joint, halves)
     if inp % bw:
         raise InvalidArgumentError(f"weight: in = {inp} is not a multiple of bw = {bw}")
     check_float("gram", gram)
@@ -124,17 +124,18 @@ def _check_args(weight, gram, counts, bn, bm, bw, joint, damp, min_tokens, refin
 def reconstruct(weight: torch.Tensor, gram: torch.Tensor, *, bn: int, bm: int, bw: int = 16,
                 counts: torch.Tensor | None = None, min_tokens: int = MIN_TOKENS, damp: float = 0.01,
                 refine: int = REFINE, dtype: torch.dtype = torch.bfloat16,
-                joint: str | None = None) -> tuple[BlockNM, list[int]]:
+                joint: str | None = None, halves: bool = False) -> tuple[BlockNM, list[int]]:
     """Prune ``weight`` (out, in) or (E, out, in) to Block N:M, updating the kept weights to preserve the outputs.
 
     ``gram`` is the input Gram matrix XᵀX per expert ((in, in) or (E, in, in), e.g. from
     ``hare.calibration.expert_input_grams``), ``counts`` (E,) the calibration rows behind each (experts with fewer
     than ``min_tokens`` are pruned activation-aware, without update); ``damp`` the damping relative to mean(diag H),
     ``refine`` the CG iterations after the sequential pass (0: SparseGPT's update alone), ``joint`` the panel pairing
-    of ``hare.sparsify`` (each block's mask then chosen jointly on the summed saliency). Returns the BlockNM weight
-    (values in ``dtype``) and the indices of the experts that fell back.
+    of ``hare.sparsify`` (each block's mask then chosen jointly on the summed saliency), ``halves`` its panel layout
+    (each half of the rows cut into panels from its own first row; the masks are chosen and stored in it). Returns the
+    BlockNM weight (values in ``dtype``) and the indices of the experts that fell back.
     """
-    w3, g3 = _check_args(weight, gram, counts, bn, bm, bw, joint, damp, min_tokens, refine)
+    w3, g3 = _check_args(weight, gram, counts, bn, bm, bw, joint, halves, damp, min_tokens, refine)
     experts, out, inp = w3.shape
     w = w3.float().clone()
     fallback = [] if counts is None else [e for e in range(experts) if int(counts[e]) < min_tokens]
@@ -144,7 +145,7 @@ def reconstruct(weight: torch.Tensor, gram: torch.Tensor, *, bn: int, bm: int, b
         fb = torch.tensor(fallback, device=w.device)
         norms = g3[fb].diagonal(dim1=-2, dim2=-1).float().clamp_min(0).sqrt()
         mask[fb] = sparsify(w[fb], bn=bn, bm=bm, bw=bw, score=w[fb].abs() * norms[:, None, :], dtype=w.dtype,
-                            joint=joint).mask()
+                            joint=joint, halves=halves).mask()
         u[fb] = torch.eye(inp, dtype=u.dtype, device=u.device)  # U = I: pruned weights are dropped, nothing updated
     keep_fixed = torch.zeros(experts, dtype=torch.bool, device=w.device)
     keep_fixed[fallback] = True
@@ -153,7 +154,7 @@ def reconstruct(weight: torch.Tensor, gram: torch.Tensor, *, bn: int, bm: int, b
         t = min(s + outer, inp)
         block = w[..., s:t]
         saliency = block.square() / u.diagonal(dim1=-2, dim2=-1)[:, None, s:t].square()
-        chosen = sparsify(block, bn=bn, bm=bm, bw=bw, score=saliency, dtype=w.dtype, joint=joint).mask()
+        chosen = sparsify(block, bn=bn, bm=bm, bw=bw, score=saliency, dtype=w.dtype, joint=joint, halves=halves).mask()
         mask[..., s:t] = torch.where(keep_fixed[:, None, None], mask[..., s:t], chosen)
         errors = torch.empty_like(block)
         for a in range(0, t - s, CHUNK):
@@ -168,5 +169,5 @@ def reconstruct(weight: torch.Tensor, gram: torch.Tensor, *, bn: int, bm: int, b
     if refine:
         _refine(w, w3.float(), mask & ~keep_fixed[:, None, None], h, refine)
     result = sparsify(w if weight.dim() == 3 else w[0], bn=bn, bm=bm, bw=bw,
-                      score=(mask if weight.dim() == 3 else mask[0]).float(), dtype=dtype, joint=joint)
+                      score=(mask if weight.dim() == 3 else mask[0]).float(), dtype=dtype, joint=joint, halves=halves)
     return result, fallback

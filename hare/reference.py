@@ -72,7 +72,7 @@ def expert_weight(w: torch.Tensor | BlockNM, dtype: torch.dtype, counts: torch.T
     if ids.numel():
         if isinstance(w, BlockNM):
             part = BlockNM(w.values[ids], w.meta[ids], w.block_idx[ids], shape=(ids.numel(), *w.shape[1:]),
-                           bn=w.bn, bm=w.bm, bw=w.bw, joint=w.joint)
+                           **w.params)
             dense[ids] = part.to_dense().to(dtype)
         else:
             dense[ids] = w[ids].to(dtype)

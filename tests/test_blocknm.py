@@ -7,20 +7,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hare
-from hare.blocknm import PANEL, kept_blocks, meta_steps
+from hare.blocknm import PANEL, kept_blocks, meta_steps, panel_count, panel_of_rows
 
 RATIOS = [(1, 1), (1, 2), (1, 5), (1, 10), (2, 5)]
 
 
-def check_structure(mask: torch.Tensor, bn: int, bm: int, bw: int):
+def panel_rows(out: int, halves: bool = False) -> list[range]:
+    """The rows of each panel, from the format's definition: 128-row panels from row 0, or with ``halves`` from the
+    first row of each half (the last panel of each half may be short)."""
+    starts = [(0, out)] if not halves else [(0, out // 2), (out // 2, out)]
+    return [range(a, min(a + PANEL, b)) for a, b in starts for a in range(a, b, PANEL)]
+
+
+def check_structure(mask: torch.Tensor, bn: int, bm: int, bw: int, halves: bool = False):
     """The mask obeys Hierarchical Block N:M: shared kept blocks per panel, bn per window, 2:4 inside kept blocks."""
     m = mask if mask.dim() == 3 else mask[None]
     e, out, inp = m.shape
     nblk = inp // bw
     per_group = m.reshape(e, out, inp // 4, 4).sum(-1)
     per_block = m.reshape(e, out, nblk, bw).sum(-1)
-    for p in range(math.ceil(out / PANEL)):
-        rows = per_block[:, p * PANEL:(p + 1) * PANEL]
+    for panel in panel_rows(out, halves):
+        rows = per_block[:, panel.start:panel.stop]
         kept = rows > 0
         assert (kept == kept[:, :1]).all(), "kept blocks differ between rows of a panel"
         assert ((rows == bw // 2) | (rows == 0)).all()
@@ -75,15 +82,15 @@ def best_pair(scores4: torch.Tensor) -> torch.Tensor:
     return torch.stack([scores4[..., a] + scores4[..., b] for a, b in itertools.combinations(range(4), 2)]).amax(0)
 
 
-def brute_force_best(score: torch.Tensor, bn: int, bm: int, bw: int) -> float:
+def brute_force_best(score: torch.Tensor, bn: int, bm: int, bw: int, halves: bool = False) -> float:
     """Exhaustive search over all kept-block sets of every panel; the best 2:4 pair in each group by enumeration."""
     out, inp = score.shape
     group_best = best_pair(score.double().reshape(out, inp // 4, 4))
     block_val = group_best.reshape(out, inp // bw, bw // 4).sum(-1)
     nblk = inp // bw
     total = 0.0
-    for p in range(math.ceil(out / PANEL)):
-        vals = block_val[p * PANEL:(p + 1) * PANEL].sum(0)
+    for panel in panel_rows(out, halves):
+        vals = block_val[panel.start:panel.stop].sum(0)
         choices = []
         for w0 in range(0, nblk, bm):
             r = min(bm, nblk - w0)
@@ -95,25 +102,32 @@ def brute_force_best(score: torch.Tensor, bn: int, bm: int, bw: int) -> float:
 
 @pytest.mark.parametrize("bn,bm", RATIOS)
 @pytest.mark.parametrize("bw", [16, 32])
-def test_mask_is_optimal(bn, bm, bw, gen):
-    for out in (3, 130):
+@pytest.mark.parametrize("halves,outs", [(False, (3, 130)), (True, (384, 96, 320))])
+def test_mask_is_optimal(bn, bm, bw, halves, outs, gen):
+    # halves: out/2 = 192 (% 128 == 64: a 64-row panel per half), 48 (one short panel per half), 160 (128 + 32)
+    for out in outs:
         nblk = 11 if bw == 16 else 7
         score = torch.rand(out, nblk * bw, generator=gen) ** 3
-        s = hare.sparsify(torch.randn(out, nblk * bw, generator=gen), bn=bn, bm=bm, bw=bw, score=score)
+        s = hare.sparsify(torch.randn(out, nblk * bw, generator=gen), bn=bn, bm=bm, bw=bw, score=score, halves=halves)
+        check_structure(s.mask(), bn, bm, bw, halves)
         got = float((score.double() * s.mask()).sum())
-        assert got == pytest.approx(brute_force_best(score, bn, bm, bw), rel=1e-9)
+        assert got == pytest.approx(brute_force_best(score, bn, bm, bw, halves), rel=1e-9)
 
 
 @settings(max_examples=40, deadline=None)
 @given(e=st.integers(1, 3), out=st.integers(1, 300), nblk=st.integers(1, 24),
-       ratio=st.sampled_from(RATIOS + [(3, 4), (1, 3)]), bw=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**31))
-def test_property_any_shape(e, out, nblk, ratio, bw, seed):
+       ratio=st.sampled_from(RATIOS + [(3, 4), (1, 3)]), bw=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**31),
+       halves=st.booleans())
+def test_property_any_shape(e, out, nblk, ratio, bw, seed, halves):
+    if halves:
+        out = 32 * (out % 20 + 1)  # out/2 a multiple of 16: 16 .. 320 rows per half
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(e, out, nblk * bw, generator=g)
     bn, bm = ratio
-    s = hare.sparsify(w, bn=bn, bm=bm, bw=bw, dtype=torch.float32)
+    s = hare.sparsify(w, bn=bn, bm=bm, bw=bw, dtype=torch.float32, halves=halves)
     mask = s.mask()
-    check_structure(mask, bn, bm, bw)
+    check_structure(mask, bn, bm, bw, halves)
+    s.check()
     assert torch.equal(s.to_dense(), w * mask)
     # magnitude criterion: inside every kept group, the kept pair holds the two largest |w|
     kept = mask.reshape(e, out, -1, 4).any(-1)
@@ -195,10 +209,11 @@ def expected_nibbles(w: torch.Tensor, s: hare.BlockNM) -> torch.Tensor:
     bw = s.bw
     mask = torch.zeros(e, out, inp // 4, 4, dtype=torch.bool)
     nib = torch.zeros(e, out, s.kept_blocks * bw // 4, dtype=torch.long)
+    panel_of = {r: p for p, rows in enumerate(panel_rows(out, s.halves)) for r in rows}
     for x in range(e):
         for r in range(out):
             q = 0
-            for blk in s.block_idx[x, r // PANEL].tolist():
+            for blk in s.block_idx[x, panel_of[r]].tolist():
                 for grp in range(blk * bw // 4, (blk + 1) * bw // 4):
                     p0, p1 = sorted(w3[x, r, 4 * grp:4 * grp + 4].abs().topk(2).indices.tolist())
                     mask[x, r, grp, [p0, p1]] = True
@@ -216,12 +231,17 @@ LAYOUT_CASES = [  # (shape, bn, bm, bw): odd step counts, partial windows, out n
     ((2, 130, 448), 2, 5, 64),  # kb = 3 (2 + ceil(2·2/5)): 192 kept columns, two panels
     ((3, 32, 640), 1, 10, 32),  # kb = 2: 64 kept columns, no padding at all
 ]
+HALVES_LAYOUT_CASES = [  # (shape, bn, bm, bw) in the halves layout
+    ((2, 96, 48), 1, 1, 16),     # 48 rows per half: one short panel each, a 16-row group on each side of the middle
+    ((2, 384, 160), 1, 2, 32),   # 192 rows per half (% 128 == 64): panels of 128, 64, 128, 64 rows; kb = 3, NS = 4
+]
 
 
-@pytest.mark.parametrize("shape,bn,bm,bw", LAYOUT_CASES)
-def test_meta_layout(shape, bn, bm, bw, gen):
+@pytest.mark.parametrize("shape,bn,bm,bw,halves", [(*c, False) for c in LAYOUT_CASES] +
+                         [(*c, True) for c in HALVES_LAYOUT_CASES])
+def test_meta_layout(shape, bn, bm, bw, halves, gen):
     w = torch.randn(*shape, generator=gen)
-    s = hare.sparsify(w, bn=bn, bm=bm, bw=bw, dtype=torch.float32)
+    s = hare.sparsify(w, bn=bn, bm=bm, bw=bw, dtype=torch.float32, halves=halves)
     # (a) exact round trip, as before
     assert torch.equal(s.to_dense(), w * s.mask())
     s.check()
@@ -254,7 +274,7 @@ def test_meta_layout(shape, bn, bm, bw, gen):
     shift = 4 * (q % 2)
     bad[x, grp16, off] = (int(bad[x, grp16, off]) & ~(0xF << shift)) | (0x5 << shift)  # positions 1, 1
     with pytest.raises(hare.InvalidArgumentError, match="ascending"):
-        hare.BlockNM(s.values, bad, s.block_idx, shape=s.shape, bn=bn, bm=bm, bw=bw).check()
+        hare.BlockNM(s.values, bad, s.block_idx, shape=s.shape, **s.params).check()
     # ... and a padding nibble that is not 0x4, even a valid pattern (positions 1, 2), in a padding column or row
     pads = ([(r, n // 2)] if n < ns * 8 else []) + ([(out, 0)] if out % 16 else [])
     for row, byte in pads:
@@ -262,8 +282,70 @@ def test_meta_layout(shape, bn, bm, bw, gen):
         grp16, off = meta_offset(row, byte)
         bad[x, grp16, off] = 0x94
         with pytest.raises(hare.InvalidArgumentError, match="padding"):
-            hare.BlockNM(s.values, bad, s.block_idx, shape=s.shape, bn=bn, bm=bm, bw=bw).check()
+            hare.BlockNM(s.values, bad, s.block_idx, shape=s.shape, **s.params).check()
     # selecting experts keeps the layout (E stays first)
     if s.stacked and e > 1:
         part = s.select_experts(1, e)
         assert torch.equal(part.meta, s.meta[1:]) and torch.equal(part.to_dense(), s.to_dense()[1:])
+
+
+@pytest.mark.parametrize("out", [32, 96, 256, 320, 384, 640])
+def test_halves_row_to_panel_map(out):
+    """panel of row r = r // 128 for r < out/2, else P/2 + (r - out/2) // 128, with P = 2·ceil((out/2)/128)."""
+    half = out // 2
+    panels = 2 * math.ceil(half / PANEL)
+    want = [r // PANEL if r < half else panels // 2 + (r - half) // PANEL for r in range(out)]
+    assert panel_count(out, True) == panels and panel_of_rows(out, True).tolist() == want
+    assert [p for p, rows in enumerate(panel_rows(out, True)) for _ in rows] == want
+    assert panel_count(out) == math.ceil(out / PANEL) and panel_of_rows(out).tolist() == [r // PANEL for r in range(out)]
+
+
+def test_halves_layout_panels_choose_from_their_own_rows(gen):
+    """ffn 192 (out 384): panels of 128, 64 (gate), 128, 64 (up) rows, each choosing its blocks from its rows alone."""
+    w = torch.randn(3, 384, 160, generator=gen) * torch.rand(3, 384, 1, generator=gen)
+    s = hare.sparsify(w, bn=1, bm=5, bw=16, dtype=torch.float32, halves=True)
+    plain = hare.sparsify(w, bn=1, bm=5, bw=16, dtype=torch.float32)
+    assert s.halves and not plain.halves and s.block_idx.shape == (3, 4, 2) and plain.block_idx.shape == (3, 3, 2)
+    assert s.values.shape == plain.values.shape and s.meta.shape == plain.meta.shape
+    for p, rows in enumerate(panel_rows(384, True)):  # the mask is optimal panel by panel: as if pruned alone
+        alone = hare.sparsify(w[:, rows.start:rows.stop], bn=1, bm=5, bw=16, dtype=torch.float32)
+        assert torch.equal(s.block_idx[:, p], alone.block_idx[:, 0])
+        assert torch.equal(s.to_dense()[:, rows.start:rows.stop], alone.to_dense())
+    mask = s.mask()
+    assert torch.equal(s.to_dense(), w * mask)
+    check_structure(mask, 1, 5, 16, halves=True)
+    with pytest.raises(AssertionError, match="kept blocks differ"):
+        check_structure(mask, 1, 5, 16)  # plain panel 1 (rows 128-255) straddles gate and up: not one choice
+    s.check()
+    assert "halves=True" in repr(s) and "halves" not in repr(plain)
+    moved, part = s.to(dtype=torch.bfloat16), s.select_experts(1, 3)
+    assert moved.halves and torch.equal(moved.mask(), mask)
+    assert part.halves and torch.equal(part.to_dense(), s.to_dense()[1:3])
+
+
+@pytest.mark.parametrize("out", [256, 512, 768])
+@pytest.mark.parametrize("joint", [None, "halves", "adjacent"])
+def test_halves_storage_is_the_plain_one_when_half_is_a_multiple_of_128(out, joint, gen):
+    w = torch.randn(2, out, 96, generator=gen) * torch.rand(2, out, 1, generator=gen)
+    score = torch.rand(2, out, 96, generator=gen) ** 4
+    a = hare.sparsify(w, bn=1, bm=2, bw=16, score=score, joint=joint, halves=True)
+    b = hare.sparsify(w, bn=1, bm=2, bw=16, score=score, joint=joint)
+    assert torch.equal(a.values.view(torch.int16), b.values.view(torch.int16))  # bitwise
+    assert torch.equal(a.meta, b.meta) and torch.equal(a.block_idx, b.block_idx)
+    assert (a.halves, b.halves) == (True, False)
+
+
+def test_halves_errors(gen):
+    w = torch.randn(40, 64, generator=gen)  # out/2 = 20: its 16-row metadata groups would straddle the halves
+    for bad_out in (40, 97):
+        with pytest.raises(hare.InvalidArgumentError, match=r"halves=True .*out must be even with out/2 a multiple of 16"
+                                                            rf".*got out = {bad_out}"):
+            hare.sparsify(torch.randn(bad_out, 64, generator=gen), bn=1, bm=2, halves=True)
+    with pytest.raises(hare.InvalidArgumentError, match="halves: expected a bool"):
+        hare.sparsify(w, bn=1, bm=2, halves=1)
+    s = hare.sparsify(torch.randn(2, 384, 64, generator=gen), bn=1, bm=2)  # plain: 3 panels
+    with pytest.raises(hare.InvalidArgumentError, match=r"block_idx: expected shape \(2, 4, 2\)"):
+        hare.BlockNM(s.values, s.meta, s.block_idx, shape=s.shape, bn=1, bm=2, bw=16, halves=True)
+    with pytest.raises(hare.InvalidArgumentError, match="halves=True"):
+        hare.BlockNM(s.values[:, :40], s.meta[:, :3], s.block_idx[:, :1], shape=(2, 40, 64), bn=1, bm=2, bw=16,
+                     halves=True)

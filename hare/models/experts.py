@@ -30,11 +30,11 @@ class HareExperts(nn.Module):
         self.num_experts, two_ffn, self.hidden_dim = w_gate_up.shape
         self.intermediate_dim = two_ffn // 2
         self.sparsity = None
-        self.joint = {}  # per BlockNM weight: its joint-panel pairing (hare.sparsify's joint)
+        self.layout = {}  # per BlockNM weight: its panel layout, hare.sparsify's joint and halves
         for name, w in (("gate_up", w_gate_up), ("down", w_down)):
             if isinstance(w, BlockNM):
                 self.sparsity = {"bn": w.bn, "bm": w.bm, "bw": w.bw}
-                self.joint[name] = w.joint
+                self.layout[name] = {"joint": w.joint, "halves": w.halves}
                 for part in _PARTS:
                     self.register_buffer(f"{name}_{part}", getattr(w, part))
             else:
@@ -53,7 +53,7 @@ class HareExperts(nn.Module):
         shape = ((self.num_experts, 2 * self.intermediate_dim, self.hidden_dim) if name == "gate_up"
                  else (self.num_experts, self.hidden_dim, self.intermediate_dim))
         return BlockNM(*(getattr(self, f"{name}_{p}") for p in _PARTS), shape=shape, **self.sparsity,
-                       joint=self.joint[name])
+                       **self.layout[name])
 
     def blocknm_weights(self) -> dict[str, BlockNM | torch.Tensor]:
         """What a Hare checkpoint file holds for this module: both weights and the biases it has."""
@@ -76,7 +76,7 @@ class HareExperts(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "dense" if not self.sparse else "{bn}:{bm} bw{bw}".format(**self.sparsity)
-        kind += " joint panels" if any(self.joint.values()) else ""
+        kind += " joint panels" if any(lay["joint"] for lay in self.layout.values()) else ""
         shard = "" if self.group is None else " (this rank's shard)"
         bias = ", biases" if self.gate_up_bias is not None or self.down_bias is not None else ""
         return (f"experts={self.num_experts}{shard}, hidden={self.hidden_dim}, ffn={self.intermediate_dim}, "
