@@ -1,7 +1,7 @@
 """``hare.save`` / ``hare.load``: BlockNM weights (and plain tensors) in safetensors files.
 
 A Hare file is an ordinary safetensors file whose header metadata holds ``format = "hare"``, the format
-``version``, per entry its kind and sparsity parameters and, optionally, the caller's own string fields
+``version``, per entry its kind, sparsity parameters and panel layout (``joint``, ``halves``) and, optionally, the caller's own string fields
 (``load_metadata``; Hare model checkpoints record there which layer a file belongs to). A BlockNM entry ``name`` is stored as the tensors
 ``name.values``, ``name.meta`` and ``name.block_idx``; a plain tensor as ``name``. Loading checks everything (the
 metadata, every tensor's shape, dtype and index range) and raises ``CheckpointError`` on a foreign or corrupt file.
@@ -23,9 +23,10 @@ from .blocknm import BlockNM
 from .errors import CheckpointError, HareError, InvalidArgumentError
 
 FORMAT = "hare"
-VERSION = 3  # 3: BlockNM entries record ``joint``; 2: without it (read as joint=None: joint panels came with 3);
+VERSION = 4  # 4: BlockNM entries record ``halves`` (3: without it, read as halves=False: the layout came with 4);
+# 3: they record ``joint`` (2: without it, read as joint=None: joint panels came with 3);
 # 2: BlockNM.meta in the sparse-wgmma register layout (1: one row of nibbles per weight row)
-_READS = ("2", str(VERSION))
+_READS = ("2", "3", str(VERSION))
 _PARTS = ("values", "meta", "block_idx")
 _SINGLE = "weight"  # entry name used when a single BlockNM is saved
 
@@ -33,7 +34,7 @@ _SINGLE = "weight"  # entry name used when a single BlockNM is saved
 def _describe(name: str, obj) -> tuple[dict, dict[str, torch.Tensor]]:
     if isinstance(obj, BlockNM):
         entry = {"kind": "blocknm", "shape": list(obj.shape), "bn": obj.bn, "bm": obj.bm, "bw": obj.bw,
-                 "joint": obj.joint}
+                 "joint": obj.joint, "halves": obj.halves}
         return entry, {f"{name}.{p}": getattr(obj, p) for p in _PARTS}
     if isinstance(obj, torch.Tensor):
         return {"kind": "tensor"}, {name: obj}
@@ -111,7 +112,7 @@ def load(path, device="cpu"):
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     meta = _read_header(path)
-    joint_recorded = meta["version"] != "2"
+    joint_recorded, halves_recorded = meta["version"] != "2", meta["version"] not in ("2", "3")
     try:
         entries = json.loads(meta["entries"])
         single = json.loads(meta["single"])
@@ -128,7 +129,8 @@ def load(path, device="cpu"):
             elif entry["kind"] == "blocknm":
                 parts = [tensors.pop(f"{name}.{p}") for p in _PARTS]
                 w = BlockNM(*parts, shape=entry["shape"], bn=entry["bn"], bm=entry["bm"], bw=entry["bw"],
-                            joint=entry["joint"] if joint_recorded else None)
+                            joint=entry["joint"] if joint_recorded else None,
+                            halves=entry["halves"] if halves_recorded else False)
                 w.check()
                 result[name] = w
             else:

@@ -77,3 +77,23 @@ def small_causal_lm(model_type: str, **overrides):
         if name.endswith("tid2eid"):  # DeepSeek-V4's hash routing table is zeros until a checkpoint fills it
             b.copy_(torch.stack([torch.randperm(4, generator=gen)[:b.shape[1]] for _ in range(b.shape[0])]))
     return model
+
+
+def edit_hare_file(path, version: str | None = None, entry: str | None = None, drop=(), **fields) -> None:
+    """Rewrite a Hare file's header in place, tensors unchanged: its format ``version``, and in ``entry`` the
+    ``fields`` set and the names in ``drop`` removed (to make older-version or corrupt files)."""
+    import json
+
+    from safetensors.torch import load_file, safe_open, save_file
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    entries = json.loads(meta["entries"])
+    if entry is not None:
+        entries[entry].update(fields)
+        for name in drop:
+            del entries[entry][name]
+    meta["entries"] = json.dumps(entries)
+    if version is not None:
+        meta["version"] = version
+    save_file(load_file(path), path, metadata=meta)
