@@ -105,7 +105,7 @@ def sparsify(model_dir: Path = typer.Argument(..., help="transformers checkpoint
                                         "kept weights updated); default: activation with --calib, else magnitude"),
              device: str = typer.Option(None, help="where to load and prune the model (default: cpu)"),
              joint_panels: bool = typer.Option(False, "--joint-panels", help="paired panels keep the same blocks: "
-                                               "gate panel m with up panel m (needs ffn % 128 == 0), down panels 2m "
+                                               "gate panel m with up panel m (needs ffn % 16 == 0), down panels 2m "
                                                "with 2m+1")):
     """Prune the experts of a MoE checkpoint to Block N:M and write a Hare checkpoint."""
     from rich.console import Console

@@ -14,7 +14,8 @@ from hare.checkpoint import load, save
 from hare.errors import CheckpointError, InvalidArgumentError
 from hare.reconstruct import reconstruct
 
-from test_blocknm import best_pair, check_structure
+from helpers import edit_hare_file
+from test_blocknm import best_pair, check_structure, panel_rows
 
 
 def _panel_choices(nblk: int, bn: int, bm: int) -> list[tuple]:
@@ -25,12 +26,13 @@ def _panel_choices(nblk: int, bn: int, bm: int) -> list[tuple]:
     return [sum(combo, ()) for combo in itertools.product(*windows)]
 
 
-def brute_force_joint_best(score: torch.Tensor, bn: int, bm: int, bw: int, joint) -> float:
+def brute_force_joint_best(score: torch.Tensor, bn: int, bm: int, bw: int, joint, halves: bool = False) -> float:
     """Exhaustive: every assignment of kept-block sets to all panels, kept only if it obeys ``joint``."""
     out, inp = score.shape
-    nblk, panels = inp // bw, math.ceil(out / PANEL)
+    nblk = inp // bw
     block_val = best_pair(score.double().reshape(out, inp // 4, 4)).reshape(out, nblk, bw // 4).sum(-1)
-    vals = [block_val[p * PANEL:(p + 1) * PANEL].sum(0) for p in range(panels)]
+    vals = [block_val[rows.start:rows.stop].sum(0) for rows in panel_rows(out, halves)]
+    panels = len(vals)
     partner = joint_partner(panels, joint).tolist()
     best = -1.0
     for assign in itertools.product(_panel_choices(nblk, bn, bm), repeat=panels):
@@ -39,16 +41,19 @@ def brute_force_joint_best(score: torch.Tensor, bn: int, bm: int, bw: int, joint
     return best
 
 
-@pytest.mark.parametrize("joint,out", [("halves", 512), ("adjacent", 384), ("adjacent", 300), (None, 256)])
+@pytest.mark.parametrize("joint,out,halves", [
+    ("halves", 512, False), ("adjacent", 384, False), ("adjacent", 300, False), (None, 256, False),
+    # the halves layout: ffn 192 (% 128 == 64: panels of 128, 64, 128, 64 rows), 48 and 160 (off 128)
+    ("halves", 384, True), ("halves", 96, True), ("halves", 320, True), ("adjacent", 384, True), (None, 320, True)])
 @pytest.mark.parametrize("bn,bm,nblk", [(1, 2, 5), (2, 3, 4)])
-def test_joint_mask_is_optimal(joint, out, bn, bm, nblk, gen):
+def test_joint_mask_is_optimal(joint, out, halves, bn, bm, nblk, gen):
     bw = 16
     score = torch.rand(out, nblk * bw, generator=gen) ** 4  # heavy-tailed: panels disagree on their best blocks
-    s = hare.sparsify(score, bn=bn, bm=bm, bw=bw, score=score, dtype=torch.float64, joint=joint)
-    check_structure(s.mask(), bn, bm, bw)
+    s = hare.sparsify(score, bn=bn, bm=bm, bw=bw, score=score, dtype=torch.float64, joint=joint, halves=halves)
+    check_structure(s.mask(), bn, bm, bw, halves)
     s.check()
     got = float((score.double() * s.mask()).sum())
-    assert got == pytest.approx(brute_force_joint_best(score, bn, bm, bw, joint), rel=1e-12)
+    assert got == pytest.approx(brute_force_joint_best(score, bn, bm, bw, joint, halves), rel=1e-12)
 
 
 def test_joint_pairs_panels_and_keeps_values_exact(gen):
@@ -95,28 +100,12 @@ def test_save_load_round_trip_and_old_files(tmp_path, gen):
     assert {k: v.joint for k, v in back.items()} == {"gate_up": "halves", "down": "adjacent", "plain": None}
     assert all(torch.equal(back[k].to_dense(), v.to_dense()) for k, v in (("gate_up", gu), ("down", down)))
 
-    def rewrite(path, edit):
-        from safetensors.torch import load_file, safe_open, save_file
-        with safe_open(path, "pt") as f:
-            meta = f.metadata()
-        edit(meta)
-        save_file(load_file(path), path, metadata=meta)
-
     old = tmp_path / "old.safetensors"
     save(old, plain)
+    edit_hare_file(old, version="2", entry="weight", drop=("joint", "halves"))
+    assert load(old).joint is None and load(old).halves is False  # version 2 predates both: unambiguous
 
-    def to_version2(meta):
-        entries = json.loads(meta["entries"])
-        del entries["weight"]["joint"]
-        meta.update(version="2", entries=json.dumps(entries))
-    rewrite(old, to_version2)
-    assert load(old).joint is None  # version 2 predates joint panels: unambiguous
-
-    def unknown(meta):
-        entries = json.loads(meta["entries"])
-        entries["gate_up"]["joint"] = "diagonal"
-        meta["entries"] = json.dumps(entries)
-    rewrite(tmp_path / "w.safetensors", unknown)
+    edit_hare_file(tmp_path / "w.safetensors", entry="gate_up", joint="diagonal")
     with pytest.raises(CheckpointError, match="'gate_up' is invalid: joint: expected one of"):
         load(tmp_path / "w.safetensors")
     bad = tmp_path / "bad.safetensors"  # a joint file whose pairs disagree is refused on load
@@ -152,20 +141,25 @@ def joint_model(tmp_path_factory):
     return root
 
 
-def test_patch_joint_panels():
+@pytest.mark.parametrize("ffn", [128, 192, 32])  # any ffn % 16 == 0: gate/up in the halves layout
+def test_patch_joint_panels(ffn):
     from hare.models.configs import tiny_model
     from hare.models.patch import experts_modules
 
-    model = tiny_model("qwen3_moe", moe_intermediate_size=128)
+    model = tiny_model("qwen3_moe", moe_intermediate_size=ffn)
     calib = hare.calibrate(model, torch.arange(64) % model.config.vocab_size)
     hare.patch(model, bn=1, bm=2, score=calib, joint_panels=True)
     for module in experts_modules(model).values():
         gu, down = module.weight("gate_up"), module.weight("down")
         assert (gu.joint, down.joint) == ("halves", "adjacent") and "joint panels" in module.extra_repr()
+        assert (gu.halves, down.halves) == (True, False)
         panels = gu.block_idx.shape[1]
+        assert panels == 2 * math.ceil(ffn / PANEL)
         assert torch.equal(gu.block_idx[:, :panels // 2], gu.block_idx[:, panels // 2:])
-    with pytest.raises(InvalidArgumentError, match="ffn a multiple of 128"):
-        hare.patch(tiny_model("qwen3_moe"), bn=1, bm=2, joint_panels=True)  # ffn 32
+        gu.check()
+    with pytest.raises(InvalidArgumentError, match="joint_panels: .*halves layout, which needs ffn a multiple of 16; "
+                                                   "got ffn = 40"):
+        hare.patch(tiny_model("qwen3_moe", moe_intermediate_size=40), bn=1, bm=2, joint_panels=True)
     with pytest.raises(InvalidArgumentError, match="joint_panels: only matters when pruning"):
         hare.patch(tiny_model("qwen3_moe"), joint_panels=True)
 
@@ -201,3 +195,22 @@ def test_version_2_manifest_reads_as_not_joint(tiny_checkpoints, tmp_path):
     del manifest["joint_panels"]
     (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "version": 2}))
     assert read_manifest(tmp_path)["joint_panels"] is False
+
+
+@pytest.mark.parametrize("ffn", [192, 48, 160])
+def test_joint_halves_pairs_gate_and_up_for_any_ffn_in_the_halves_layout(ffn, gen):
+    w = torch.randn(2, 2 * ffn, 96, generator=gen) * torch.rand(2, 2 * ffn, 1, generator=gen)
+    s = hare.sparsify(w, bn=1, bm=3, bw=16, dtype=torch.float32, joint="halves", halves=True)
+    half = s.block_idx.shape[1] // 2
+    assert half == math.ceil(ffn / PANEL) and torch.equal(s.block_idx[:, :half], s.block_idx[:, half:])
+    assert torch.equal(s.to_dense(), w * s.mask())
+    check_structure(s.mask(), 1, 3, 16, halves=True)
+    s.check()
+    broken = s.block_idx.clone()
+    window = 3 * torch.arange(2, dtype=torch.int32)
+    broken[0, half - 1] = (broken[0, half - 1] - window + 1) % 3 + window  # the next block of each window: valid alone
+    hare.BlockNM(s.values, s.meta, broken, shape=s.shape, bn=1, bm=3, bw=16, halves=True).check()
+    with pytest.raises(InvalidArgumentError, match="paired panels keep different blocks"):
+        hare.BlockNM(s.values, s.meta, broken, shape=s.shape, bn=1, bm=3, bw=16, joint="halves", halves=True).check()
+    with pytest.raises(InvalidArgumentError, match="multiple of 256.*or the layout halves=True"):
+        hare.sparsify(w, bn=1, bm=3, joint="halves")  # the plain layout: out must be a multiple of 256

@@ -6,8 +6,9 @@ layer (activation-aware with calibration text) and writes:
 - every file of the source folder but the shards, as it was (config, tokenizer, generation config);
 - each safetensors shard rewritten without its expert tensors, shard by shard (the others byte-for-byte values),
   and the shard index without them;
-- one Hare file (``hare.save``) per MoE layer with its ``gate_up`` and ``down`` BlockNM weights (and, for models
-  with expert biases, the dense ``gate_up_bias`` and ``down_bias``);
+- one Hare file (``hare.save``) per MoE layer with its ``gate_up`` and ``down`` BlockNM weights, gate/up in the
+  halves panel layout when ffn % 16 == 0 (as ``hare.patch`` prunes it; each weight records its layout), and, for
+  models with expert biases, the dense ``gate_up_bias`` and ``down_bias``;
 - ``hare_model.json``: format, version, sparsity (with ``joint_panels``: gate/up pruned with ``joint="halves"``,
   down with ``joint="adjacent"``) and which file holds which experts module. Each Hare file also
   records its layer and sparsity itself, so a swapped or stale file is caught.

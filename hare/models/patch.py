@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..blocknm import sparsify
+from ..blocknm import halves_fit, sparsify
 from ..calibration import activation_score, expert_input_grams, expert_input_norms
 from ..distributed import shard_experts
 from ..errors import InvalidArgumentError
@@ -86,6 +86,19 @@ METHODS = ("magnitude", "activation", "reconstruct")
 JOINT_PANELS = {"gate_up": "halves", "down": "adjacent"}  # joint_panels=True: hare.sparsify's joint per weight
 
 
+def panel_layout(part: str, out: int, joint_panels: bool) -> dict:
+    """hare.sparsify's layout keywords (joint, halves) for an experts module's ``part`` ("gate_up" or "down") of
+    ``out`` rows: gate/up is cut into panels per half (halves=True, so that gate panel m and up panel m are the
+    Hopper kernels' tile m for any ffn; the same storage as the plain layout when ffn % 128 == 0) wherever its
+    out/2 % 16 == 0 admits it (always when down, ffn columns wide, can be pruned); down keeps the plain layout.
+    Joint gate/up panels need the halves layout."""
+    halves = part == "gate_up" and halves_fit(out)
+    if joint_panels and part == "gate_up" and not halves:
+        raise InvalidArgumentError(f"joint_panels: gate panel m and up panel m pair in the halves layout, which needs "
+                                   f"ffn a multiple of 16; got ffn = {out / 2:g}")
+    return {"joint": JOINT_PANELS[part] if joint_panels else None, "halves": halves}
+
+
 def _check_ratio_args(bn, bm, score, method, joint_panels) -> str | None:
     """The pruning method (None when dense): ``method``, or activation with a calibration and magnitude without."""
     if (bn is None) != (bm is None):
@@ -118,18 +131,18 @@ def _check_ratio_args(bn, bm, score, method, joint_panels) -> str | None:
 def _prune(name: str, method: str, weights, stats, bn: int, bm: int, bw: int, dtype, joint_panels: bool) -> list:
     """The two BlockNM weights (gate/up, down) of one experts module; ``stats`` are its norms (activation) or grams
     (reconstruct), on the weights' device."""
-    joints = [JOINT_PANELS[part] if joint_panels else None for part in ("gate_up", "down")]
+    layouts = [panel_layout(part, w.shape[-2], joint_panels) for part, w in zip(("gate_up", "down"), weights)]
     if method == "reconstruct":
         *grams, counts = stats
-        pruned = [reconstruct(w, g, bn=bn, bm=bm, bw=bw, counts=counts, dtype=dtype, joint=j)
-                  for w, g, j in zip(weights, grams, joints)]
+        pruned = [reconstruct(w, g, bn=bn, bm=bm, bw=bw, counts=counts, dtype=dtype, **lay)
+                  for w, g, lay in zip(weights, grams, layouts)]
         fallback = sorted(set(pruned[0][1]) | set(pruned[1][1]))
         if fallback:
             warnings.warn(f"{name}: experts {fallback} were routed fewer than {MIN_TOKENS} calibration tokens; "
                           "pruned activation-aware instead of reconstructed")
         return [p[0] for p in pruned]
     scores = [None, None] if method == "magnitude" else [activation_score(w, n) for w, n in zip(weights, stats)]
-    return [sparsify(w, bn=bn, bm=bm, bw=bw, score=s, dtype=dtype, joint=j) for w, s, j in zip(weights, scores, joints)]
+    return [sparsify(w, bn=bn, bm=bm, bw=bw, score=s, dtype=dtype, **lay) for w, s, lay in zip(weights, scores, layouts)]
 
 
 @torch.no_grad()
@@ -143,8 +156,10 @@ def patch(model: nn.Module, bn: int | None = None, bm: int | None = None, bw: in
     ``"activation"`` (|w|·‖x_col‖, the default when ``score`` is a ``Calibration`` from ``hare.calibrate``) or
     ``"reconstruct"`` (``hare.reconstruct``: the kept weights updated to preserve each expert's outputs on the
     calibration tokens; needs ``hare.calibrate(..., grams=True)``). Values are stored in the model's dtype.
-    ``joint_panels=True`` prunes gate/up with ``joint="halves"`` (gate panel m and up panel m keep the same blocks;
-    needs ffn a multiple of 128) and down with ``joint="adjacent"`` (see ``hare.sparsify``).
+    Gate/up is stored in the halves panel layout (``hare.sparsify(..., halves=True)``: each of gate and up cut into
+    panels from its own first row) when ffn is a multiple of 16. ``joint_panels=True`` prunes gate/up with
+    ``joint="halves"`` (gate panel m and up panel m keep the same blocks; needs ffn a multiple of 16) and down with
+    ``joint="adjacent"`` (see ``hare.sparsify``).
 
     With ``ep_group`` (a torch.distributed group, e.g. ``hare.ep_group()``), every rank keeps only its contiguous
     shard of each layer's experts (pruned after sharding, so each rank prunes only its own) and the layers run
