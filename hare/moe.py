@@ -86,9 +86,10 @@ def _contiguous(w):
     return w if isinstance(w, BlockNM) else w.contiguous()
 
 
-def backend(x: torch.Tensor, w_gate_up, w_down, activation: str = "silu") -> tuple[str, str]:
+def backend(x: torch.Tensor, w_gate_up, w_down, activation: str = "silu", biased: bool = False) -> tuple[str, str]:
     """("hopper", "") when ``moe`` on these arguments runs the GPU kernels, else ("grouped_mm" or "reference", why
-    not the kernels). Expert biases do not matter: every path adds them."""
+    not the kernels). ``biased`` (the layer has expert biases) never changes the path: every path adds them; it is
+    accepted so that callers describing a whole layer need not drop it."""
     if not x.is_cuda:
         return "reference", f"tensors on {x.device}"
     from . import gpu

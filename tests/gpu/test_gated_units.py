@@ -140,7 +140,7 @@ def test_edge_cases(ratio):
 
 def test_hare_moe_takes_the_kernels_with_bf16_biases():
     """hare.moe runs biased, clamped layers on the kernels (biases of any float dtype, added in fp32)."""
-    H, F, E, k = 2880 // 4, 2880 // 4, 8, 4  # GPT-OSS's ffn % 128 = 64 (scaled down)
+    H, F, E, k = 2880 // 5, 2880 // 5, 8, 4  # GPT-OSS's sizes % 128 = 64 (scaled down)
     weights = prune(make_weights(E, H, F, "cuda"), (1, 2), 16)
     bias = tuple(b.bfloat16() for b in biases(E, H, F))
     check(300, E, k, weights, bias, "gpt-oss", public=True)
