@@ -11,13 +11,13 @@ torch.backends.cuda.matmul.allow_tf32 = False
 torch.manual_seed(0)
 
 
-def check(label, x, ids, w, w_gate_up, w_down, config):
+def check(label, x, ids, w, w_gate_up, w_down, config, activation="silu", biases=(None, None)):
     """Both combine modes of fused_moe against the float32 reference on the dense equivalent of the weights."""
     dense = [t.to_dense() if isinstance(t, hare.BlockNM) else t for t in (w_gate_up, w_down)]
     for det in (True, False):
-        out = hg.fused_moe(x, ids, w, w_gate_up, w_down, deterministic=det, config=config)
+        out = hg.fused_moe(x, ids, w, w_gate_up, w_down, activation, det, config, *biases)
         torch.cuda.synchronize()
-        err = rel_err(out, reference(x, ids, w, *dense))
+        err = rel_err(out, reference(x, ids, w, *dense, activation, *biases))
         print(f"sanitize {label} det={det}: rel err {err:.2e}")
         assert err < 1e-2
 
@@ -35,4 +35,11 @@ for bn, (T, bnm, bw) in zip(TILE_NS, [(3, (1, 5), 16), (37, (1, 2), 32), (150, (
     sparse = [hare.sparsify(t, bn=bnm[0], bm=bnm[1], bw=bw) for t in make_weights(6, 704, 256, "cuda")]
     check(f"sparse case bn={bn} T={T} {bnm} bw={bw}", make_x(T, 704, "cuda"), *make_routing(T, 6, 2, "cuda", skew=1.0),
           *sparse, hg.LaunchConfig(tile_n=bn))
+# biased GPT-OSS unit on Block N:M weights with ffn % 128 = 64 (gate/up in the halves layout), unsplit and split
+for T, config in ((45, hg.LaunchConfig(tile_n=64)), (3, hg.LaunchConfig(tile_n=16, gateup_splits=3, down_splits=2))):
+    wgu, wd = make_weights(6, 320, 192, "cuda")
+    sparse = hare.sparsify(wgu, bn=1, bm=2, bw=16, halves=True), hare.sparsify(wd, bn=1, bm=5, bw=32)
+    biases = torch.randn(6, 384, device="cuda"), torch.randn(6, 320, device="cuda")
+    check(f"biased sparse gpt-oss T={T}", make_x(T, 320, "cuda"), *make_routing(T, 6, 2, "cuda", skew=1.0), *sparse,
+          config, "gpt-oss:alpha=1.702,limit=0.75", biases)
 print("SANITIZE_CASE_OK")
