@@ -69,6 +69,16 @@ REAL = {
                                             num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
                                             num_experts=60, num_experts_per_tok=4, norm_topk_prob=False,
                                             max_position_embeddings=8192)),
+    # biased experts with a clamped SwiGLU (activation "gpt-oss"); attention alternates a 128-token sliding window
+    # (even layers) with full attention, and has attention sinks; RoPE is YaRN-scaled from 4096 tokens
+    "GPT-OSS-20B": ("gpt_oss", dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880,
+                                    num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                                    num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+                                    swiglu_limit=7.0, attention_bias=True, tie_word_embeddings=False,
+                                    max_position_embeddings=131072,
+                                    rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0,
+                                                         beta_fast=32.0, beta_slow=1.0, truncate=False,
+                                                         original_max_position_embeddings=4096))),
 }
 
 
@@ -83,13 +93,15 @@ def tiny_config(model_type: str, **overrides):
     return AutoConfig.for_model(model_type, **kwargs)
 
 
-def real_config(name: str, num_layers: int | None = None):
+def real_config(name: str, num_layers: int | None = None, **overrides):
+    """The config of ``REAL[name]`` with ``num_layers`` decoder layers (default: the real count) and any other field
+    replaced by ``overrides`` (a test's smaller sizes)."""
     from transformers import AutoConfig
 
     model_type, kwargs = REAL[name]
     if num_layers is not None:
-        kwargs = {**kwargs, "num_hidden_layers": num_layers}
-    return AutoConfig.for_model(model_type, **kwargs)
+        overrides = {**overrides, "num_hidden_layers": num_layers}
+    return AutoConfig.for_model(model_type, **{**kwargs, **overrides})
 
 
 WORDS = ("the a of and to in is it that was for on are as with his they at be this from have or by one had not "
