@@ -8,6 +8,7 @@ import json
 import math
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -74,3 +75,31 @@ def write_results(device, summary: dict, records: list[dict], out_json=None, **f
         save_results(result, out_json)
     print(json.dumps(summary))
     return result
+
+
+def save_progress(result: dict, summary: dict, t_start: float, out_json=None) -> None:
+    """A run that rewrites its results as it goes (so a run cut short keeps what it measured): its wall time since
+    ``t_start`` (time.perf_counter) and ``summary`` brought up to date, the whole saved to ``out_json`` if given."""
+    result["wall_s"] = time.perf_counter() - t_start
+    result["summary"] = summary
+    if out_json:
+        save_results(result, out_json)
+
+
+def report_run(result: dict, out_json, plot_dir, stem: str, plot, tables, say=print) -> None:
+    """The end of such a run: the plots, ``plot(result, folder, stem)`` -> their paths, in ``plot_dir`` or beside
+    the JSON and named after it (``stem`` without a JSON) when either is given; the summary printed as JSON; then,
+    unless ``tables`` is None, the tables (texts) and a line per error in ``result["errors"]``."""
+    if out_json or plot_dir:
+        try:
+            for path in plot(result, Path(plot_dir or Path(out_json).parent), Path(out_json or stem).stem):
+                say(f"plot: {path}")
+        except Exception as exc:  # noqa: BLE001 - the records are written already
+            print(f"plot failed: {exc}")
+    print(json.dumps(result["summary"]))
+    if tables is None:
+        return
+    for text in tables:
+        print(text)
+    for e in result["errors"]:
+        print(f"ERROR {e['case']} T={e['tokens']} density {e['density']}: {e['error']}")

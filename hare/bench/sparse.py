@@ -46,10 +46,10 @@ import torch
 from ..blocknm import DENSITIES, BlockNM
 from ..metrics import relative_error
 from .baselines import cublas_loop_fn, cusparselt_weights, grouped_mm_fn
-from .common import geomean, pyplot, results, save_results
+from .common import geomean, pyplot, report_run, results, save_progress
 from .shapes import MODEL_SHAPES
 from .toolkit import (ROUTINGS, BenchSession, densify, make_case, make_weights, moe_flops, sparsify_experts,
-                      traffic_bytes)
+                      traffic_bytes, weight_density)
 
 SUITES = ("models", "real", "synthetic")
 MODEL_TOKENS = (1, 16, 64, 1024, 4096, 16384)
@@ -134,12 +134,6 @@ def cusparselt_skip_reason(c: Case) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ accounting
-def weight_density(gu: BlockNM, dn: BlockNM) -> float:
-    """Stored fraction of all entries of the two projections (each BlockNM.density, weighted by its size)."""
-    sizes = [w.out_features * w.in_features for w in (gu, dn)]
-    return (gu.density * sizes[0] + dn.density * sizes[1]) / sum(sizes)
-
-
 def compressed_bytes(gu: BlockNM, dn: BlockNM, touched: int, T: int, H: int) -> float:
     """values + meta + block_idx of the touched experts (every expert stores the same bytes), + x + out."""
     return traffic_bytes((gu.nbytes + dn.nbytes) / gu.num_experts, touched, T, H)
@@ -182,23 +176,9 @@ def run_sparse_bench(cases, out_json=None, plot_dir=None, log=None, device="cuda
         stacks.setdefault((c.hidden, c.ffn), []).append(c)
     for group in stacks.values():
         _run_stack(hg, group, dev, gen, timer, ceil, result, say)
-        result["wall_s"] = time.perf_counter() - t_start
-        result["summary"] = summary(result["records"])
-        if out_json:
-            save_results(result, out_json)
-    if out_json or plot_dir:
-        try:
-            for path in plot_sparse(result, Path(plot_dir or Path(out_json).parent),
-                                    Path(out_json or "kernels_sparse").stem):
-                say(f"plot: {path}")
-        except Exception as exc:  # noqa: BLE001 - the records are written already
-            print(f"plot failed: {exc}")
-    print(json.dumps(result["summary"]))
-    if print_table:
-        print(format_sparse_table(result))
-        print(target_summary(result["records"]))
-        for e in result["errors"]:
-            print(f"ERROR {e['case']} T={e['tokens']} density {e['density']}: {e['error']}")
+        save_progress(result, summary(result["records"]), t_start, out_json)
+    report_run(result, out_json, plot_dir, "kernels_sparse", plot_sparse,
+               [format_sparse_table(result), target_summary(result["records"])] if print_table else None, say)
     session.close()
     return result
 

@@ -156,12 +156,13 @@ def _experts_per_chunk(w) -> int:
     return max(1, CHUNK_ELEMS // (w.shape[-2] * w.shape[-1]))
 
 
-def sparsify_experts(w: torch.Tensor, bn: int, bm: int, bw: int) -> BlockNM:
-    """hare.sparsify of a stack of experts, a chunk of experts at a time (bounded temporaries), as one BlockNM."""
+def sparsify_experts(w: torch.Tensor, bn: int, bm: int, bw: int, **layout) -> BlockNM:
+    """hare.sparsify of a stack of experts, a chunk of experts at a time (bounded temporaries), as one BlockNM;
+    ``layout`` goes to hare.sparsify (``halves=True`` for a gate/up stack whose ffn is no multiple of 128)."""
     step = _experts_per_chunk(w)
-    parts = [sparsify(w[a:a + step], bn=bn, bm=bm, bw=bw) for a in range(0, w.shape[0], step)]
+    parts = [sparsify(w[a:a + step], bn=bn, bm=bm, bw=bw, **layout) for a in range(0, w.shape[0], step)]
     return BlockNM(*(torch.cat([getattr(p, f) for p in parts]) for f in ("values", "meta", "block_idx")),
-                   shape=w.shape, bn=bn, bm=bm, bw=bw)
+                   shape=w.shape, **parts[0].params)
 
 
 def densify(w: BlockNM) -> torch.Tensor:
@@ -183,4 +184,10 @@ def moe_flops(rows, H, F) -> float:
 def traffic_bytes(expert_bytes, touched, T, H) -> float:
     """Fewest bytes a layer moves: the touched experts' weights (``expert_bytes`` each) + x + out (bf16)."""
     return touched * expert_bytes + 2.0 * T * H * 2
+
+
+def weight_density(gu: BlockNM, dn: BlockNM) -> float:
+    """Stored fraction of all entries of the two projections (each BlockNM.density, weighted by its size)."""
+    sizes = [w.out_features * w.in_features for w in (gu, dn)]
+    return (gu.density * sizes[0] + dn.density * sizes[1]) / sum(sizes)
 
