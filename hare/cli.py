@@ -257,7 +257,8 @@ def bench_kernels(ctx: typer.Context):
     """Fused MoE kernels vs grouped_mm, a cuBLAS loop and a padded layout on six model shapes (GPU).
 
     Options go to hare.bench.kernels: --shapes, --tokens, --routing, --out-json, --plot-dir, --log; --density and
-    --bw time the Block N:M kernels, --suite real synthetic the Hare paper's settings (--help lists them)."""
+    --bw time the Block N:M kernels, --suite real synthetic the Hare paper's settings, --suite gpt-oss GPT-OSS-20B's
+    biased clamped-SwiGLU experts through hare.moe, dense and Block N:M (--help lists them)."""
     from .bench.kernels import build_parser, main as kernels_main
 
     build_parser().parse_args(ctx.args)  # --help and bad options are answered here, on any machine

@@ -3,10 +3,10 @@
 # (memcheck, initcheck, racecheck) on small cases and fixed-seed fuzz subsets,
 # the kernel benchmark (bench/results/<name>.json), the sparse kernel benchmark on the model shapes at densities
 # 0.5 0.25 0.1 0.05, bw 16 (--sparse: bench/results/<name with kernels -> kernels_sparse>.json, e.g.
-# kernels_sparse_h100.json), the Hare paper's real and synthetic settings (--paper: <name with kernels -> paper>,
-# e.g. paper_h100.json), programmatic dependent launch on/off (--launch: <name with kernels -> launch>), the demo
-# on the GPU, the decode attention benchmark (--attention: $OUT/attention.json) and the end-to-end model benchmark
-# (bench/results/model_<gpu>.json).
+# kernels_sparse_h100.json; with it GPT-OSS-20B's biased experts, kernels_gpt-oss_h100.json), the Hare paper's
+# real and synthetic settings (--paper: <name with kernels -> paper>, e.g. paper_h100.json), programmatic dependent
+# launch on/off (--launch: <name with kernels -> launch>), the demo on the GPU, the decode attention benchmark
+# (--attention: $OUT/attention.json) and the end-to-end model benchmark (bench/results/model_<gpu>.json).
 # Logs, the JSON files and the plots go to $OUT (default ./device_out). --sparse and --paper each stop after
 # SPARSE_TIMEOUT / PAPER_TIMEOUT seconds (default 300); their JSON is rewritten as they go, so it keeps what ran.
 #
@@ -53,6 +53,7 @@ fi
 # NAME with "kernels" replaced by $1 (or NAME_$1 when it has no "kernels")
 derived_name() { local n=${NAME/kernels/$1}; [ "$n" = "$NAME" ] && n=${NAME}_$1; echo "$n"; }
 SPARSE_NAME=$(derived_name kernels_sparse); PAPER_NAME=$(derived_name paper); LAUNCH_NAME=$(derived_name launch)
+GPT_OSS_NAME=$(derived_name kernels_gpt-oss)
 STATUS=0
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
 t0=$(date +%s)
@@ -99,6 +100,13 @@ if [ $DO_SPARSE = 1 ]; then
     | tee "$OUT/bench_sparse.log" | tail -70
   [ ${PIPESTATUS[0]} = 0 ] || STATUS=1
   cp bench/results/$SPARSE_NAME.json bench/results/${SPARSE_NAME}_*.png "$OUT/" 2>/dev/null
+  # GPT-OSS-20B's biased clamped-SwiGLU experts through hare.moe, dense and at the same densities (its own layer:
+  # no extra bench args) -> bench/results/<name with kernels -> kernels_gpt-oss>.json, e.g. kernels_gpt-oss_h100.json
+  timeout ${SPARSE_TIMEOUT:-300} $PY -m hare.bench.kernels --suite gpt-oss --density 0.5 0.25 0.1 0.05 --bw 16 \
+    --out-json "bench/results/$GPT_OSS_NAME.json" --log "$OUT/bench_gpt_oss_full.txt" 2>&1 \
+    | tee "$OUT/bench_gpt_oss.log" | tail -20
+  [ ${PIPESTATUS[0]} = 0 ] || STATUS=1
+  cp bench/results/$GPT_OSS_NAME.json bench/results/$GPT_OSS_NAME.png "$OUT/" 2>/dev/null
 fi
 t4=$(date +%s)
 if [ $DO_PAPER = 1 ]; then

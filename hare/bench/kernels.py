@@ -11,7 +11,8 @@ Methods, all timed as CUDA-graph replays (median of several, L2 flushed before e
 Reports time, speedup, TFLOP/s and bytes/s (touched experts' weights + x + out) and their fractions of the
 matrix peak and copy bandwidth measured in the same run; writes JSON records and a PNG plot; prints a table.
 With ``--density`` (Block N:M weights) or ``--suite real synthetic`` (the Hare paper's settings) it runs the sparse
-benchmark of hare.bench.sparse instead, with the same timer, ceilings, inputs and baselines.
+benchmark of hare.bench.sparse instead, with the same timer, ceilings, inputs and baselines; with ``--suite gpt-oss``
+the GPT-OSS-20B layer of hare.bench.gpt_oss (expert biases, clamped SwiGLU; dense and Block N:M through hare.moe).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import sparse
+from . import gpt_oss, sparse
 from .baselines import cublas_loop_fn, grouped_mm_fn, padded_fn
 from .common import geomean, pyplot, write_results
 from .shapes import MODEL_SHAPES
@@ -205,11 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokens", nargs="*", type=int, default=None)
     ap.add_argument("--routing", nargs="*", default=None, choices=list(ROUTINGS))
     ap.add_argument("--density", nargs="+", type=float, default=None, choices=list(DENSITIES),
-                    help="Block N:M densities for the model shapes (sparse benchmark; default: dense kernels only)")
+                    help="Block N:M densities for the model shapes (sparse benchmark; default: dense kernels only); "
+                    "with --suite gpt-oss the densities timed besides dense (default: all four)")
     ap.add_argument("--bw", type=int, default=16, choices=BLOCK_WIDTHS,
                     help="Block N:M block width of --density and of --suite real (synthetic fixes 16)")
-    ap.add_argument("--suite", nargs="+", default=["models"], choices=sparse.SUITES,
-                    help="models: the shapes above; real, synthetic: the Hare paper's settings (fixed cases)")
+    ap.add_argument("--suite", nargs="+", default=["models"], choices=[*sparse.SUITES, gpt_oss.SUITE],
+                    help="models: the shapes above; real, synthetic: the Hare paper's settings (fixed cases); "
+                    "gpt-oss: GPT-OSS-20B's biased experts, dense and at --density (alone; takes --tokens, "
+                    "--routing, --bw)")
     ap.add_argument("--out-json", default=None)
     ap.add_argument("--plot-dir", default=None, help="sparse plots default to the JSON's folder")
     ap.add_argument("--log", default=None)
@@ -226,6 +230,9 @@ def main(argv=None):
         return
     if a.no_baselines:
         ap.error("--no-baselines: the sparse benchmark always times its baselines")
+    if gpt_oss.SUITE in a.suite:
+        run_gpt_oss(ap, a)
+        return
     try:
         cases = sparse.select_cases(a.suite, a.density, a.bw, shapes=a.shapes, tokens=a.tokens, routings=a.routing)
     except ValueError as exc:
@@ -233,6 +240,17 @@ def main(argv=None):
     result = sparse.run_sparse_bench(cases, out_json=a.out_json, plot_dir=a.plot_dir, log=a.log)
     if result["errors"]:
         raise SystemExit(f"{len(result['errors'])} sparse kernel call(s) failed (see 'errors' in the results)")
+
+
+def run_gpt_oss(ap, a) -> None:
+    """``--suite gpt-oss``: its own layer, so neither another suite nor --shapes goes with it."""
+    if a.suite != [gpt_oss.SUITE] or a.shapes:
+        ap.error("--suite gpt-oss runs alone and on its own layer (no other suite, no --shapes)")
+    result = gpt_oss.run_gpt_oss_bench(densities=(1.0, *(a.density or gpt_oss.DENSITY_CASES[1:])),
+                                       tokens=a.tokens or gpt_oss.TOKENS, routings=a.routing or ("uniform",), bw=a.bw,
+                                       out_json=a.out_json, plot_dir=a.plot_dir, log=a.log)
+    if result["errors"]:
+        raise SystemExit(f"{len(result['errors'])} hare.moe call(s) failed (see 'errors' in the results)")
 
 
 if __name__ == "__main__":
