@@ -180,8 +180,7 @@ def bench_one(name: str, config, device, dtype, layers: int, prefill_tokens=PREF
         patch(model, bn=bn, bm=bm)
         experts = next(iter(experts_modules(model).values()))
         probe = torch.empty(1, config.hidden_size, device=device, dtype=dtype)
-        path, why = backend(probe, experts.weight("gate_up"), experts.weight("down"), experts.activation,
-                            biased=any(b is not None for b in experts.biases().values()))
+        path, why = backend(probe, experts.weight("gate_up"), experts.weight("down"), experts.activation)
         if path == "reference" and device.type == "cuda":  # timing the reference path would say nothing
             say(f"  {name} hare-{density:g}: not timed ({why})")
         else:

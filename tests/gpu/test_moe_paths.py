@@ -112,12 +112,14 @@ def test_patched_model_on_gpu_generates_the_same_with_and_without_cuda_graphs():
 ])
 @pytest.mark.parametrize("bm", [None, 2])
 def test_patched_gpt_oss_and_llama4_on_the_gpu_run_the_kernels_and_keep_their_logits(arch, overrides, bm):
-    """Dense: the patched model's logits equal the original's; pruned to 25%: they equal the original model's with
-    the pruned weights put back dense (the kernels compute the same layer as the reference path)."""
+    """Dense: the patched model's logits equal the original's. Pruned to 25%: they equal the same pruned model's in
+    float64 on the CPU reference path, as closely as the unpatched bf16 model's equal its float64 run (the bf16
+    noise floor of the whole model, attention included)."""
     model = tiny_model(arch, **overrides).to("cuda", torch.bfloat16)
     ids = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(0)).cuda()
     with torch.no_grad():
         ref = model(ids).logits.float()
+        floor = rel_err(ref.cpu(), copy.deepcopy(model).cpu().double()(ids.cpu()).logits)
         patch(model, bn=1 if bm else None, bm=bm)
         experts = next(iter(experts_modules(model).values()))
         probe = torch.empty(1, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
@@ -125,7 +127,7 @@ def test_patched_gpt_oss_and_llama4_on_the_gpu_run_the_kernels_and_keep_their_lo
         out = model(ids).logits
         if bm:  # the same pruned model on the CPU reference path, in float64
             ref = copy.deepcopy(model).cpu().double()(ids.cpu()).logits
-    assert rel_err(out.cpu(), ref.cpu()) < 3e-2
+    assert rel_err(out.cpu(), ref.cpu()) < (2e-2 if not bm else max(3e-2, 2 * floor))
 
 
 @pytest.mark.parametrize("bm", [None, 2])
