@@ -27,7 +27,9 @@ def test_demo_runs_from_the_command_line():
     assert "Hare demo, end to end" in out and "8 experts, top-2, hidden 64" in out  # the small model ran too
     rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.startswith("│ hare ")}
     assert list(rows) == ["hare dense", "hare 1:1", "hare 1:2", "hare 1:5"]
-    assert "0.00e+00" in rows["hare dense"] and "100%" in rows["hare dense"]  # patched dense: the same logits, tokens
+    dense = [c.strip() for c in rows["hare dense"].split("│")]
+    # patched dense: the same logits (up to float32 summation order, which differs between CPUs) and tokens
+    assert float(dense[4]) < 1e-5 and dense[5] == "100%"
 
 
 def test_demo_table_measures_real_effects():
