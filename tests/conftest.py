@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# rich sizes the CLI's tables and help to the terminal; a fixed width makes their text the same in every runner
+# (a terminal, CI, pytest-xdist workers)
+os.environ["COLUMNS"] = "100"
 
 
 def pytest_collection_modifyitems(config, items):
