@@ -106,6 +106,9 @@ def _contract(x: torch.Tensor, w_gate_up, w_down, activation: str) -> str | None
     hidden, ffn = x.shape[1], w_down.shape[2]
     if hidden % K_ALIGN or ffn % K_ALIGN:
         return f"hidden {hidden} and ffn {ffn} must be multiples of {K_ALIGN} for the Hopper kernels"
+    if isinstance(w_down, BlockNM) and w_down.halves and (hidden // 2) % PANEL:
+        return (f"a Block N:M w_down in the halves layout with hidden {hidden} (hidden/2 not a multiple of {PANEL}) "
+                "has panels the down kernel does not read: sparsify it with halves=False")
     if isinstance(w_gate_up, BlockNM) and ffn % PANEL and not w_gate_up.halves:
         return (f"ffn {ffn} is not a multiple of {PANEL}, so a panel of this Block N:M gate/up mixes gate and up "
                 "rows, which the Hopper kernels do not take: sparsify it with halves=True (hare.patch and `hare "
