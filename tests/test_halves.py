@@ -136,3 +136,15 @@ def test_checkpoint_version_4_round_trip_and_older_versions(tmp_path, gen):
     edit_hare_file(v3, version="5")
     with pytest.raises(CheckpointError, match="version '5'; this Hare reads versions 2, 3, 4"):
         load(v3)
+
+
+def test_the_kernels_take_halves_gate_up_at_any_ffn_and_refuse_a_halves_down_whose_panels_differ():
+    from hare.gpu import _contract
+
+    x, g = torch.zeros(1, 320, dtype=torch.bfloat16), torch.Generator().manual_seed(0)
+    wgu, wd = torch.randn(2, 384, 320, generator=g), torch.randn(2, 320, 192, generator=g)
+    sgu = hare.sparsify(wgu, bn=1, bm=2, halves=True)  # ffn 192: gate and up panels of 128 + 64 rows
+    assert _contract(x, sgu, wd.bfloat16(), "silu") is None
+    assert "halves=True" in _contract(x, hare.sparsify(wgu, bn=1, bm=2), wd.bfloat16(), "silu")
+    assert "halves=False" in _contract(x, sgu, hare.sparsify(wd, bn=1, bm=2, halves=True), "silu")  # 160 % 128
+    assert _contract(x, sgu, hare.sparsify(wd, bn=1, bm=2), "silu") is None
