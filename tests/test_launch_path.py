@@ -1,6 +1,7 @@
 """CPU test of hare.gpu's launch path (plan -> allocate -> launch) under a fake CUDA driver: the kernels launched, in
 order, with the plan's grids and shared memory, and every address handed to a kernel inside a tensor of the call."""
 
+import ctypes
 import importlib
 import sys
 import unittest.mock as um
@@ -30,14 +31,27 @@ class _Allocations(TorchDispatchMode):
 
 
 class _Device:
+    """A device module (hare.gpu._launch._Module) that records launches: the id check's state as CPU tensors (the
+    error record a host tensor the test writes as the kernel would), and the launches of a prepared call decoded
+    from its argument buffer as the kernels would read them."""
+
     num_sms = 132
 
     def __init__(self):
         self.ticket = torch.zeros(1, dtype=torch.int32)
+        self.first_bad = torch.full((1,), 2 ** 31 - 1, dtype=torch.int32)
+        self.status_words = torch.zeros(16, dtype=torch.int64)
+        self.status = (ctypes.c_longlong * 16).from_address(self.status_words.data_ptr())
+        self.status_ptr = self.status_words.data_ptr()
         self.launches = []
 
     def launch(self, name, grid, block, smem, stream, pdl, *params):
         self.launches.append((name, grid, block, smem, pdl, params))
+
+    def run(self, prog, stream, buf):
+        data = bytes(buf.data)
+        for k in prog.launches:
+            self.launch(k.kernel, k.grid, k.block, k.smem, stream, prog.pdl, *k.maps, data[k.offset:k.offset + k.size])
 
 
 @pytest.fixture
@@ -82,6 +96,7 @@ CASES = [  # (T, H, F, E, k, gate_up ratio or None, down ratio or None, determin
 
 @pytest.mark.parametrize("case", CASES)
 def test_launches_follow_the_plan_and_stay_inside_the_call_tensors(device, case):
+    """Each call's launches follow the plan, and every address is inside a tensor of that call."""
     T, H, F, E, k, gu_ratio, dn_ratio, det, config, unit, biased = (*case, "silu", False)[:11]
     g = torch.Generator().manual_seed(T)
     x = torch.randn(T, H, generator=g).bfloat16()
@@ -92,40 +107,50 @@ def test_launches_follow_the_plan_and_stay_inside_the_call_tensors(device, case)
     gu = hare.sparsify(wgu, bn=gu_ratio[0], bm=gu_ratio[1], bw=16, halves=True) if gu_ratio else wgu
     dn = hare.sparsify(wd, bn=dn_ratio[0], bm=dn_ratio[1], bw=32) if dn_ratio else wd
     bgu, bd = (torch.randn(E, 2 * F, generator=g), torch.randn(E, H, generator=g)) if biased else (None, None)
-    allocs = _Allocations()
-    with allocs:
-        out = hg.run_fused_moe(x, ids, w, gu, dn, unit, det, config, bgu, bd)
-    assert out.shape == (T, H) and out.dtype == torch.bfloat16
+    kept = []
+    for call in range(2):  # the second call (same program, fresh tensors, the first kept alive) patches its own
+        if call:
+            kept.append((x, ids, w, bgu, bd))
+            x, ids, w = x.clone(), ids.clone(), w.clone()
+            bgu, bd = (None if b is None else b.clone() for b in (bgu, bd))
+            device.launches.clear()
+        allocs = _Allocations()
+        with allocs:
+            out = hg.run_fused_moe(x, ids, w, gu, dn, unit, det, config, bgu, bd)
+        assert out.shape == (T, H) and out.dtype == torch.bfloat16
 
-    fmt = lambda wt, K: plan.WeightFormat.of(K, wt.block_idx, wt.bw) if isinstance(wt, hare.BlockNM) \
-        else plan.WeightFormat.of(K)  # noqa: E731
-    p = plan.plan_moe(T, k, E, H, F, fmt(gu, H), fmt(dn, F), unit, det, device.num_sms, config or hg.LaunchConfig())
-    expected = [p.layout.count, p.layout.scatter, p.gate_up, p.glu_combine, p.down, p.combine]
-    expected = [e for e in expected if e is not None]
-    assert [name for name, *_ in device.launches] == [e.kernel for e in expected]
-    inputs = [x, ids, w, device.ticket, *(b for b in (bgu, bd) if b is not None)] + [t for wt in (gu, dn) for t in (
-        (wt.values, wt.meta, wt.block_idx) if isinstance(wt, hare.BlockNM) else (wt,))]
-    ranges = allocs.ranges + [(t.data_ptr(), t.numel() * t.element_size()) for t in inputs]
-    inside = lambda v: any(a <= v < a + n for a, n in ranges)  # noqa: E731
-    for (name, grid, block, smem, pdl, params), e in zip(device.launches, expected):
-        assert grid == e.grid and smem == e.smem and pdl == p.programmatic_launch
-        assert block == (plan.GEMM_THREADS if isinstance(e, plan.GemmLaunch) else plan.SMALL_THREADS)
-        for prm in params:
-            if isinstance(prm, tuple):  # a weight tensor map
-                assert inside(prm[1])
-                continue
-            s, f = _fields(name, prm)
-            for t, field, _ in s.fields:
-                if t not in ("int", "long long", "float") and not (field in ("block_idx", "bias") and f[field] == 0):
-                    assert inside(f[field]), f"{name}.{field} points outside every tensor of the call"
-            if isinstance(e, plan.GemmLaunch):
-                assert (f["splits"], f["k_blocks_per_split"], f["group"]) == (e.splits, e.k_per_split, e.raster)
-                assert (f["num_rows"], f["top_k"], f["num_experts"], f["num_slots"]) == (T * k, k, E, p.slots)
-                gate_up = name.startswith("hare_gateup")
-                bias = bgu if gate_up else bd
-                assert f["bias"] == (0 if bias is None else bias.data_ptr())
-                wt = gu if gate_up else dn
-                if isinstance(wt, hare.BlockNM):  # box 1 reads up panel m (P/2 + m) or down panel 2m + 1
-                    assert f["box1_panel_offset"] == (wt.block_idx.shape[1] // 2 if gate_up else 1)
-            if name.startswith(("hare_gateup", "hare_glu")):
-                assert (f.get("act_alpha", f.get("alpha")), f.get("act_limit", f.get("limit"))) == p.glu_args
+        fmt = lambda wt, K: plan.WeightFormat.of(K, wt.block_idx, wt.bw) if isinstance(wt, hare.BlockNM) \
+            else plan.WeightFormat.of(K)  # noqa: E731
+        p = plan.plan_moe(T, k, E, H, F, fmt(gu, H), fmt(dn, F), unit, det, device.num_sms,
+                          config or hg.LaunchConfig())
+        expected = [p.layout.count, p.layout.scatter, p.gate_up, p.glu_combine, p.down, p.combine]
+        expected = [e for e in expected if e is not None]
+        assert [name for name, *_ in device.launches] == [e.kernel for e in expected]
+        inputs = [x, ids, w, device.ticket, device.first_bad, device.status_words,
+                  *(b for b in (bgu, bd) if b is not None)] + [t for wt in (gu, dn) for t in (
+            (wt.values, wt.meta, wt.block_idx) if isinstance(wt, hare.BlockNM) else (wt,))]
+        ranges = allocs.ranges + [(t.data_ptr(), t.numel() * t.element_size()) for t in inputs]
+        inside = lambda v: any(a <= v < a + n for a, n in ranges)  # noqa: E731
+        for (name, grid, block, smem, pdl, params), e in zip(device.launches, expected):
+            assert grid == e.grid and smem == e.smem and pdl == p.programmatic_launch
+            assert block == (plan.GEMM_THREADS if isinstance(e, plan.GemmLaunch) else plan.SMALL_THREADS)
+            for prm in params:
+                if isinstance(prm, tuple):  # a weight tensor map
+                    assert inside(prm[1])
+                    continue
+                s, f = _fields(name, prm)
+                for t, field, _ in s.fields:
+                    nullable = field in ("block_idx", "bias") and f[field] == 0
+                    if t not in ("int", "long long", "float") and not nullable:
+                        assert inside(f[field]), f"{name}.{field} points outside every tensor of the call"
+                if isinstance(e, plan.GemmLaunch):
+                    assert (f["splits"], f["k_blocks_per_split"], f["group"]) == (e.splits, e.k_per_split, e.raster)
+                    assert (f["num_rows"], f["top_k"], f["num_experts"], f["num_slots"]) == (T * k, k, E, p.slots)
+                    gate_up = name.startswith("hare_gateup")
+                    bias = bgu if gate_up else bd
+                    assert f["bias"] == (0 if bias is None else bias.data_ptr())
+                    wt = gu if gate_up else dn
+                    if isinstance(wt, hare.BlockNM):  # box 1 reads up panel m (P/2 + m) or down panel 2m + 1
+                        assert f["box1_panel_offset"] == (wt.block_idx.shape[1] // 2 if gate_up else 1)
+                if name.startswith(("hare_gateup", "hare_glu")):
+                    assert (f.get("act_alpha", f.get("alpha")), f.get("act_limit", f.get("limit"))) == p.glu_args

@@ -12,13 +12,35 @@ Public entry points:
   on wgmma; Block N:M (``hare.BlockNM``) weights run on the sparse tensor cores (``wgmma.mma_async.sp``), looping
   only over each 128-row panel's kept K blocks.
 * :class:`LaunchConfig` -- overrides of the launch plan (``plan.py``) for benchmarks and tests.
+* :func:`check_errors` -- raise the device-side id check's pending error (below), after a sync by default.
 
-A call reads top to bottom: ``fused_moe`` checks its arguments (the same pass ``hare.moe`` runs, once), asks
-``plan.plan_moe`` for the launches (pure Python from shapes, cached), allocates the workspace the plan sizes and
-launches the kernels (``_launch``: the driver API through cuda-bindings, imported lazily so this package imports on
-a CPU-only machine). Kernels are CUDA C++ in ``csrc``, compiled at first use for sm_90a and cached (``_build``).
-Both ops are torch.library custom ops (``torch.ops.hare.*``), so they run under torch.compile and inside CUDA
-graphs (call each once before capture: the first call loads the kernels).
+A call reads top to bottom: ``fused_moe`` checks its arguments (the same pass ``hare.moe`` runs, once), then
+``_fused_moe_impl`` finds the call's *program*: everything fixed by its shapes, weights, flags and device, built
+once (``_build_program``: ``plan.plan_moe``'s launches, the workspace regions, the TMA descriptors, every argument
+struct packed, the launch configs per stream), cached by a key of those facts. The call then allocates its output
+and one workspace, writes the pointers that change (x, ids, routing weights, output, biases; the workspace's, when
+it moved) into a pooled argument buffer, and launches (``_launch``: cuLaunchKernelEx through ctypes, else
+cuda-bindings, imported lazily so this package imports on a CPU-only machine). The routing weights are converted to
+fp32 by the layout kernel (no torch op). Kernels are CUDA C++ in ``csrc``, compiled at first use for sm_90a and
+cached (``_build``). Both ops are torch.library custom ops (``torch.ops.hare.*``), so they run under torch.compile
+and inside CUDA graphs (call each once before capture: the first call loads the kernels).
+
+The id check (``check_ids=True``, ``hare.moe``'s default), with no host sync and inside CUDA graphs too: the layout
+count kernel, which reads every id anyway, tests each for a value outside [0, E) and for an expert an earlier slot
+of its token already names, and sends the flat index of a bad one to a per-device ``first_bad`` word (atomicMin: the
+first bad id wins). The CTA that finishes the layout resets that word and, when an id was bad, (1) writes the
+token, slot, value, expert count and kind into the device's error record, 16 words of pinned host memory mapped
+into the device's address space (``cuMemHostAlloc`` with ``CU_MEMHOSTALLOC_DEVICEMAP``; the CUDA driver API's
+``cuMemHostGetDevicePointer`` gives the device's address of it, the host pointer itself under unified addressing), and
+(2) writes NaN into the call's fp32 routing weights, so the down GEMM makes every output element NaN: a bad call's
+output never looks valid. The host reads the record in place, without a sync or a copy, at the start of the next
+eager call on that device (also of ``fused_moe``; not while capturing a graph, where it waits for the next eager
+call) and at ``check_errors()``, and raises ``InvalidArgumentError`` naming the token, the slot, the value and the
+valid range; a raised record is marked raised, so the next call runs. The record holds the first bad call not
+yet raised, and counts the bad calls after it (the device writes its fields only while nothing is pending; the
+host's "raised" count is a word of its own). A layout too large for the layout kernels (T·k·E past their shared
+memory) is built with torch ops and checked on the host, as before. Layouts, and so checked calls, must not run
+concurrently on two streams of one device (one ``first_bad`` word, one layout ticket per device).
 
 Determinism: ``fused_moe(..., deterministic=True)`` (the default) writes every (token, slot) row of the down
 GEMM to a buffer and sums the top-k rows in slot order in a separate pass, so results are bitwise identical from
@@ -29,7 +51,9 @@ more than the small difference measured in notes/kernels.md.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import sys
 from typing import NamedTuple
 
 import torch
@@ -127,9 +151,10 @@ def _launch_layout(mod, stream: int, pdl: bool, ids: torch.Tensor, E: int, block
     """The layout kernels, writing the fields of `lay` into the int32 buffer at base_ptr."""
     from . import _launch
 
+    # no routing weights, no id check (build_layout clamps ids, unchecked)
     p = _launch.params(LAYOUT_PARAMS, ids.data_ptr(), *(base_ptr + 4 * o for o in lay.offsets), mod.ticket.data_ptr(),
-                       1 if ids.dtype == torch.int64 else 0, R, ids.shape[1], E, block, slots, LAYOUT_TILE_ITEMS,
-                       lay.num_tiles)
+                       0, 0, mod.first_bad.data_ptr(), mod.status_ptr, 1 if ids.dtype == torch.int64 else 0, R,
+                       ids.shape[1], E, block, slots, LAYOUT_TILE_ITEMS, lay.num_tiles, 0, 0)
     for k in (lay.count, lay.scatter):
         if k is not None:
             mod.launch(k.kernel, k.grid, SMALL_THREADS, k.smem, stream, pdl, p)
@@ -195,21 +220,6 @@ def build_layout(topk_ids: torch.Tensor, num_experts: int, block: int = DEFAULT_
 
 
 # ------------------------------------------------------------------------------------------- fused MoE
-class DeviceLayout(NamedTuple):
-    """Device addresses of the layout fields the GEMMs read."""
-
-    gather_index: int
-    row_assignment: int
-    block_expert: int
-    block_start: int
-    block_height: int
-    num_blocks: int
-
-    @staticmethod
-    def of(lay: LayoutPlan, base_ptr: int) -> "DeviceLayout":
-        return DeviceLayout(*(base_ptr + 4 * lay.offset(f) for f in DeviceLayout._fields))
-
-
 def _weight_parts(w) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
     """(values or dense weight, meta, block_idx, bw): what the custom op takes of a dense tensor or a BlockNM."""
     if isinstance(w, BlockNM):
@@ -219,7 +229,8 @@ def _weight_parts(w) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | 
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_gate_up, w_down,
               activation: str = "silu", deterministic: bool = True, config: LaunchConfig | None = None,
-              gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None) -> torch.Tensor:
+              gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+              check_ids: bool = False) -> torch.Tensor:
     """out[t] = sum_j w[t,j] * (W_down[e] glu(W_gate[e] x_t + b_gate[e], W_up[e] x_t + b_up[e]) + b_down[e]),
     e = topk_ids[t,j], on the kernels.
 
@@ -228,8 +239,9 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     sparse kernels run on its compressed storage); optional float expert biases gate_up_bias (E, 2F) and
     down_bias (E, H) (added in fp32); ``activation`` one of ``FUSED_ACTIVATIONS``' units as ``hare.activations``
     names them ("gpt-oss:alpha=A,limit=L", ...); all on one sm_90 device; ``unsupported`` says what else the kernels
-    need. Ids are not range-checked (``hare.moe`` does that unless told not to). ``config`` overrides the launch
-    plan. Returns (T, H) bf16. ``deterministic`` (default True): see the module docstring.
+    need. ``check_ids=True`` checks the ids on the device (the module docstring; ``hare.moe`` passes its own
+    ``check_ids``), else they are clamped into range unchecked. ``config`` overrides the launch plan. Returns (T, H)
+    bf16. ``deterministic`` (default True): see the module docstring.
     """
     from ..moe import check_moe_args
 
@@ -245,7 +257,7 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     if config is not None and not isinstance(config, LaunchConfig):
         raise InvalidArgumentError(f"config: expected a hare.gpu.LaunchConfig, got {type(config).__name__}")
     return run_fused_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation, deterministic, config,
-                         gate_up_bias, down_bias)
+                         gate_up_bias, down_bias, bool(check_ids))
 
 
 def _fp32(b: torch.Tensor | None) -> torch.Tensor | None:
@@ -253,68 +265,182 @@ def _fp32(b: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def run_fused_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str, deterministic: bool,
-                  config: LaunchConfig | None = None, gate_up_bias=None, down_bias=None) -> torch.Tensor:
+                  config: LaunchConfig | None = None, gate_up_bias=None, down_bias=None,
+                  check_ids: bool = False) -> torch.Tensor:
     """fused_moe on arguments already checked (``hare.moe`` calls this after its own pass; weights contiguous)."""
-    c = config or DEFAULT_CONFIG
-    args = (x, topk_ids, topk_weights, *_weight_parts(w_gate_up), *_weight_parts(w_down), _fp32(gate_up_bias),
-            _fp32(down_bias), activation, bool(deterministic), c.tile_n or 0, c.gateup_splits or 0,
-            c.down_splits or 0, c.raster or 0, c.programmatic_launch)
+    args = _op_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, deterministic, config, gate_up_bias,
+                    down_bias, check_ids)
     if torch.compiler.is_compiling():
         return torch.ops.hare.fused_moe(*args)
     # eager (and CUDA-graph capture): skip the custom-op dispatcher, which costs ~80 us per call in eager mode
     return _fused_moe_impl(*args)
 
 
+def run_eager(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str, deterministic: bool,
+              config: LaunchConfig | None = None, gate_up_bias=None, down_bias=None,
+              check_ids: bool = False) -> torch.Tensor:
+    """run_fused_moe where the caller knows it is not tracing for torch.compile (``hare.moe``'s eager path)."""
+    return _fused_moe_impl(*_op_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, deterministic,
+                                     config, gate_up_bias, down_bias, check_ids))
+
+
+def _op_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, deterministic, config, gate_up_bias,
+             down_bias, check_ids) -> tuple:
+    """The arguments of the custom op (``_fused_moe_impl``): each weight as its parts, the overrides as ints."""
+    c = config or DEFAULT_CONFIG
+    if isinstance(w_gate_up, BlockNM):
+        gu = (w_gate_up.values, w_gate_up.meta, w_gate_up.block_idx, w_gate_up.bw)
+    else:
+        gu = (w_gate_up, None, None, 0)
+    if isinstance(w_down, BlockNM):
+        dn = (w_down.values, w_down.meta, w_down.block_idx, w_down.bw)
+    else:
+        dn = (w_down, None, None, 0)
+    return (x, topk_ids, topk_weights, *gu, *dn, _fp32(gate_up_bias), _fp32(down_bias), activation,
+            bool(deterministic), c.tile_n or 0, c.gateup_splits or 0, c.down_splits or 0, c.raster or 0,
+            c.programmatic_launch, bool(check_ids))
+
+
 _plan = functools.lru_cache(maxsize=4096)(plan_moe)  # a plan is a pure function of its (hashable) arguments
 
+# ---- the prepared call ("program") ----
+# Sources of the pointers a call patches into its argument structs: the call's own tensors, then its workspace.
+_OUT, _X, _IDS, _WEIGHTS, _GU_BIAS, _D_BIAS, _WS = range(7)
+_WEIGHT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}  # LayoutParams codes
+_ALIGN = 256  # bytes: every region of the workspace starts on this
 
-def _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, gu_bw, w_down, d_meta, d_block_idx,
-                    d_bw, gate_up_bias, down_bias, activation: str, deterministic: bool, tile_n: int,
-                    gateup_splits: int, down_splits: int, raster: int, programmatic_launch: bool):
-    """Plan -> allocate -> launch. Each projection dense (meta None) or Block N:M (values, meta, block_idx, bw);
-    biases fp32 contiguous or None."""
+
+class _Ptr(NamedTuple):
+    """An argument-struct pointer a call patches: its source (_OUT ... _WS) plus a byte offset."""
+
+    source: int
+    offset: int = 0
+
+
+class _KernelLaunch(NamedTuple):
+    """One launch of a program: kernel, grid, threads, shared memory, TMA descriptors, and where its argument
+    struct lies in the program's argument buffer (bytes)."""
+
+    kernel: str
+    grid: int
+    block: int
+    smem: int
+    maps: tuple
+    offset: int
+    size: int
+
+
+class _CallBuffer:
+    """One argument buffer of a program: every struct of a call, filled from the program's template, with an 8-byte
+    word view for patching. It remembers the workspace its workspace pointers were patched for (a steady loop gets
+    the same one back from torch's allocator, so they are patched again only when it moves) and its void** arrays
+    (``_launch``)."""
+
+    __slots__ = ("data", "words", "ws", "kparams")
+
+    def __init__(self, template: bytes):
+        self.data = ctypes.create_string_buffer(template, len(template))
+        self.words = (ctypes.c_uint64 * (len(template) // 8)).from_buffer(self.data)
+        self.ws = None
+        self.kparams = None
+
+
+class _Program:
+    """Everything of a fused MoE call fixed by its shapes, weights, flags and device: the plan, the workspace layout,
+    the launches with their TMA descriptors, and their argument structs packed once (``template``). A call
+    allocates its output and one workspace, patches the pointers that change (the call's tensors: x, the ids, the
+    routing weights, the output, the biases; the workspace regions, when the workspace moved) into a pooled buffer,
+    and launches."""
+
+    def __init__(self, plan, launches, pdl, template, patches, ws_bytes, regions, host_layout):
+        self.plan, self.launches, self.pdl, self.template = plan, tuple(launches), pdl, template
+        self.ws_bytes, self.regions, self.host_layout = ws_bytes, regions, host_layout
+        # (8-byte word of the buffer, source) of each patched pointer; workspace ones carry their byte offset
+        self.call_words = tuple((o // 8, p.source) for o, p in patches if p.source != _WS)
+        self.ws_words = tuple((o // 8, p.offset) for o, p in patches if p.source == _WS)
+        self.handles = {}  # per stream: the launches' functions and launch configs (``_launch``)
+        self.pool: list[_CallBuffer] = []
+
+    def buffer(self) -> _CallBuffer:
+        return self.pool.pop() if self.pool else _CallBuffer(self.template)
+
+    def release(self, buf: _CallBuffer) -> None:
+        if len(self.pool) < 4:
+            self.pool.append(buf)
+
+
+def _pack(s, values: dict, base: int, patches: list) -> bytes:
+    """Struct `s` (a plan.py table) with `values` by field name; _Ptr values are packed as 0 and their byte
+    offsets (from `base`, the struct's place in the buffer) appended to `patches`."""
+    at, packed = base, []
+    for ctype, name, _ in s.fields:
+        v = values[name]
+        if isinstance(v, _Ptr):
+            patches.append((at, v))
+            v = 0
+        packed.append(v)
+        at += 4 if ctype in ("int", "float") else 8
+    return s.pack(*packed)
+
+
+def _build_program(mod, T, k, E, H, F, gu_parts, dn_parts, activation, deterministic, config, ids_is_64,
+                   weights_code, has_gu_bias, has_d_bias, check_ids) -> _Program:
     from . import _launch
 
-    T, H = x.shape
-    E, F2, _ = w_gate_up.shape
-    F, k, dev = F2 // 2, topk_ids.shape[1], x.device
-    out = torch.empty(T, H, dtype=torch.bfloat16, device=dev)
-    if T == 0:
-        return out
-    mod = _launch.module(dev)
-    stream, R = _launch.current_stream(dev), T * k
-    gu = WeightFormat.of(H, gu_block_idx, gu_bw)
-    dn = WeightFormat.of(F, d_block_idx, d_bw)
-    config = LaunchConfig(tile_n or None, gateup_splits or None, down_splits or None, raster or None,
-                          programmatic_launch)
+    (w_gate_up, gu_meta, gu_block_idx, gu_bw), (w_down, d_meta, d_block_idx, d_bw) = gu_parts, dn_parts
+    F2, R = 2 * F, T * k
+    gu, dn = WeightFormat.of(H, gu_block_idx, gu_bw), WeightFormat.of(F, d_block_idx, d_bw)
     plan = _plan(T, k, E, H, F, gu, dn, activation, deterministic, mod.num_sms, config)
-    pdl, n, slots = plan.programmatic_launch, plan.tile_n, plan.slots
-    if plan.layout.on_device:
-        lbuf = torch.empty(plan.layout.total, dtype=torch.int32, device=dev)
-        _launch_layout(mod, stream, pdl, _prep_ids(topk_ids), E, n, R, slots, plan.layout, lbuf.data_ptr())
-        lay = DeviceLayout.of(plan.layout, lbuf.data_ptr())
-    else:
-        fields = dict(zip(LayoutPlan.FIELDS, layout_into(topk_ids, E, n)))
-        lay = DeviceLayout(*(fields[f].data_ptr() for f in DeviceLayout._fields))
-    if not x.is_contiguous():
-        x = x.contiguous()
-    wts = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
-    if not wts.is_contiguous():
-        wts = wts.contiguous()
-    ws = torch.empty(plan.workspace_elements, dtype=torch.bfloat16, device=dev)
-    h_ptr = ws.data_ptr()
+    n, slots, lay = plan.tile_n, plan.slots, plan.layout
+
+    # the workspace: layout fields (int32), fp32 routing weights, bf16 h then Y, fp32 gate/up partials, fp32 acc
+    regions, at = {}, 0
+    for name, nbytes in (("layout", 4 * lay.total), ("weights", 4 * R), ("h", 2 * plan.workspace_elements),
+                         ("partial", 4 * plan.partial_elements), ("acc", 0 if deterministic else 4 * T * H)):
+        regions[name] = at
+        at += -(-nbytes // _ALIGN) * _ALIGN
+    ws = lambda region, offset=0: _Ptr(_WS, regions[region] + offset)  # noqa: E731
+    field = lambda f: ws("layout", 4 * lay.offset(f))  # noqa: E731
+    h, wts = ws("h"), ws("weights")
+
+    launches, structs, patches = [], [], []
+
+    def add(kernel, grid, block, smem, maps, s, values, shared_with=None):
+        if shared_with is None:
+            offset = sum(len(b) for b in structs)
+            structs.append(_pack(s, values, offset, patches))
+        else:
+            offset = shared_with
+        launches.append(_KernelLaunch(kernel, grid, block, smem, tuple(maps), offset, s.size))
+        return offset
+
+    if lay.on_device:
+        layout_values = dict(topk_ids=_Ptr(_IDS), ticket=mod.ticket.data_ptr(), weights_in=_Ptr(_WEIGHTS),
+                             weights_out=wts, first_bad=mod.first_bad.data_ptr(), status=mod.status_ptr,
+                             ids_is_64=int(ids_is_64), num_rows=R, top_k=k, num_experts=E, block=n, num_slots=slots,
+                             tile_items=LAYOUT_TILE_ITEMS, num_tiles=lay.num_tiles, weights_dtype=weights_code,
+                             check_ids=int(check_ids), **{f: field(f) for f in LayoutPlan.FIELDS})
+        at_layout = None
+        for kl in (lay.count, lay.scatter):  # both kernels read the one struct
+            if kl is not None:
+                at_layout = add(kl.kernel, kl.grid, SMALL_THREADS, kl.smem, (), LAYOUT_PARAMS, layout_values,
+                                at_layout)
 
     alpha, limit = plan.glu_args
 
-    def gemm(launch, fmt, maps, block_idx, bias, b_src, out_ptr, split_stride, K, M, rows_per_expert, box1, m_tile,
-             num_m, box1_panel_offset):
-        p = _launch.params(GEMM_PARAMS, b_src, out_ptr, lay.gather_index, lay.row_assignment, wts.data_ptr(),
-                           lay.block_expert, lay.block_start, lay.block_height, lay.num_blocks,
-                           0 if block_idx is None else block_idx.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                           split_stride, K, M, rows_per_expert, box1, m_tile, num_m, launch.splits,
-                           launch.k_per_split, k, R, launch.raster, fmt.k_stages, fmt.kept, fmt.bw_log2, fmt.panels,
-                           box1_panel_offset, int(fmt.shared_b), E, slots, alpha, limit)
-        mod.launch(launch.kernel, launch.grid, GEMM_THREADS, launch.smem, stream, pdl, *maps, p)
+    def gemm(launch, fmt, maps, block_idx, bias, b_src, out, split_stride, K, M, rows_per_expert, box1, m_tile, num_m,
+             box1_panel_offset):
+        values = dict(b_src=b_src, out=out, gather_index=field("gather_index"),
+                      row_assignment=field("row_assignment"), topk_weights=wts, block_expert=field("block_expert"),
+                      block_start=field("block_start"), block_height=field("block_height"),
+                      num_blocks=field("num_blocks"), block_idx=0 if block_idx is None else block_idx.data_ptr(),
+                      bias=bias, out_split_stride=split_stride, K=K, M=M, a_rows_per_expert=rows_per_expert,
+                      a_box1_offset=box1, m_tile=m_tile, num_m=num_m, splits=launch.splits,
+                      k_blocks_per_split=launch.k_per_split, top_k=k, num_rows=R, group=launch.raster,
+                      k_stages=fmt.k_stages, kept=fmt.kept, bw_log2=fmt.bw_log2, panels=fmt.panels,
+                      box1_panel_offset=box1_panel_offset, shared_b=int(fmt.shared_b), num_experts=E,
+                      num_slots=slots, act_alpha=alpha, act_limit=limit)
+        add(launch.kernel, launch.grid, GEMM_THREADS, launch.smem, maps, GEMM_PARAMS, values)
 
     def maps(w, meta, out_rows, K):
         if meta is None:
@@ -323,34 +449,171 @@ def _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx,
 
     # gate/up: h (R, F) = act(x[g] W_gate^T) * (x[g] W_up^T), expert-sorted rows; split: fp32 partials, then combine
     g = plan.gate_up
-    gu_maps = maps(w_gate_up, gu_meta, F2, H)
+    gu_bias = _Ptr(_GU_BIAS) if has_gu_bias else 0
+    gu_args = (maps(w_gate_up, gu_meta, F2, H), gu_block_idx, gu_bias, _Ptr(_X))
     # box 1 is up panel m: panel P/2 + m (halves layout, or ffn a multiple of 128)
-    gu_args = (gu_maps, gu_block_idx, gate_up_bias, x.data_ptr())
     gu_shape = (H, F, F2, F, 128, -(-F // 128), gu.panels // 2)
     if plan.glu_combine is None:
-        gemm(g, gu, *gu_args, h_ptr, 0, *gu_shape)
+        gemm(g, gu, *gu_args, h, 0, *gu_shape)
     else:
-        part = torch.empty(plan.partial_elements, dtype=torch.float32, device=dev)
-        gemm(g, gu, *gu_args, part.data_ptr(), R * F2, *gu_shape)
+        gemm(g, gu, *gu_args, ws("partial"), R * F2, *gu_shape)
         c = plan.glu_combine
-        mod.launch(c.kernel, c.grid, SMALL_THREADS, c.smem, stream, pdl,
-                   _launch.params(GLU_COMBINE_PARAMS, part.data_ptr(), h_ptr, R * F2, R, F, g.splits, alpha, limit))
+        add(c.kernel, c.grid, SMALL_THREADS, c.smem, (), GLU_COMBINE_PARAMS,
+            dict(part=ws("partial"), h=h, split_stride=R * F2, num_rows=R, ffn=F, splits=g.splits, alpha=alpha,
+                 limit=limit))
 
     # down: y = (h W_down^T) * routing weight, back in token order
     d = plan.down
-    d_maps = maps(w_down, d_meta, H, F)
+    d_args = (maps(w_down, d_meta, H, F), d_block_idx, _Ptr(_D_BIAS) if has_d_bias else 0, h)
+    d_shape = (F, H, H, 128, 256, -(-H // 256), 1)
     if deterministic:
-        y_ptr = out.data_ptr() if plan.direct else h_ptr + 2 * R * F  # Y follows h in the workspace
-        gemm(d, dn, d_maps, d_block_idx, down_bias, h_ptr, y_ptr, R * H, F, H, H, 128, 256, -(-H // 256), 1)
+        y = _Ptr(_OUT) if plan.direct else ws("h", 2 * R * F)  # Y follows h in the workspace
+        gemm(d, dn, *d_args, y, R * H, *d_shape)
         if plan.combine is not None:
             c = plan.combine
-            mod.launch(c.kernel, c.grid, SMALL_THREADS, c.smem, stream, pdl,
-                       _launch.params(COMBINE_PARAMS, y_ptr, out.data_ptr(), R * H, T, H, k, d.splits))
+            add(c.kernel, c.grid, SMALL_THREADS, c.smem, (), COMBINE_PARAMS,
+                dict(y=y, out=_Ptr(_OUT), split_stride=R * H, num_tokens=T, hidden=H, top_k=k, splits=d.splits))
     else:
-        acc = torch.zeros(T, H, dtype=torch.float32, device=dev)
-        gemm(d, dn, d_maps, d_block_idx, down_bias, h_ptr, acc.data_ptr(), 0, F, H, H, 128, 256, -(-H // 256), 1)
-        out.copy_(acc)
+        gemm(d, dn, *d_args, ws("acc"), 0, *d_shape)
+    return _Program(plan, launches, plan.programmatic_launch, b"".join(structs), patches, max(at, _ALIGN), regions,
+                    not lay.on_device)
+
+
+_programs: dict[tuple, _Program] = {}
+_PROGRAMS_MAX = 8192
+
+
+def _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, gu_bw, w_down, d_meta, d_block_idx,
+                    d_bw, gate_up_bias, down_bias, activation: str, deterministic: bool, tile_n: int,
+                    gateup_splits: int, down_splits: int, raster: int, programmatic_launch: bool,
+                    check_ids: bool = False):
+    """Program -> allocate -> patch -> launch. Each projection dense (meta None) or Block N:M (values, meta,
+    block_idx, bw); biases fp32 contiguous or None."""
+    from . import _launch
+
+    T, H = x.shape
+    dev = x.device
+    out = torch.empty(T, H, dtype=torch.bfloat16, device=dev)
+    if T == 0:
+        return out
+    mod = _launch.module(dev)
+    status = mod.status
+    if status[0] != status[1] and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _raise_bad_ids(mod, dev)  # an earlier call's bad ids (the record is read at the next eager call)
+    E, F2, _ = w_gate_up.shape
+    k = topk_ids.shape[1]
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        topk_ids = topk_ids.to(torch.int32)
+    if not topk_ids.is_contiguous():
+        topk_ids = topk_ids.contiguous()
+    if not topk_weights.is_contiguous():
+        topk_weights = topk_weights.contiguous()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    ids_is_64 = topk_ids.dtype == torch.int64
+    weights_code = _WEIGHT_DTYPES[topk_weights.dtype]
+    key = (dev.index, T, k, E, H, F2, w_gate_up.data_ptr(), w_down.data_ptr(),
+           None if gu_meta is None else (gu_meta.data_ptr(), gu_block_idx.data_ptr(), gu_block_idx.shape, gu_bw),
+           None if d_meta is None else (d_meta.data_ptr(), d_block_idx.data_ptr(), d_block_idx.shape, d_bw),
+           activation, deterministic, tile_n, gateup_splits, down_splits, raster, programmatic_launch, ids_is_64,
+           weights_code, gate_up_bias is None, down_bias is None, check_ids)
+    prog = _programs.get(key)
+    if prog is None:
+        config = LaunchConfig(tile_n or None, gateup_splits or None, down_splits or None, raster or None,
+                              programmatic_launch)
+        prog = _build_program(mod, T, k, E, H, F2 // 2, (w_gate_up, gu_meta, gu_block_idx, gu_bw),
+                              (w_down, d_meta, d_block_idx, d_bw), activation, deterministic, config, ids_is_64,
+                              weights_code, gate_up_bias is not None, down_bias is not None, check_ids)
+        if len(_programs) >= _PROGRAMS_MAX:
+            _programs.clear()
+        _programs[key] = prog
+    ws = torch.empty(prog.ws_bytes, dtype=torch.uint8, device=dev)
+    ws_ptr = ws.data_ptr()
+    if prog.host_layout:  # very large T*k*E: the torch-ops layout (whose id check syncs with the host when eager)
+        _host_layout(prog, ws, topk_ids, topk_weights, E)
+    if not deterministic:
+        ws[prog.regions["acc"]:prog.regions["acc"] + 4 * T * H].view(torch.float32).zero_()
+    buf = prog.buffer()
+    try:
+        words = buf.words
+        if buf.ws != ws_ptr:
+            for i, offset in prog.ws_words:
+                words[i] = ws_ptr + offset
+            buf.ws = ws_ptr
+        sources = (out.data_ptr(), x.data_ptr(), topk_ids.data_ptr(), topk_weights.data_ptr(),
+                   0 if gate_up_bias is None else gate_up_bias.data_ptr(),
+                   0 if down_bias is None else down_bias.data_ptr())
+        for i, source in prog.call_words:
+            words[i] = sources[source]
+        mod.run(prog, _launch.current_stream(dev), buf)
+    finally:
+        prog.release(buf)
+    if not deterministic:
+        out.copy_(ws[prog.regions["acc"]:prog.regions["acc"] + 4 * T * H].view(torch.float32).view(T, H))
     return out
+
+
+def _host_layout(prog: _Program, ws: torch.Tensor, topk_ids, topk_weights, E: int) -> None:
+    """The layout of hare.routing.route and the fp32 routing weights written into the workspace with torch ops (the
+    layouts too large for the layout kernels' shared memory)."""
+    lay, R = prog.plan.layout, prog.plan.rows
+    ints = ws[prog.regions["layout"]:prog.regions["layout"] + 4 * lay.total].view(torch.int32)
+    ref = route(topk_ids, E, prog.plan.tile_n)
+    for name, start in zip(LayoutPlan.FIELDS[:9], lay.offsets):
+        value = getattr(ref, name).reshape(-1)
+        ints[start:start + value.numel()].copy_(value)
+    w = prog.regions["weights"]
+    ws[w:w + 4 * R].view(torch.float32).copy_(topk_weights.reshape(-1))
+
+
+def _raise_bad_ids(mod, device) -> None:
+    """Raise (and mark raised) the pending record of the id check on `device`."""
+    from . import _launch as L
+
+    st = mod.status
+    errors, reported = st[L.STATUS_ERRORS], st[L.STATUS_REPORTED]
+    rec = [st[i] for i in range(L.STATUS_WORDS)]
+    st[L.STATUS_REPORTED] = errors
+    raise InvalidArgumentError(bad_ids_message(rec, errors - reported, reported, device))
+
+
+def bad_ids_message(rec, bad_calls: int, reported: int, device) -> str:
+    """The message of the id check's record `rec` (status words; ``bad_calls`` calls with bad ids not yet raised)."""
+    from . import _launch as L
+
+    where = f"an earlier hare.moe call on {device}"
+    more = f"; {bad_calls - 1} later call(s) had bad ids too" if bad_calls > 1 else ""
+    if rec[L.STATUS_SEQ] != reported or rec[L.STATUS_CODE] not in (L.ID_OUT_OF_RANGE, L.ID_REPEATED):
+        return (f"topk_ids: {bad_calls} earlier hare.moe call(s) on {device} had bad expert ids (out of range, or "
+                "one expert twice in a token); their outputs are NaN")
+    token, slot, value, E = rec[L.STATUS_TOKEN], rec[L.STATUS_SLOT], rec[L.STATUS_VALUE], rec[L.STATUS_EXPERTS]
+    shape = f"{rec[L.STATUS_TOKENS]} tokens, top-{rec[L.STATUS_TOP_K]}"
+    if rec[L.STATUS_CODE] == L.ID_OUT_OF_RANGE:
+        what = f"token {token}, slot {slot}: expert id {value} is not in [0, {E})"
+    else:
+        what = f"token {token} is routed to expert {value} twice (slots {rec[L.STATUS_OTHER_SLOT]} and {slot})"
+    return f"topk_ids: {what}, in {where} ({shape}); its output is NaN{more}"
+
+
+def check_errors(device=None, synchronize: bool = True) -> None:
+    """Raise ``InvalidArgumentError`` for bad ``topk_ids`` that an earlier ``hare.moe`` call on ``device`` (default:
+    the current CUDA device) found with ``check_ids=True`` on the kernels and that no call has raised yet.
+    ``synchronize`` (default True) waits for the device first, so every call made before is covered; without it
+    only the calls already finished are. Nothing to do where no kernel ran."""
+    launch = sys.modules.get(__name__ + "._launch")  # never imported: no kernel ran in this process
+    if launch is None:
+        return
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device)
+    mod = launch.loaded(device)
+    if mod is None:
+        return
+    if synchronize:
+        torch.cuda.synchronize(device)
+    status = mod.status
+    if status[0] != status[1]:
+        _raise_bad_ids(mod, device)
 
 
 # ------------------------------------------------------------------------------------------- torch.library
@@ -378,13 +641,13 @@ def _fused_moe_op(
     gu_meta: torch.Tensor | None, gu_block_idx: torch.Tensor | None, gu_bw: int, w_down: torch.Tensor,
     d_meta: torch.Tensor | None, d_block_idx: torch.Tensor | None, d_bw: int, gate_up_bias: torch.Tensor | None,
     down_bias: torch.Tensor | None, activation: str, deterministic: bool, tile_n: int, gateup_splits: int,
-    down_splits: int, raster: int, programmatic_launch: bool,
+    down_splits: int, raster: int, programmatic_launch: bool, check_ids: bool,
 ) -> torch.Tensor:
     """Dense weights: meta and block_idx None; Block N:M weights: their values, meta, block_idx and bw; biases fp32
-    or None. The launch overrides are LaunchConfig's fields, 0 for None."""
+    or None. The launch overrides are LaunchConfig's fields, 0 for None; check_ids: the device-side id check."""
     return _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, gu_bw, w_down, d_meta,
                            d_block_idx, d_bw, gate_up_bias, down_bias, activation, deterministic, tile_n,
-                           gateup_splits, down_splits, raster, programmatic_launch)
+                           gateup_splits, down_splits, raster, programmatic_launch, check_ids)
 
 
 @_fused_moe_op.register_fake

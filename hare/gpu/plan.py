@@ -368,6 +368,10 @@ LAYOUT_PARAMS = ParamStruct("LayoutParams", (
                                    ("block_start", "(B,)"), ("block_height", "(B,)"), ("num_blocks", "(1,)"),
                                    ("tile_base", "(num_tiles, E) workspace"))),
     ("unsigned int*", "ticket", "(1,) zero at first use; the last CTA resets it"),
+    ("const void*", "weights_in", "(R,) the caller's routing weights (weights_dtype), or null"),
+    ("float*", "weights_out", "(R,) the same as fp32, for the down GEMM (all NaN after a bad id), or null"),
+    ("int*", "first_bad", "(1,) INT_MAX at rest: the first bad id's flat index (check_ids); the last CTA resets it"),
+    ("long long*", "status", "the device's host-mapped error record (check_ids; layout.cuh StatusWord)"),
     ("int", "ids_is_64", ""),
     ("int", "num_rows", ""),
     ("int", "top_k", ""),
@@ -376,6 +380,8 @@ LAYOUT_PARAMS = ParamStruct("LayoutParams", (
     ("int", "num_slots", ""),
     ("int", "tile_items", "kLayoutTileItems (checked)"),
     ("int", "num_tiles", ""),
+    ("int", "weights_dtype", "weights_in: 0 fp32, 1 bf16, 2 fp16, 3 fp64"),
+    ("int", "check_ids", "1: check every id (range, repeats within a token), record the first bad one"),
 ))
 COMBINE_PARAMS = ParamStruct("CombineParams", (
     ("const __nv_bfloat16*", "y", "(splits, R, H) per-(token, slot) rows"),

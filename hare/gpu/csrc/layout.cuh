@@ -5,11 +5,23 @@
 //                 totals. The last CTA to finish (atomic ticket) scans: counts, offsets, per-tile bases,
 //                 row-block arrays (block_expert/start/height for all B slots), num_blocks, and resets the ticket.
 //                 With a single tile (R <= 2048) that CTA also assigns the rows and layout_scatter is skipped.
+//                 For the fused MoE it also writes the routing weights as fp32 (weights_in -> weights_out, any
+//                 float dtype), and with check_ids it checks every id (below).
 //   layout_scatter: one CTA per tile again; recomputes per-warp counts, turns them into bases and gives every
 //                 assignment its stable row: rows keep token order inside an expert, exactly as torch.sort(stable).
 // Shapes depend on (R, E, block) only; no host sync; graph-capturable.
+//
+// The id check (check_ids != 0; hare.gpu's module docstring has the whole design): every thread tests its ids for
+// a value outside [0, E) or an expert already named by an earlier slot of the same token, and sends the flat
+// index of a bad one to first_bad (atomicMin, so the first bad id wins whatever the CTA order; untouched when all
+// ids are good). The CTA that finishes the layout takes first_bad back to rest (atomicExch) and, when an id was
+// bad, writes its record into the host-mapped `status` record (no host sync: the host reads it at its next call)
+// and NaN into every fp32 routing weight, so the down GEMM makes the whole output NaN.
 #pragma once
+#include <climits>
 #include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include "common.cuh"
 #include "hare_params.cuh"
 
@@ -20,13 +32,102 @@ constexpr int kLayoutWarps = kLayoutThreads / 32;
 constexpr int kLayoutItemsPerLane = 8;  // a warp owns 256 consecutive assignments, a CTA 2048
 constexpr int kLayoutTileItems = kLayoutThreads * kLayoutItemsPerLane;
 
-// Expert id of assignment i. Ids come from the caller (unchecked with check_ids=False), and every index the
-// layout writes derives from them, so an id outside [0, E) is clamped into it: a bad id routes a row to a wrong
-// expert, never to memory outside the layout (the debug build reports it instead).
+// The caller's id of assignment i, as given.
+__device__ __forceinline__ long long raw_id(const LayoutParams& p, int i) {
+  return p.ids_is_64 ? static_cast<const long long*>(p.topk_ids)[i] : static_cast<const int*>(p.topk_ids)[i];
+}
+
+// Expert id of assignment i. Ids come from the caller, and every index the layout writes derives from them, so an
+// id outside [0, E) is clamped into it: a bad id routes a row to a wrong expert, never to memory outside the
+// layout. With check_ids the check below reports it (and the output is NaN); without, the debug build traps.
 __device__ __forceinline__ int load_id(const LayoutParams& p, int i) {
-  const long long id = p.ids_is_64 ? static_cast<const long long*>(p.topk_ids)[i] : static_cast<const int*>(p.topk_ids)[i];
-  HARE_DEVICE_CHECK(id >= 0 && id < p.num_experts, "topk_ids[%d] = %lld not in [0, %d)", i, id, p.num_experts);
+  const long long id = raw_id(p, i);
+  HARE_DEVICE_CHECK(p.check_ids || (id >= 0 && id < p.num_experts), "topk_ids[%d] = %lld not in [0, %d)", i, id,
+                    p.num_experts);
   return static_cast<int>(min(max(id, 0ll), static_cast<long long>(p.num_experts - 1)));
+}
+
+// ---- the id check (check_ids) ----
+constexpr int kNoBadId = INT_MAX;  // first_bad at rest
+// status record (long long words; hare/gpu/_launch.py STATUS_* reads them): the device counts bad calls in
+// kStatusErrors, the host counts the ones it raised in kStatusReported; the fields describe the first bad call not
+// yet raised and are written only while the two counts are equal (nothing pending), before the count moves on.
+enum StatusWord {
+  kStatusErrors = 0, kStatusReported = 1, kStatusCode = 2, kStatusToken = 3, kStatusSlot = 4, kStatusValue = 5,
+  kStatusOtherSlot = 6, kStatusExperts = 7, kStatusTokens = 8, kStatusTopK = 9, kStatusSeq = 10,
+};
+enum BadIdCode { kIdOutOfRange = 1, kIdRepeated = 2 };
+
+// 0 when assignment i's id is good, else its BadIdCode; *other = the earlier slot of its token naming the same
+// expert (kIdRepeated). An id is compared with the earlier slots of its token only: top-k reads per item.
+__device__ __forceinline__ int bad_id(const LayoutParams& p, int i, int* other) {
+  const long long id = raw_id(p, i);
+  if (id < 0 || id >= p.num_experts) return kIdOutOfRange;
+  const int first = i - i % p.top_k;
+  for (int s = first; s < i; ++s) {
+    if (raw_id(p, s) == id) {
+      *other = s - first;
+      return kIdRepeated;
+    }
+  }
+  return 0;
+}
+
+// This thread's ids of the tile (the items of layout_load_slice): the flat index of each bad one to first_bad.
+__device__ __forceinline__ void layout_check_slice(const LayoutParams& p, int begin) {
+  const int lane = threadIdx.x & 31;
+  int first_bad = kNoBadId, other;
+#pragma unroll
+  for (int j = 0; j < kLayoutItemsPerLane; ++j) {
+    const int i = begin + 32 * j + lane;
+    if (i < p.num_rows && first_bad == kNoBadId && bad_id(p, i, &other)) first_bad = i;
+  }
+  if (first_bad != kNoBadId) atomicMin(p.first_bad, first_bad);
+}
+
+// One thread: the record of bad assignment i into the host-mapped status words, unless an earlier bad call's
+// record is still pending; the count of bad calls moves on either way. Volatile stores to host memory, ordered for
+// the host by the system fence before the count.
+__device__ __forceinline__ void layout_record_bad_id(const LayoutParams& p, int i) {
+  volatile long long* r = p.status;
+  const long long errors = r[kStatusErrors];
+  if (errors == r[kStatusReported]) {
+    int other = -1;
+    r[kStatusCode] = bad_id(p, i, &other);
+    r[kStatusToken] = i / p.top_k;
+    r[kStatusSlot] = i % p.top_k;
+    r[kStatusValue] = raw_id(p, i);
+    r[kStatusOtherSlot] = other;
+    r[kStatusExperts] = p.num_experts;
+    r[kStatusTokens] = p.num_rows / p.top_k;
+    r[kStatusTopK] = p.top_k;
+    r[kStatusSeq] = errors;
+    __threadfence_system();
+  }
+  r[kStatusErrors] = errors + 1;
+  __threadfence_system();
+}
+
+// The CTA that finishes the layout: first_bad back to rest and, after a bad id, its record and NaN weights.
+__device__ __forceinline__ void layout_finish_check(const LayoutParams& p) {
+  __shared__ int bad;
+  if (threadIdx.x == 0) {
+    bad = atomicExch(p.first_bad, kNoBadId);
+    if (bad != kNoBadId) layout_record_bad_id(p, bad);
+  }
+  __syncthreads();
+  if (bad != kNoBadId && p.weights_out != nullptr)
+    for (int i = threadIdx.x; i < p.num_rows; i += kLayoutThreads) p.weights_out[i] = __int_as_float(0x7fc00000);
+}
+
+// Routing weight of assignment i as fp32 (weights_dtype: 0 fp32, 1 bf16, 2 fp16, 3 fp64).
+__device__ __forceinline__ float load_weight(const LayoutParams& p, int i) {
+  switch (p.weights_dtype) {
+    case 1: return __bfloat162float(static_cast<const __nv_bfloat16*>(p.weights_in)[i]);
+    case 2: return __half2float(static_cast<const __half*>(p.weights_in)[i]);
+    case 3: return static_cast<float>(static_cast<const double*>(p.weights_in)[i]);
+    default: return static_cast<const float*>(p.weights_in)[i];
+  }
 }
 
 // Loads this warp's slice of expert ids (lane l holds items begin + 32 j + l), -1 past the end.
@@ -139,6 +240,15 @@ __device__ __forceinline__ void layout_count(const LayoutParams& p) {
   const int E = p.num_experts;
   int ids[kLayoutItemsPerLane], begin;
   layout_load_slice(p, ids, begin);
+  if (p.check_ids) layout_check_slice(p, begin);
+  if (p.weights_out != nullptr) {  // this thread's items, coalesced across the warp
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int j = 0; j < kLayoutItemsPerLane; ++j) {
+      const int i = begin + 32 * j + lane;
+      if (i < p.num_rows) p.weights_out[i] = load_weight(p, i);
+    }
+  }
   layout_warp_histogram(p, sh, ids);
   const int T = p.num_tiles;
   const bool single = T == 1;  // one tile (R <= 2048): no other CTA, no global round trips
@@ -227,6 +337,7 @@ __device__ __forceinline__ void layout_count(const LayoutParams& p) {
     p.block_start[slot] = start;
     p.block_height[slot] = height;
   }
+  if (p.check_ids) layout_finish_check(p);  // after every CTA's checks and weights (the ticket orders them)
   if (single) {  // finish here, no layout_scatter launch
     __syncthreads();
     layout_assign(p, sh, ids, begin, [&](int e) { return cnt[e]; });
