@@ -267,6 +267,21 @@ def bench_kernels(ctx: typer.Context):
     kernels_main(ctx.args)
 
 
+@bench_app.command(name="overhead")
+def bench_overhead(tokens: str = typer.Option("1,16,64,128", help="comma-separated token counts"),
+                   densities: str = typer.Option("1.0,0.25", help="comma-separated: 1.0 dense, Block N:M densities"),
+                   out_json: Path = typer.Option(None, help="default: bench/results/overhead_<gpu>.json")):
+    """Eager hare.moe host and wall time per call beside its CUDA-graph replay, check_ids on and off (GPU)."""
+    from .bench import overhead
+
+    tokens_, densities_ = _csv(tokens, int, "tokens"), _csv(densities, float, "densities")
+    if any(t < 1 for t in tokens_) or any(d != 1.0 and d not in overhead.RATIOS for d in densities_):
+        raise InvalidArgumentError(f"tokens must be >= 1 and densities 1.0 or one of {sorted(overhead.RATIOS)}")
+    if not torch_cuda_available():
+        raise HareError("hare bench overhead needs a CUDA GPU (sm_90: H100/H200)")
+    overhead.run(tokens=tokens_, densities=densities_, out_json=out_json or overhead.default_out_json())
+
+
 @bench_app.command(name="ep")
 def bench_ep(gpus: int = typer.Option(None, min=1, help="processes, one per GPU (default: all GPUs)"),
              out_json: Path = typer.Option(None, help="default on GPUs: bench/results/ep_<gpu>x<N>.json"),
