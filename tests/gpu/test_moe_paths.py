@@ -113,21 +113,24 @@ def test_patched_model_on_gpu_generates_the_same_with_and_without_cuda_graphs():
 @pytest.mark.parametrize("bm", [None, 2])
 def test_patched_gpt_oss_and_llama4_on_the_gpu_run_the_kernels_and_keep_their_logits(arch, overrides, bm):
     """Dense: the patched model's logits equal the original's. Pruned to 25%: they equal the same pruned model's in
-    float64 on the CPU reference path, as closely as the unpatched bf16 model's equal its float64 run (the bf16
-    noise floor of the whole model, attention included)."""
+    float64 on the CPU reference path, as closely as that model's bf16 run on the reference path does (its own bf16
+    noise, attention included: a pruned tiny Llama-4 is off by ~8% in bf16 on any path)."""
     model = tiny_model(arch, **overrides).to("cuda", torch.bfloat16)
     ids = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(0)).cuda()
     with torch.no_grad():
         ref = model(ids).logits.float()
-        floor = rel_err(ref.cpu(), copy.deepcopy(model).cpu().double()(ids.cpu()).logits)
         patch(model, bn=1 if bm else None, bm=bm)
         experts = next(iter(experts_modules(model).values()))
         probe = torch.empty(1, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
         assert backend(probe, experts.weight("gate_up"), experts.weight("down"), experts.activation)[0] == "hopper"
         out = model(ids).logits
-        if bm:  # the same pruned model on the CPU reference path, in float64
-            ref = copy.deepcopy(model).cpu().double()(ids.cpu()).logits
-    assert rel_err(out.cpu(), ref.cpu()) < (2e-2 if not bm else max(3e-2, 2 * floor))
+        if not bm:
+            assert rel_err(out, ref) < 2e-2
+            return
+        cpu = copy.deepcopy(model).cpu()
+        f64 = copy.deepcopy(cpu).double()(ids.cpu()).logits
+        floor = rel_err(cpu(ids.cpu()).logits, f64)
+    assert rel_err(out.cpu(), f64) < max(3e-2, 1.5 * floor)
 
 
 @pytest.mark.parametrize("bm", [None, 2])
