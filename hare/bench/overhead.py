@@ -3,8 +3,10 @@
 Issue 13's decode case: Qwen3-30B-A3B's expert sizes (hidden 2048, ffn 768) with 32 experts, top-4, at 1, 16,
 64 and 128 tokens, dense and at 25% density (Block N:M 1:2, bw 16), each with ``check_ids`` on and off. Per case:
 
-* ``host_us``   the Python call alone, no sync: the mean over a batch of calls (a sync between batches, outside
-                the clock, keeps the launch queue from filling), median over the batches;
+* ``host_us``   the Python call alone, issued on an idle GPU (a sync before it, outside the clock), median over
+                calls: the host's own cost;
+* ``batch_us``  the mean per call over a batch of calls without a sync (a sync between batches, outside the clock),
+                median over batches: where the GPU is slower than the host, the launch queue's back-pressure shows;
 * ``wall_us``   the call followed by ``torch.cuda.synchronize()``, mean per call;
 * ``graph_us``  one call captured as a CUDA graph and replayed (``toolkit.Timer``: CUDA events, L2 flushed).
 
@@ -34,7 +36,8 @@ TARGET_HOST_US, TARGET_CHECK_US = 40.0, 10.0
 
 
 def host_us(fn, sync, batches: int = 30, per: int = 20) -> float:
-    """Host time of one ``fn()`` in us: median over `batches` of the mean over `per` calls, synced between batches."""
+    """Host time of one ``fn()`` in us: median over `batches` of the mean over `per` calls, synced between batches
+    (per=1: each call on an idle GPU)."""
     fn()
     sync()
     times = []
@@ -94,13 +97,14 @@ def run(shapes=None, tokens=TOKENS, densities=DENSITIES, out_json=None, device="
                     outs[check] = fn()
                     rec = {"bench": "overhead", "case": f"{name}/T{T}/d{density:g}/check{int(check)}", "shape": name,
                            "hidden": H, "ffn": F, "experts": E, "top_k": k, "tokens": T, "density": density,
-                           "check_ids": check, "host_us": host_us(fn, sync, batches, per),
+                           "check_ids": check, "host_us": host_us(fn, sync, batches * per, 1),
+                           "batch_us": host_us(fn, sync, batches, per),
                            "wall_us": wall_us(fn, sync, calls) if cuda else None,
                            "graph_us": timer.time_graph(fn) * 1e3 if cuda else None}
                     records.append(rec)
                     print(f"{name:20s} T={T:<4d} density {density:<5g} check_ids={int(check)}  host "
-                          f"{rec['host_us']:7.1f} us  wall {rec['wall_us'] or 0:7.1f} us  graph "
-                          f"{rec['graph_us'] or 0:7.1f} us", flush=True)
+                          f"{rec['host_us']:7.1f} us  batch {rec['batch_us']:7.1f} us  wall "
+                          f"{rec['wall_us'] or 0:7.1f} us  graph {rec['graph_us'] or 0:7.1f} us", flush=True)
                 if not torch.equal(outs[True], outs[False]):
                     raise RuntimeError(f"{name} T={T} density {density}: check_ids changed the output")
     return write_results(dev, summary(records), records, out_json,
