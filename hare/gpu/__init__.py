@@ -65,7 +65,7 @@ from .plan import (COMBINE_PARAMS, DEFAULT_CONFIG, FUSED_ACTIVATIONS, GEMM_PARAM
                    LAYOUT_PARAMS, LAYOUT_TILE_ITEMS, SMALL_THREADS, GEMM_THREADS, LaunchConfig, LayoutPlan,
                    WeightFormat, choose_block_n, gated_unit, layout_plan, plan_moe)
 
-__all__ = ["availability", "unsupported", "build_layout", "fused_moe", "LaunchConfig", "choose_block_n",
+__all__ = ["availability", "unsupported", "build_layout", "fused_moe", "check_errors", "LaunchConfig", "choose_block_n",
            "FUSED_ACTIVATIONS", "K_ALIGN"]
 
 
