@@ -40,6 +40,22 @@ def _inputs(T, k=K, experts=E, skew=0.0, dtype=torch.int64):
     return x, ids.to(dtype), w
 
 
+def _capture(x, ids, w, wgu, wd, warm_up=True):
+    """hare.moe on a copy of the ids captured as a CUDA graph (after a warm-up call on a side stream): (graph, the
+    captured ids, the output each replay rewrites)."""
+    sids = ids.clone()
+    if warm_up:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            hare.moe(x, sids, w, wgu, wd)
+        torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = hare.moe(x, sids, w, wgu, wd)
+    return graph, sids, out
+
+
 def _good_call(x, ids, w, wgu, wd, **kw):
     out = hare.moe(x, ids, w, wgu, wd, **kw)
     torch.cuda.synchronize()
@@ -98,10 +114,7 @@ def test_bad_calls_while_one_is_pending_are_counted(weights):
     wgu, wd = weights
     x, ids, w = _inputs(32)
     _good_call(x, ids, w, wgu, wd)
-    sids = ids.clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        hare.moe(x, sids, w, wgu, wd)
+    graph, sids, _ = _capture(x, ids, w, wgu, wd)
     sids[4, 0] = E
     graph.replay()
     sids[4, 0], sids[9, 1] = ids[4, 0], -1
@@ -157,15 +170,7 @@ def test_a_captured_graph_checks_each_replay(weights):
     wgu, wd = weights
     x, ids, w = _inputs(64)
     eager = _good_call(x, ids, w, wgu, wd)  # loads the kernels before capture
-    sx, sids, sw = x.clone(), ids.clone(), w.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        hare.moe(sx, sids, sw, wgu, wd)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = hare.moe(sx, sids, sw, wgu, wd)
+    graph, sids, out = _capture(x, ids, w, wgu, wd)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
@@ -192,10 +197,7 @@ def test_a_pending_error_does_not_break_a_capture_and_is_raised_after_it(weights
     bad[0, 0] = -2
     hare.moe(x, bad, w, wgu, wd)
     torch.cuda.synchronize()  # the record is there before the capture starts
-    sx, sids, sw = x.clone(), ids.clone(), w.clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = hare.moe(sx, sids, sw, wgu, wd)
+    graph, _, out = _capture(x, ids, w, wgu, wd, warm_up=False)  # an eager warm-up would raise it
     with pytest.raises(InvalidArgumentError, match="token 0, slot 0: expert id -2"):
         hare.moe(x, ids, w, wgu, wd)
     graph.replay()
