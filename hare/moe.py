@@ -165,9 +165,6 @@ def _cached_backend(x, w_gate_up, w_down, activation: str) -> tuple[str, str]:
     return path
 
 
-_run_eager = None  # hare.gpu.run_eager, imported at the first Hopper call
-
-
 def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_gate_up, w_down,
         activation: str = "silu", deterministic: bool = True, check_ids: bool = True, gate_up_bias=None,
         down_bias=None) -> torch.Tensor:
@@ -190,7 +187,6 @@ def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_g
     such as a model's own router (``hare.patch`` passes it); out-of-range ids then give wrong results (the kernels
     clamp them into range: never a bad memory access).
     """
-    global _run_eager
     compiling = torch.compiler.is_compiling()
     if compiling:  # traced: the plain passes (no caches to trace)
         check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, False, gate_up_bias, down_bias)
@@ -200,14 +196,10 @@ def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_g
             check_moe_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, False, gate_up_bias, down_bias)
         path, why = _cached_backend(x, w_gate_up, w_down, activation)
     if path == "hopper":  # arguments checked above, once: the kernels' unchecked entry (ids checked on the device)
-        if compiling:
-            from .gpu import run_fused_moe as run
-        else:
-            if _run_eager is None:
-                from .gpu import run_eager as _run_eager
-            run = _run_eager
-        return run(x, topk_ids, topk_weights, _contiguous(w_gate_up), _contiguous(w_down), activation, deterministic,
-                   None, gate_up_bias, down_bias, check_ids)
+        from .gpu import run_fused_moe
+
+        return run_fused_moe(x, topk_ids, topk_weights, _contiguous(w_gate_up), _contiguous(w_down), activation,
+                             deterministic, None, gate_up_bias, down_bias, check_ids)
     if check_ids:
         check_topk_ids(topk_ids, w_gate_up.shape[0])
     if x.is_cuda and why not in _warned:

@@ -146,15 +146,25 @@ def _prep_ids(topk_ids: torch.Tensor) -> torch.Tensor:
     return ids if ids.is_contiguous() else ids.contiguous()
 
 
+def _layout_values(mod, topk_ids, ids_is_64: bool, R: int, k: int, E: int, block: int, slots: int, lay: LayoutPlan,
+                   field, weights_in=0, weights_out=0, weights_code: int = 0, check_ids: bool = False) -> dict:
+    """The LayoutParams fields by name; `field(name)` gives each layout field's address (or its _Ptr)."""
+    return dict(topk_ids=topk_ids, ticket=mod.ticket.data_ptr(), weights_in=weights_in, weights_out=weights_out,
+                first_bad=mod.first_bad.data_ptr(), status=mod.status_ptr, ids_is_64=int(ids_is_64), num_rows=R,
+                top_k=k, num_experts=E, block=block, num_slots=slots, tile_items=LAYOUT_TILE_ITEMS,
+                num_tiles=lay.num_tiles, weights_dtype=weights_code, check_ids=int(check_ids),
+                **{f: field(f) for f in LayoutPlan.FIELDS})
+
+
 def _launch_layout(mod, stream: int, pdl: bool, ids: torch.Tensor, E: int, block: int, R: int, slots: int,
                    lay: LayoutPlan, base_ptr: int) -> None:
     """The layout kernels, writing the fields of `lay` into the int32 buffer at base_ptr."""
     from . import _launch
 
     # no routing weights, no id check (build_layout clamps ids, unchecked)
-    p = _launch.params(LAYOUT_PARAMS, ids.data_ptr(), *(base_ptr + 4 * o for o in lay.offsets), mod.ticket.data_ptr(),
-                       0, 0, mod.first_bad.data_ptr(), mod.status_ptr, 1 if ids.dtype == torch.int64 else 0, R,
-                       ids.shape[1], E, block, slots, LAYOUT_TILE_ITEMS, lay.num_tiles, 0, 0)
+    values = _layout_values(mod, ids.data_ptr(), ids.dtype == torch.int64, R, ids.shape[1], E, block, slots, lay,
+                            lambda f: base_ptr + 4 * lay.offset(f))
+    p = _launch.params(LAYOUT_PARAMS, *(values[name] for _, name, _ in LAYOUT_PARAMS.fields))
     for k in (lay.count, lay.scatter):
         if k is not None:
             mod.launch(k.kernel, k.grid, SMALL_THREADS, k.smem, stream, pdl, p)
@@ -276,29 +286,13 @@ def run_fused_moe(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str,
     return _fused_moe_impl(*args)
 
 
-def run_eager(x, topk_ids, topk_weights, w_gate_up, w_down, activation: str, deterministic: bool,
-              config: LaunchConfig | None = None, gate_up_bias=None, down_bias=None,
-              check_ids: bool = False) -> torch.Tensor:
-    """run_fused_moe where the caller knows it is not tracing for torch.compile (``hare.moe``'s eager path)."""
-    return _fused_moe_impl(*_op_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, deterministic,
-                                     config, gate_up_bias, down_bias, check_ids))
-
-
 def _op_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, deterministic, config, gate_up_bias,
              down_bias, check_ids) -> tuple:
     """The arguments of the custom op (``_fused_moe_impl``): each weight as its parts, the overrides as ints."""
     c = config or DEFAULT_CONFIG
-    if isinstance(w_gate_up, BlockNM):
-        gu = (w_gate_up.values, w_gate_up.meta, w_gate_up.block_idx, w_gate_up.bw)
-    else:
-        gu = (w_gate_up, None, None, 0)
-    if isinstance(w_down, BlockNM):
-        dn = (w_down.values, w_down.meta, w_down.block_idx, w_down.bw)
-    else:
-        dn = (w_down, None, None, 0)
-    return (x, topk_ids, topk_weights, *gu, *dn, _fp32(gate_up_bias), _fp32(down_bias), activation,
-            bool(deterministic), c.tile_n or 0, c.gateup_splits or 0, c.down_splits or 0, c.raster or 0,
-            c.programmatic_launch, bool(check_ids))
+    return (x, topk_ids, topk_weights, *_weight_parts(w_gate_up), *_weight_parts(w_down), _fp32(gate_up_bias),
+            _fp32(down_bias), activation, bool(deterministic), c.tile_n or 0, c.gateup_splits or 0,
+            c.down_splits or 0, c.raster or 0, c.programmatic_launch, bool(check_ids))
 
 
 _plan = functools.lru_cache(maxsize=4096)(plan_moe)  # a plan is a pure function of its (hashable) arguments
@@ -415,11 +409,8 @@ def _build_program(mod, T, k, E, H, F, gu_parts, dn_parts, activation, determini
         return offset
 
     if lay.on_device:
-        layout_values = dict(topk_ids=_Ptr(_IDS), ticket=mod.ticket.data_ptr(), weights_in=_Ptr(_WEIGHTS),
-                             weights_out=wts, first_bad=mod.first_bad.data_ptr(), status=mod.status_ptr,
-                             ids_is_64=int(ids_is_64), num_rows=R, top_k=k, num_experts=E, block=n, num_slots=slots,
-                             tile_items=LAYOUT_TILE_ITEMS, num_tiles=lay.num_tiles, weights_dtype=weights_code,
-                             check_ids=int(check_ids), **{f: field(f) for f in LayoutPlan.FIELDS})
+        layout_values = _layout_values(mod, _Ptr(_IDS), ids_is_64, R, k, E, n, slots, lay, field, _Ptr(_WEIGHTS), wts,
+                                       weights_code, check_ids)
         at_layout = None
         for kl in (lay.count, lay.scatter):  # both kernels read the one struct
             if kl is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from ..activations import glu_parameters
 from ..errors import InvalidArgumentError
 from ..routing import max_blocks
 
@@ -61,8 +62,6 @@ def kernel_names() -> tuple[str, ...]:
 def gated_unit(activation: str) -> tuple[str, float, float]:
     """(kernel-name part, alpha, limit) of a fused gated unit named as hare.activations names it (parameters the
     unit does not take are 0). InvalidArgumentError for a unit the kernels do not fuse."""
-    from ..activations import glu_parameters
-
     try:
         family, params = glu_parameters(activation)
     except ValueError as e:
