@@ -42,16 +42,17 @@ def test_all_kernels_compile_for_sm90a(tmp_path):
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 def test_shared_memory_of_every_gemm_variant_matches_the_plan(tmp_path):
-    """The plan's shared-memory size for each GEMM variant equals GemmConfig<BN, SPARSE>::kSmemBytes, read back from a
-    host program compiled against the kernel headers (the kernel traps if launched with less)."""
+    """The plan's shared-memory size for each GEMM variant equals GemmConfig<BN, SPARSE, SHARED_B>::kSmemBytes, read
+    back from a host program compiled against the kernel headers (the kernel traps if launched with less)."""
     for name, text in plan.generated_sources().items():
         (tmp_path / name).write_text(text)
-    variants = [(n, sp) for n in plan.TILE_NS for sp in (False, True)]
-    prints = "".join(f'  std::printf("%d\\n", hare::GemmConfig<{n}, {"true" if sp else "false"}>::kSmemBytes);\n'
-                     for n, sp in variants)
+    variants = [(n, kind) for n in plan.TILE_NS for kind in plan.WEIGHT_KINDS]
+    targs = {kind: ", ".join(plan.WEIGHT_KINDS[kind][1:]) for kind in plan.WEIGHT_KINDS}  # SPARSE, SHARED_B
+    prints = "".join(f'  std::printf("%d\\n", hare::GemmConfig<{n}, {targs[kind]}>::kSmemBytes);\n'
+                     for n, kind in variants)
     (tmp_path / "smem.cu").write_text(f'#include <cstdio>\n#include "moe_gemm.cuh"\nint main() {{\n{prints}}}\n')
     exe = tmp_path / "smem"
     subprocess.run([NVCC, *_build.ARCH_FLAGS, "-std=c++17", "-I", str(_build.CSRC), "-I", str(tmp_path), "-o", str(exe),
                     str(tmp_path / "smem.cu")], check=True, capture_output=True, timeout=600)
     got = [int(v) for v in subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()]
-    assert got == [plan.gemm_smem_bytes(n, sp) for n, sp in variants]
+    assert got == [plan.gemm_smem_bytes(n, kind) for n, kind in variants]

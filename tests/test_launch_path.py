@@ -119,7 +119,7 @@ def test_launches_follow_the_plan_and_stay_inside_the_call_tensors(device, case)
             out = hg.run_fused_moe(x, ids, w, gu, dn, unit, det, config, bgu, bd)
         assert out.shape == (T, H) and out.dtype == torch.bfloat16
 
-        fmt = lambda wt, K: plan.WeightFormat.of(K, wt.block_idx, wt.bw) if isinstance(wt, hare.BlockNM) \
+        fmt = lambda wt, K: plan.WeightFormat.of(K, wt.block_idx, wt.bw, wt.joint) if isinstance(wt, hare.BlockNM) \
             else plan.WeightFormat.of(K)  # noqa: E731
         p = plan.plan_moe(T, k, E, H, F, fmt(gu, H), fmt(dn, F), unit, det, device.num_sms,
                           config or hg.LaunchConfig())

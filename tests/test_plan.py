@@ -4,6 +4,7 @@ import random
 
 import pytest
 
+from hare.blocknm import JOINT, PANEL, joint_partner, panel_count, panel_of_rows
 from hare.errors import InvalidArgumentError
 from hare.gpu import plan
 from hare.gpu.plan import LaunchConfig, WeightFormat, plan_moe
@@ -21,7 +22,7 @@ def _format(K, sparse, rng):
 
     class Idx:  # block_idx's shape is all a format reads
         shape = (4, 3, kept)
-    return WeightFormat.of(K, Idx, bw)
+    return WeightFormat.of(K, Idx, bw, rng.choice(JOINT))
 
 
 def _random_plans(n, seed=0):
@@ -41,8 +42,9 @@ def test_plans_keep_the_kernels_contract():
     for (T, k, E, H, F, gu, dn, act, det), p in _random_plans(400):
         R = T * k
         assert p.rows == R and p.tile_n in plan.TILE_NS and p.slots == max_blocks(R, E, p.tile_n)
-        for g, fmt in ((p.gate_up, gu), (p.down, dn)):
-            assert g.kernel in names and (("_sp_" in g.kernel) == fmt.sparse) and g.kernel.endswith(f"_bn{p.tile_n}")
+        for g, fmt, proj in ((p.gate_up, gu, "gateup"), (p.down, dn, "down")):
+            assert g.kernel in names and (("_sp" in g.kernel) == fmt.sparse) and g.kernel.endswith(f"_bn{p.tile_n}")
+            assert ("_spj_" in g.kernel) == (fmt.sparse and (fmt.all_kept or fmt.joint == fmt.pairing(proj)))
             assert 1 <= g.grid <= SMS and g.smem <= plan.SMEM_LIMIT
             # every split is non-empty and together they cover K exactly
             assert (g.splits - 1) * g.k_per_split < fmt.k_stages <= g.splits * g.k_per_split
@@ -108,24 +110,65 @@ def test_sparse_format_counts_kept_columns():
     class Idx:
         shape = (8, 4, 3)  # 3 kept blocks per panel
     f = WeightFormat.of(4096, Idx, 64)
-    assert f.sparse and f.k_stages == 3 and f.kept == 3 and f.bw_log2 == 6 and f.panels == 4 and not f.shared_b
-    assert WeightFormat.of(192, Idx, 64).shared_b  # every block kept (1:1)
-    assert WeightFormat.of(4096) == WeightFormat(False, 64)
+    assert f.sparse and f.k_stages == 3 and f.kept == 3 and f.bw_log2 == 6 and f.panels == 4 and not f.all_kept
+    assert f.kind("gateup") == f.kind("down") == "sparse"
+    assert WeightFormat.of(192, Idx, 64).all_kept  # every block kept (1:1): one token tile, whatever the pairing
+    assert WeightFormat.of(192, Idx, 64).kind("down") == "joint"
+    assert WeightFormat.of(4096) == WeightFormat(False, 64) and WeightFormat.of(4096).kind("down") == "dense"
+    halves, adjacent = WeightFormat.of(4096, Idx, 64, "halves"), WeightFormat.of(4096, Idx, 64, "adjacent")
+    assert halves.kind("gateup") == halves.kind("down") == "joint"  # down then tiles panels m and m + P/2
+    assert halves.pairing("down") == "halves" and adjacent.pairing("down") == "adjacent"
+    assert adjacent.kind("down") == "joint" and adjacent.kind("gateup") == "sparse"  # gate/up must pair gate with up
+
+
+@pytest.mark.parametrize("out, halves_layout", [(256, False), (384, False), (4096, False), (2880, False),
+                                                (1408, True), (2 * 704, True), (2 * 2880, True)])
+def test_tiles_cover_every_weight_row_once_and_joint_tiles_pair_partner_panels(out, halves_layout):
+    """For each pairing a tiling can take: over its M tiles, the two 128-row boxes cover each weight row exactly once
+    (rows past the last panel masked), each box lies in one panel, and a tile the plan runs as "joint" pairs panels
+    that hare.blocknm makes keep the same blocks."""
+    P = panel_count(out, halves_layout)
+    row_panel = panel_of_rows(out, halves_layout).tolist()
+    for pairing in ("halves", "adjacent"):
+        if pairing == "halves" and P % 2:
+            continue
+        if pairing == "adjacent" and halves_layout:
+            continue  # gate/up always pairs halves; a down weight in the halves layout has out % 256 == 0
+        t = plan.Tiling.of(pairing, out, P)
+        seen = []
+        for m in range(t.num_m):
+            for box, start in enumerate((m * t.m_tile, m * t.m_tile + t.box1_rows)):
+                half_end = out // 2 if pairing == "halves" and box == 0 else out  # the epilogue's mask
+                rows = [r for r in range(start, start + PANEL) if r < half_end]
+                panel = min(m * (t.m_tile // PANEL) + box * t.box1_panel_offset, P - 1)  # the kernel's panel
+                assert all(row_panel[r] == panel for r in rows), (pairing, m, box)
+                seen += rows
+        assert sorted(seen) == list(range(out))
+        for joint in JOINT[1:]:
+            fmt = WeightFormat.of(128, type("Idx", (), {"shape": (1, P, 1)}), 64, joint)  # 1 of 2 blocks kept
+            proj = "gateup" if pairing == "halves" and joint != "halves" else "down"
+            if fmt.pairing(proj) != pairing or fmt.kind(proj) != "joint":
+                continue
+            partner = joint_partner(P, joint).tolist()
+            for m in range(t.num_m):
+                p0 = min(m * (t.m_tile // PANEL), P - 1)
+                p1 = min(p0 + t.box1_panel_offset, P - 1)
+                assert partner[p0] == p1 or p0 == p1
 
 
 def test_one_variant_table_names_every_kernel_and_entry_point():
     names = plan.kernel_names()
-    gemms = sum(len(epis) for _, epis in plan.GEMM_VARIANTS.values()) * 2 * len(plan.TILE_NS)
+    gemms = sum(len(epis) for _, epis in plan.GEMM_VARIANTS.values()) * len(plan.WEIGHT_KINDS) * len(plan.TILE_NS)
     assert len(names) == len(set(names)) == len(plan.SMALL_KERNELS) + gemms
     entries = plan.generated_sources()["hare_entry_points.cuh"]
     for proj, (proj_enum, epis) in plan.GEMM_VARIANTS.items():
         for epi, epi_enum in epis.items():
-            for sparse in (False, True):
+            for kind, (_, sparse, shared_b) in plan.WEIGHT_KINDS.items():
                 for n in plan.TILE_NS:
-                    name = plan.gemm_kernel(proj, epi, sparse, n)
+                    name = plan.gemm_kernel(proj, epi, kind, n)
                     assert f" {name}(" in entries
                     body = entries[entries.index(f" {name}("):].split("\n")[1]
-                    assert f"moe_gemm_body<{n}, {proj_enum}, {epi_enum}, {'true' if sparse else 'false'}>" in body
+                    assert f"moe_gemm_body<{n}, {proj_enum}, {epi_enum}, {sparse}, {shared_b}>" in body
     for name, enum in plan.GATE_UP_UNITS.values():  # every fused unit has its split-K combine
         assert f"HARE_SMALL_KERNEL(hare_glu_combine_{name}, 256, GluCombineParams, glu_combine<{enum}>)" in entries
 

@@ -230,11 +230,12 @@ def build_layout(topk_ids: torch.Tensor, num_experts: int, block: int = DEFAULT_
 
 
 # ------------------------------------------------------------------------------------------- fused MoE
-def _weight_parts(w) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
-    """(values or dense weight, meta, block_idx, bw): what the custom op takes of a dense tensor or a BlockNM."""
+def _weight_parts(w) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int, str]:
+    """(values or dense weight, meta, block_idx, bw, joint or ""): what the custom op takes of a dense tensor or a
+    BlockNM."""
     if isinstance(w, BlockNM):
-        return w.values, w.meta, w.block_idx, w.bw
-    return w, None, None, 0
+        return w.values, w.meta, w.block_idx, w.bw, w.joint or ""
+    return w, None, None, 0, ""
 
 
 def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_gate_up, w_down,
@@ -381,9 +382,10 @@ def _build_program(mod, T, k, E, H, F, gu_parts, dn_parts, activation, determini
                    weights_code, has_gu_bias, has_d_bias, check_ids) -> _Program:
     from . import _launch
 
-    (w_gate_up, gu_meta, gu_block_idx, gu_bw), (w_down, d_meta, d_block_idx, d_bw) = gu_parts, dn_parts
+    (w_gate_up, gu_meta, gu_block_idx, gu_bw, gu_joint), (w_down, d_meta, d_block_idx, d_bw, d_joint) = gu_parts, dn_parts
     F2, R = 2 * F, T * k
-    gu, dn = WeightFormat.of(H, gu_block_idx, gu_bw), WeightFormat.of(F, d_block_idx, d_bw)
+    gu = WeightFormat.of(H, gu_block_idx, gu_bw, gu_joint or None)
+    dn = WeightFormat.of(F, d_block_idx, d_bw, d_joint or None)
     plan = _plan(T, k, E, H, F, gu, dn, activation, deterministic, mod.num_sms, config)
     n, slots, lay = plan.tile_n, plan.slots, plan.layout
 
@@ -419,17 +421,17 @@ def _build_program(mod, T, k, E, H, F, gu_parts, dn_parts, activation, determini
 
     alpha, limit = plan.glu_args
 
-    def gemm(launch, fmt, maps, block_idx, bias, b_src, out, split_stride, K, M, rows_per_expert, box1, m_tile, num_m,
-             box1_panel_offset):
+    def gemm(launch, fmt, maps, block_idx, bias, b_src, out, split_stride, K, M, rows_per_expert):
+        tiling = launch.tiling
         values = dict(b_src=b_src, out=out, gather_index=field("gather_index"),
                       row_assignment=field("row_assignment"), topk_weights=wts, block_expert=field("block_expert"),
                       block_start=field("block_start"), block_height=field("block_height"),
                       num_blocks=field("num_blocks"), block_idx=0 if block_idx is None else block_idx.data_ptr(),
                       bias=bias, out_split_stride=split_stride, K=K, M=M, a_rows_per_expert=rows_per_expert,
-                      a_box1_offset=box1, m_tile=m_tile, num_m=num_m, splits=launch.splits,
+                      a_box1_offset=tiling.box1_rows, m_tile=tiling.m_tile, num_m=tiling.num_m, splits=launch.splits,
                       k_blocks_per_split=launch.k_per_split, top_k=k, num_rows=R, group=launch.raster,
                       k_stages=fmt.k_stages, kept=fmt.kept, bw_log2=fmt.bw_log2, panels=fmt.panels,
-                      box1_panel_offset=box1_panel_offset, shared_b=int(fmt.shared_b), num_experts=E,
+                      box1_panel_offset=tiling.box1_panel_offset, all_kept=int(fmt.all_kept), num_experts=E,
                       num_slots=slots, act_alpha=alpha, act_limit=limit)
         add(launch.kernel, launch.grid, GEMM_THREADS, launch.smem, maps, GEMM_PARAMS, values)
 
@@ -442,8 +444,7 @@ def _build_program(mod, T, k, E, H, F, gu_parts, dn_parts, activation, determini
     g = plan.gate_up
     gu_bias = _Ptr(_GU_BIAS) if has_gu_bias else 0
     gu_args = (maps(w_gate_up, gu_meta, F2, H), gu_block_idx, gu_bias, _Ptr(_X))
-    # box 1 is up panel m: panel P/2 + m (halves layout, or ffn a multiple of 128)
-    gu_shape = (H, F, F2, F, 128, -(-F // 128), gu.panels // 2)
+    gu_shape = (H, F, F2)  # K, M, weight rows per expert; which rows a tile's boxes are: plan.gate_up.tiling
     if plan.glu_combine is None:
         gemm(g, gu, *gu_args, h, 0, *gu_shape)
     else:
@@ -456,7 +457,7 @@ def _build_program(mod, T, k, E, H, F, gu_parts, dn_parts, activation, determini
     # down: y = (h W_down^T) * routing weight, back in token order
     d = plan.down
     d_args = (maps(w_down, d_meta, H, F), d_block_idx, _Ptr(_D_BIAS) if has_d_bias else 0, h)
-    d_shape = (F, H, H, 128, 256, -(-H // 256), 1)
+    d_shape = (F, H, H)
     if deterministic:
         y = _Ptr(_OUT) if plan.direct else ws("h", 2 * R * F)  # Y follows h in the workspace
         gemm(d, dn, *d_args, y, R * H, *d_shape)
@@ -474,12 +475,12 @@ _programs: dict[tuple, _Program] = {}
 _PROGRAMS_MAX = 8192
 
 
-def _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, gu_bw, w_down, d_meta, d_block_idx,
-                    d_bw, gate_up_bias, down_bias, activation: str, deterministic: bool, tile_n: int,
+def _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, gu_bw, gu_joint, w_down, d_meta,
+                    d_block_idx, d_bw, d_joint, gate_up_bias, down_bias, activation: str, deterministic: bool, tile_n: int,
                     gateup_splits: int, down_splits: int, raster: int, programmatic_launch: bool,
                     check_ids: bool = False):
     """Program -> allocate -> patch -> launch. Each projection dense (meta None) or Block N:M (values, meta,
-    block_idx, bw); biases fp32 contiguous or None."""
+    block_idx, bw, joint: "" or its panel pairing); biases fp32 contiguous or None."""
     from . import _launch
 
     T, H = x.shape
@@ -504,16 +505,17 @@ def _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx,
     ids_is_64 = topk_ids.dtype == torch.int64
     weights_code = _WEIGHT_DTYPES[topk_weights.dtype]
     key = (dev.index, T, k, E, H, F2, w_gate_up.data_ptr(), w_down.data_ptr(),
-           None if gu_meta is None else (gu_meta.data_ptr(), gu_block_idx.data_ptr(), gu_block_idx.shape, gu_bw),
-           None if d_meta is None else (d_meta.data_ptr(), d_block_idx.data_ptr(), d_block_idx.shape, d_bw),
+           None if gu_meta is None else (gu_meta.data_ptr(), gu_block_idx.data_ptr(), gu_block_idx.shape, gu_bw,
+                                         gu_joint),
+           None if d_meta is None else (d_meta.data_ptr(), d_block_idx.data_ptr(), d_block_idx.shape, d_bw, d_joint),
            activation, deterministic, tile_n, gateup_splits, down_splits, raster, programmatic_launch, ids_is_64,
            weights_code, gate_up_bias is None, down_bias is None, check_ids)
     prog = _programs.get(key)
     if prog is None:
         config = LaunchConfig(tile_n or None, gateup_splits or None, down_splits or None, raster or None,
                               programmatic_launch)
-        prog = _build_program(mod, T, k, E, H, F2 // 2, (w_gate_up, gu_meta, gu_block_idx, gu_bw),
-                              (w_down, d_meta, d_block_idx, d_bw), activation, deterministic, config, ids_is_64,
+        prog = _build_program(mod, T, k, E, H, F2 // 2, (w_gate_up, gu_meta, gu_block_idx, gu_bw, gu_joint),
+                              (w_down, d_meta, d_block_idx, d_bw, d_joint), activation, deterministic, config, ids_is_64,
                               weights_code, gate_up_bias is not None, down_bias is not None, check_ids)
         if len(_programs) >= _PROGRAMS_MAX:
             _programs.clear()
@@ -629,15 +631,16 @@ def _build_layout_fake(topk_ids, num_experts, block):
 @torch.library.custom_op("hare::fused_moe", mutates_args=())
 def _fused_moe_op(
     x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w_gate_up: torch.Tensor,
-    gu_meta: torch.Tensor | None, gu_block_idx: torch.Tensor | None, gu_bw: int, w_down: torch.Tensor,
-    d_meta: torch.Tensor | None, d_block_idx: torch.Tensor | None, d_bw: int, gate_up_bias: torch.Tensor | None,
+    gu_meta: torch.Tensor | None, gu_block_idx: torch.Tensor | None, gu_bw: int, gu_joint: str, w_down: torch.Tensor,
+    d_meta: torch.Tensor | None, d_block_idx: torch.Tensor | None, d_bw: int, d_joint: str,
+    gate_up_bias: torch.Tensor | None,
     down_bias: torch.Tensor | None, activation: str, deterministic: bool, tile_n: int, gateup_splits: int,
     down_splits: int, raster: int, programmatic_launch: bool, check_ids: bool,
 ) -> torch.Tensor:
-    """Dense weights: meta and block_idx None; Block N:M weights: their values, meta, block_idx and bw; biases fp32
-    or None. The launch overrides are LaunchConfig's fields, 0 for None; check_ids: the device-side id check."""
-    return _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, gu_bw, w_down, d_meta,
-                           d_block_idx, d_bw, gate_up_bias, down_bias, activation, deterministic, tile_n,
+    """Dense weights: meta and block_idx None; Block N:M weights: their values, meta, block_idx, bw and joint ("" for
+    none); biases fp32 or None. The launch overrides are LaunchConfig's fields, 0 for None; check_ids: the device-side id check."""
+    return _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, gu_bw, gu_joint, w_down,
+                           d_meta, d_block_idx, d_bw, d_joint, gate_up_bias, down_bias, activation, deterministic, tile_n,
                            gateup_splits, down_splits, raster, programmatic_launch, check_ids)
 
 

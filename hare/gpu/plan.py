@@ -5,7 +5,7 @@ never a host sync, so a plan holds for every call of a CUDA graph) the token til
 the shared memory, the kernel names and the workspace layout; ``hare.gpu.fused_moe`` allocates what the plan says
 and launches it. ``LaunchConfig`` overrides choices, for benchmarks and tests. Pure Python: tested on the CPU.
 
-Kernel variants: ``GEMM_VARIANTS`` (projection x its epilogues) x (dense, sparse) x ``TILE_NS`` GEMMs plus the
+Kernel variants: ``GEMM_VARIANTS`` (projection x its epilogues) x ``WEIGHT_KINDS`` x ``TILE_NS`` GEMMs plus the
 small kernels make the one table that ``_build`` instantiates (``kernel_names``, ``generated_sources``);
 ``gemm_kernel`` is the one function naming a GEMM. A new gated unit is one entry of ``GATE_UP_UNITS`` (and its
 ``glu<>`` case in csrc/epilogue.cuh).
@@ -31,6 +31,12 @@ FUSED_ACTIVATIONS = tuple(GATE_UP_UNITS)
 # by hare_combine, or written directly; fast: fp32 atomics).
 GEMM_VARIANTS = {"gateup": ("kGateUp", dict(GATE_UP_UNITS.values())),
                  "down": ("kDown", {"det": "kDet", "fast": "kFast"})}
+# How a GEMM reads its weights: kind -> (kernel-name suffix, the SPARSE and SHARED_B template arguments).
+# "sparse": Block N:M whose two weight boxes per tile are panels with different kept blocks, one gathered token
+# tile each; "joint": Block N:M whose two boxes keep the same blocks (1:1, or joint panels paired as the tile
+# pairs them), so one token tile serves both and a stage is smaller (more stages fit).
+WEIGHT_KINDS = {"dense": ("", "false", "false"), "sparse": ("_sp", "true", "false"),
+                "joint": ("_spj", "true", "true")}
 SMALL_KERNELS = ("hare_layout_count", "hare_layout_scatter", "hare_combine",
                  *(f"hare_glu_combine_{name}" for name, _ in GATE_UP_UNITS.values()))
 K_ALIGN = 64  # hidden and ffn must be multiples of this: the K step of a pipeline stage
@@ -43,15 +49,15 @@ SPLIT_MAX_ROWS = 4096  # K is split only up to this many rows (decode); above, a
 DEFAULT_RASTER = 8  # M tiles per rasterization group (scheduler.cuh)
 
 
-def gemm_kernel(projection: str, epilogue: str, sparse: bool, tile_n: int) -> str:
-    """The entry point of a GEMM variant: hare_<projection>_<epilogue>[_sp]_bn<tile_n>."""
-    return f"hare_{projection}_{epilogue}{'_sp' if sparse else ''}_bn{tile_n}"
+def gemm_kernel(projection: str, epilogue: str, weights: str, tile_n: int) -> str:
+    """The entry point of a GEMM variant: hare_<projection>_<epilogue>[_sp|_spj]_bn<tile_n>."""
+    return f"hare_{projection}_{epilogue}{WEIGHT_KINDS[weights][0]}_bn{tile_n}"
 
 
 def gemm_variants():
-    """(projection, epilogue, sparse, tile_n) of every GEMM entry point."""
-    return [(proj, epi, sp, n) for proj, (_, epis) in GEMM_VARIANTS.items() for epi in epis
-            for sp in (False, True) for n in TILE_NS]
+    """(projection, epilogue, weight kind, tile_n) of every GEMM entry point."""
+    return [(proj, epi, kind, n) for proj, (_, epis) in GEMM_VARIANTS.items() for epi in epis
+            for kind in WEIGHT_KINDS for n in TILE_NS]
 
 
 def kernel_names() -> tuple[str, ...]:
@@ -72,12 +78,12 @@ def gated_unit(activation: str) -> tuple[str, float, float]:
     return GATE_UP_UNITS[family][0], float(params.get("alpha", 0.0)), float(params.get("limit", 0.0))
 
 
-def gemm_smem_bytes(tile_n: int, sparse: bool) -> int:
+def gemm_smem_bytes(tile_n: int, weights: str) -> int:
     """Dynamic shared memory of a GEMM variant: as many pipeline stages as fit (at most 8 sparse / 6 dense), the
-    epilogue staging, the per-row routing data and the barriers. GemmConfig<BN, SPARSE>::kSmemBytes in moe_gemm.cuh
-    computes the same (tests/test_kernels_compile.py compiles and compares both)."""
-    if sparse:  # compressed A boxes, a token tile per box, two metadata boxes
-        stage, max_stages = 256 * 32 * 2 + 2 * tile_n * 64 * 2 + 2 * 1024, 8
+    epilogue staging, the per-row routing data and the barriers. GemmConfig<BN, SPARSE, SHARED_B>::kSmemBytes in
+    moe_gemm.cuh computes the same (tests/test_kernels_compile.py compiles and compares both)."""
+    if weights != "dense":  # compressed A boxes, a token tile per box (one when joint), two metadata boxes
+        stage, max_stages = 256 * 32 * 2 + (1 if weights == "joint" else 2) * tile_n * 64 * 2 + 2 * 1024, 8
     else:
         stage, max_stages = 256 * 64 * 2 + tile_n * 64 * 2, 6
     epi, aux, bars = 2 * tile_n * 128, 2 * tile_n * 8, 256
@@ -152,16 +158,29 @@ class WeightFormat:
     kept: int = 0
     bw_log2: int = 0
     panels: int = 0
-    shared_b: bool = False  # every K block kept (1:1): both weight boxes of a tile read the same token columns
+    all_kept: bool = False  # every K block kept (1:1): the kept columns are K itself, read contiguously
+    joint: str | None = None  # which panels keep the same blocks (hare.blocknm.JOINT)
 
     @staticmethod
-    def of(K: int, block_idx=None, bw: int = 0) -> "WeightFormat":
+    def of(K: int, block_idx=None, bw: int = 0, joint: str | None = None) -> "WeightFormat":
         """The format of a projection over K input columns: dense (no block_idx) or Block N:M with its block_idx
-        (E, panels, kept) and block width (only shapes are read)."""
+        (E, panels, kept), block width and panel pairing (only shapes are read)."""
         if block_idx is None:
             return WeightFormat(False, K // 64)
         panels, kept = block_idx.shape[1], block_idx.shape[2]
-        return WeightFormat(True, -(-kept * bw // 64), kept, bw.bit_length() - 1, panels, kept * bw == K)
+        return WeightFormat(True, -(-kept * bw // 64), kept, bw.bit_length() - 1, panels, kept * bw == K, joint)
+
+    def pairing(self, projection: str) -> str:
+        """Which panels a tile's two 128-row weight boxes are (as hare.blocknm.JOINT names pairings): gate/up pairs
+        gate panel m with up panel m ("halves"); down pairs panels 2m and 2m + 1 ("adjacent"), or m and m + P/2
+        when the weight chose its kept blocks that way, so that its paired panels share a tile."""
+        return "halves" if projection == "gateup" or self.joint == "halves" else "adjacent"
+
+    def kind(self, projection: str) -> str:
+        """The WEIGHT_KINDS entry the projection's GEMM runs."""
+        if not self.sparse:
+            return "dense"
+        return "joint" if self.all_kept or self.joint == self.pairing(projection) else "sparse"
 
 
 @dataclass(frozen=True)
@@ -172,6 +191,25 @@ class GemmLaunch:
     splits: int
     k_per_split: int  # pipeline stages per split
     raster: int
+    tiling: "Tiling"
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Which weight rows the M tiles of a GEMM cover (per expert): tile m's box 0 is rows [m·m_tile, +128), box 1 the
+    128 rows from there + box1_rows, which are panel box1_panel_offset further on; num_m tiles."""
+
+    m_tile: int
+    box1_rows: int
+    box1_panel_offset: int
+    num_m: int
+
+    @staticmethod
+    def of(pairing: str, out_rows: int, panels: int) -> "Tiling":
+        if pairing == "halves":  # gate/up (out 2F: gate row f with up row F + f), or a down weight of out % 256 == 0
+            half = out_rows // 2
+            return Tiling(128, half, panels // 2, -(-half // 128))
+        return Tiling(256, 128, 1, -(-out_rows // 256))
 
 
 @dataclass(frozen=True)
@@ -269,21 +307,23 @@ def plan_moe(tokens: int, top_k: int, experts: int, hidden: int, ffn: int, gate_
             return normalize_splits(override, k_stages)
         return 1 if R > SPLIT_MAX_ROWS else best_splits(tiles, k_stages, num_sms)
 
-    def gemm(projection, epilogue, fmt, tiles_m, s):
-        grid = max(1, min(num_sms, slots * tiles_m * s))
-        return GemmLaunch(gemm_kernel(projection, epilogue, fmt.sparse, n), grid, gemm_smem_bytes(n, fmt.sparse), s,
-                          -(-fmt.k_stages // s), raster)
+    def gemm(projection, epilogue, fmt, tiling, s):
+        grid = max(1, min(num_sms, slots * tiling.num_m * s))
+        kind = fmt.kind(projection)
+        return GemmLaunch(gemm_kernel(projection, epilogue, kind, n), grid, gemm_smem_bytes(n, kind), s,
+                          -(-fmt.k_stages // s), raster, tiling)
 
-    num_m_gu, num_m_dn = -(-F // 128), -(-H // 256)  # tiles counted over every row-block slot
-    gs = splits(config.gateup_splits, slots * num_m_gu, gate_up.k_stages)
-    ds = splits(config.down_splits, slots * num_m_dn, down.k_stages)
+    gu_tiling = Tiling.of(gate_up.pairing("gateup"), 2 * F, gate_up.panels)
+    dn_tiling = Tiling.of(down.pairing("down"), H, down.panels)
+    gs = splits(config.gateup_splits, slots * gu_tiling.num_m, gate_up.k_stages)  # tiles over every row-block slot
+    ds = splits(config.down_splits, slots * dn_tiling.num_m, down.k_stages)
     elementwise = lambda total: max(1, min(-(-total // SMALL_THREADS), 8 * num_sms))  # noqa: E731
     unit, alpha, limit = gated_unit(activation)
     glu = SmallLaunch(f"hare_glu_combine_{unit}", elementwise(R * F)) if gs > 1 else None
     direct = deterministic and k == 1 and ds == 1
     combine = SmallLaunch("hare_combine", elementwise(T * H // 8)) if deterministic and not direct else None
-    return MoePlan(T, k, E, H, F, n, slots, layout_plan(R, E, slots), gemm("gateup", unit, gate_up, num_m_gu, gs),
-                   (alpha, limit), glu, gemm("down", "det" if deterministic else "fast", down, num_m_dn, ds),
+    return MoePlan(T, k, E, H, F, n, slots, layout_plan(R, E, slots), gemm("gateup", unit, gate_up, gu_tiling, gs),
+                   (alpha, limit), glu, gemm("down", "det" if deterministic else "fast", down, dn_tiling, ds),
                    combine, deterministic, config.programmatic_launch)
 
 
@@ -341,8 +381,8 @@ GEMM_PARAMS = ParamStruct("GemmParams", (
     ("int", "K", "row length of b_src: H (gate/up) or F (down)"),
     ("int", "M", "valid out-dim: F (gate/up) or H (down); also the row stride of `out`"),
     ("int", "a_rows_per_expert", "rows of one expert in the 2-D weight tensor map: 2F or H"),
-    ("int", "a_box1_offset", "row offset of box 1: F (gate/up) or 128 (down)"),
-    ("int", "m_tile", "out-dim rows per M tile: 128 (gate/up) or 256 (down)"),
+    ("int", "a_box1_offset", "row offset of box 1: F (gate/up), 128 (down) or H/2 (down, joint halves)"),
+    ("int", "m_tile", "out-dim rows from one M tile to the next: 128 (gate/up, down joint halves) or 256 (down)"),
     ("int", "num_m", "M tiles per expert"),
     ("int", "splits", "K splits (decode: too few tiles to fill the GPU otherwise)"),
     ("int", "k_blocks_per_split", "pipeline stages (64 logical K columns each) per split"),
@@ -353,8 +393,9 @@ GEMM_PARAMS = ParamStruct("GemmParams", (
     ("int", "kept", "sparse: kept K blocks per panel"),
     ("int", "bw_log2", "sparse: log2 of the block width bw"),
     ("int", "panels", "sparse: 128-row panels per expert"),
-    ("int", "box1_panel_offset", "sparse: panel of box 1 minus that of box 0: P/2 (gate/up: up panel m), 1 (down)"),
-    ("int", "shared_b", "sparse 1:1 (every K block kept): one token tile serves both weight boxes"),
+    ("int", "box1_panel_offset", "sparse: panel of box 1 minus that of box 0: P/2 (gate/up: up panel m, down joint "
+                                 "halves), 1 (down)"),
+    ("int", "all_kept", "sparse 1:1 (every K block kept): the token columns are read contiguously"),
     ("int", "num_experts", "E (the debug build's index checks)"),
     ("int", "num_slots", "B: row-block slots of the layout (the debug build's index checks)"),
     ("float", "act_alpha", "gate/up: the gated unit's alpha (gpt-oss)"),
@@ -409,15 +450,16 @@ def generated_sources() -> dict[str, str]:
     split gate/up combine of every gated unit (HARE_SMALL_KERNEL: hare_kernels.cu)."""
     params = "\n\n".join(s.cpp() for s in PARAM_STRUCTS)
     entries = []
-    for proj, epi, sparse, n in gemm_variants():
+    for proj, epi, kind, n in gemm_variants():
         proj_enum, epi_enums = GEMM_VARIANTS[proj]
+        _, sparse, shared_b = WEIGHT_KINDS[kind]
         maps = "const __grid_constant__ CUtensorMap tmap_a" + (
-            ", const __grid_constant__ CUtensorMap tmap_meta" if sparse else "")
+            ", const __grid_constant__ CUtensorMap tmap_meta" if kind != "dense" else "")
         entries.append(
-            f'extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) {gemm_kernel(proj, epi, sparse, n)}('
+            f'extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) {gemm_kernel(proj, epi, kind, n)}('
             f"{maps}, const GemmParams p) {{\n"
-            f"  moe_gemm_body<{n}, {proj_enum}, {epi_enums[epi]}, {'true' if sparse else 'false'}>(&tmap_a, "
-            f"{'&tmap_meta' if sparse else 'nullptr'}, p);\n}}")
+            f"  moe_gemm_body<{n}, {proj_enum}, {epi_enums[epi]}, {sparse}, {shared_b}>(&tmap_a, "
+            f"{'&tmap_meta' if kind != 'dense' else 'nullptr'}, p);\n}}")
     for name, enum in GATE_UP_UNITS.values():
         entries.append(f"HARE_SMALL_KERNEL(hare_glu_combine_{name}, 256, GluCombineParams, glu_combine<{enum}>)")
     head = "// Generated by hare/gpu/plan.py (generated_sources): do not edit.\n#pragma once\n"

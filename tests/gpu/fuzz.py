@@ -2,7 +2,8 @@
 
 Each case draws a shape (model shapes with fewer experts, and odd ones: hidden/ffn off the 128 tile, partial
 Block N:M windows, an out size that is not a multiple of 128), dense or Block N:M weights for each projection (every
-ratio x every bw; a Block N:M gate/up in the halves layout, so ffn % 128 = 64 runs sparse too), a gated unit
+ratio x every bw; a Block N:M gate/up in the halves layout, so ffn % 128 = 64 runs sparse too; joint panels or
+not: gate/up paired as halves, down as halves where hidden % 256 == 0, else adjacent), a gated unit
 (SiLU, GELU, clamped SiLU, GPT-OSS's clamped SwiGLU, with limits low enough to clamp), expert biases or none, a
 token count from 0 to 5000, a routing (uniform, skewed, every token on one expert, most experts
 empty), an execution (eager, a CUDA graph captured on a side stream and replayed on new inputs, or do_bench-style:
@@ -65,13 +66,15 @@ class Case:
     deterministic: bool
     public_api: bool  # hare.moe (validation, dispatch) instead of hare.gpu.fused_moe
     garbage: str  # "bytes", "nan" or "none"
+    joint: bool = False  # Block N:M weights with joint panels (the one-token-tile kernels)
 
     def __str__(self) -> str:
         w = lambda c: "dense" if c is None else f"{c[0]}:{c[1]}/bw{c[2]}"  # noqa: E731
         return (f"#{self.index} H={self.H} F={self.F} E={self.E} k={self.k} T={self.T} gate_up={w(self.gate_up)} "
                 f"down={w(self.down)} {self.routing} {self.activation}{' biased' if self.biased else ''} "
                 f"{self.mode} det={self.deterministic} "
-                f"{'hare.moe' if self.public_api else 'fused_moe'} garbage={self.garbage}")
+                f"{'hare.moe' if self.public_api else 'fused_moe'} garbage={self.garbage}"
+                f"{' joint' if self.joint else ''}")
 
 
 def draw_cases(seed: int, n: int, small: bool = False, modes=MODES, max_tokens: int = 5000,
@@ -91,7 +94,7 @@ def draw_cases(seed: int, n: int, small: bool = False, modes=MODES, max_tokens: 
         cases.append(Case(i, H, F, E, k, T, gate_up, down, rng.choice(ROUTINGS), rng.choice(UNITS),
                           rng.random() < 0.4, rng.choice(modes),
                           rng.random() < 0.7, rng.random() < 0.3,
-                          rng.choice(("bytes", "nan")) if garbage else "none"))
+                          rng.choice(("bytes", "nan")) if garbage else "none", rng.random() < 0.5))
     return cases
 
 
@@ -131,12 +134,13 @@ def _weights(case: Case, gen: torch.Generator):
     H, F, E = case.H, case.F, case.E
     wgu = (torch.randn(E, 2 * F, H, device="cuda", generator=gen) * H ** -0.5).to(torch.bfloat16)
     wd = (torch.randn(E, H, F, device="cuda", generator=gen) * F ** -0.5).to(torch.bfloat16)
-    prune = lambda w, c, halves: w if c is None else hare.sparsify(w, bn=c[0], bm=c[1], bw=c[2],  # noqa: E731
-                                                                   halves=halves)
+    joint_down = "halves" if H % 256 == 0 else "adjacent"
+    prune = lambda w, c, halves, joint: w if c is None else hare.sparsify(  # noqa: E731
+        w, bn=c[0], bm=c[1], bw=c[2], halves=halves, joint=joint if case.joint else None)
     biases = (None, None)
     if case.biased:
         biases = tuple(torch.randn(E, n, device="cuda", generator=gen) * 0.5 for n in (2 * F, H))
-    return prune(wgu, case.gate_up, True), prune(wd, case.down, False), biases
+    return prune(wgu, case.gate_up, True, "halves"), prune(wd, case.down, False, joint_down), biases
 
 
 def _inputs(case: Case, gen: torch.Generator):

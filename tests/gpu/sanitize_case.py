@@ -42,4 +42,13 @@ for T, config in ((45, hg.LaunchConfig(tile_n=64)), (3, hg.LaunchConfig(tile_n=1
     biases = torch.randn(6, 384, device="cuda"), torch.randn(6, 320, device="cuda")
     check(f"biased sparse gpt-oss T={T}", make_x(T, 320, "cuda"), *make_routing(T, 6, 2, "cuda", skew=1.0), *sparse,
           config, "gpt-oss:alpha=1.702,limit=0.75", biases)
+# joint panels (one token tile for both boxes): gate/up paired as halves (ffn % 128 = 64, halves layout), down
+# adjacent (H % 256 = 192: the last tile's second box past the last panel) and halves (H % 256 = 0)
+for T, H, F, djoint, config in ((77, 704, 192, "adjacent", hg.LaunchConfig(tile_n=128)),
+                                (5, 512, 256, "halves", hg.LaunchConfig(tile_n=16, gateup_splits=2, down_splits=2))):
+    wgu, wd = make_weights(6, H, F, "cuda")
+    sparse = (hare.sparsify(wgu, bn=1, bm=2, bw=16, halves=True, joint="halves"),
+              hare.sparsify(wd, bn=1, bm=5, bw=16, joint=djoint))
+    check(f"joint sparse T={T} down {djoint}", make_x(T, H, "cuda"), *make_routing(T, 6, 2, "cuda", skew=1.0), *sparse,
+          config)
 print("SANITIZE_CASE_OK")

@@ -8,7 +8,7 @@ import torch
 import hare
 import hare.gpu as hg
 from hare.blocknm import DENSITIES
-from hare.gpu.plan import TILE_NS
+from hare.gpu.plan import TILE_NS, WeightFormat
 
 from .moe_cases import (MODELS, check_graph_replay,
                          make_routing, make_weights, make_x, poison_allocator, reference, rel_err)
@@ -18,9 +18,18 @@ TOL = 1e-2
 RATIOS = sorted(DENSITIES.values())
 
 
-def sparse_weights(E, H, F, bn, bm, bw, gen=None):
+def sparse_weights(E, H, F, bn, bm, bw, gen=None, joint=False):
+    """joint: gate panel m with up panel m, down panels m with m + P/2 where H % 256 == 0, else 2m with 2m + 1."""
     wgu, wd = make_weights(E, H, F, "cuda", gen)
-    return hare.sparsify(wgu, bn=bn, bm=bm, bw=bw), hare.sparsify(wd, bn=bn, bm=bm, bw=bw)
+    gu_joint, d_joint = ("halves", "halves" if H % 256 == 0 else "adjacent") if joint else (None, None)
+    return (hare.sparsify(wgu, bn=bn, bm=bm, bw=bw, joint=gu_joint, halves=joint and F % 128 != 0),
+            hare.sparsify(wd, bn=bn, bm=bm, bw=bw, joint=d_joint))
+
+
+def kinds(weights, H, F):
+    """The weight kinds (hare.gpu.plan.WEIGHT_KINDS) the gate/up and down GEMMs run for these weights."""
+    fmt = lambda w, K: WeightFormat.of(K, w.block_idx, w.bw, w.joint)  # noqa: E731
+    return fmt(weights[0], H).kind("gateup"), fmt(weights[1], F).kind("down")
 
 
 def check(T, H, F, E, k, weights, activation="silu", deterministic=True, skew=0.0, only_expert=None, config=None):
@@ -50,11 +59,26 @@ def test_every_ratio_and_block_width(bn, bm, bw, T):
     check(T, H, F, E, k, sparse_weights(E, H, F, bn, bm, bw), skew=1.0 if T == 700 else 0.0)
 
 
+@pytest.mark.parametrize("bw", [16, 64])
+@pytest.mark.parametrize("bn,bm", RATIOS)
+@pytest.mark.parametrize("H,F", [(704, 384), (512, 320), (1024, 256)])
+def test_joint_panels_run_the_one_token_tile_kernels(H, F, bn, bm, bw):
+    # 704: down paired adjacent, H % 256 = 192 (the last tile's second box past the last panel); 512 and 1024: down
+    # tiles pair panels m and m + P/2; F = 320: ffn % 128 = 64, gate/up in the halves layout
+    E, k = 8, 2
+    weights = sparse_weights(E, H, F, bn, bm, bw, joint=True)
+    assert kinds(weights, H, F) == ("joint", "joint")
+    for T in (1, 77, 700):
+        check(T, H, F, E, k, weights, skew=1.0 if T == 700 else 0.0)
+
+
 @pytest.mark.parametrize("bn_tile", TILE_NS)
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 @pytest.mark.parametrize("deterministic", [True, False])
-def test_every_token_tile(bn_tile, activation, deterministic):
-    weights = sparse_weights(12, 320, 256, 1, 2, 16)
+@pytest.mark.parametrize("joint", [False, True])
+def test_every_token_tile(bn_tile, activation, deterministic, joint):
+    weights = sparse_weights(12, 320, 256, 1, 2, 16, joint=joint)
+    assert kinds(weights, 320, 256) == (("joint", "joint") if joint else ("sparse", "sparse"))
     for T in (1, 33, 1000):
         check(T, 320, 256, 12, 3, weights, activation=activation, deterministic=deterministic, skew=0.8,
               config=hg.LaunchConfig(tile_n=bn_tile))

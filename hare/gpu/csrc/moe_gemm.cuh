@@ -5,12 +5,14 @@
 // computes a 256 x BN tile of out^T: two 128-row weight boxes, each consumer warpgroup takes 64 rows of each box.
 //   gate/up: box 0 = gate rows [128 m, +128) of expert e, box 1 = the matching up rows (F + 128 m); warpgroup w
 //            holds gate and up for the same 64 ffn columns, so the epilogue fuses act(gate) * up.
-//   down:    box 0 / box 1 = rows [256 m, +128) / [256 m + 128, +128) of W_down[e] (H x F).
+//   down:    box 0 / box 1 = rows [256 m, +128) / [256 m + 128, +128) of W_down[e] (H x F), or for joint
+//            panels paired as halves rows [128 m, +128) / [H/2 + 128 m, +128) (GemmParams m_tile, a_box1_offset).
 // Warpgroups 0-1 (threads 0-255) are the consumers, warpgroup 2 (threads 256-383) the producer: one thread
 // issues TMA, all 128 gather B rows. setmaxnreg moves registers from the producer (56) to the consumers (224).
-// A kernel is moe_gemm_body<BN, PROJ, EPI, SPARSE>: the projection (which rows a tile's boxes and token rows
-// are) and its epilogue (gate/up: the fused gated unit; down: how the top-k rows are reduced) are the two axes
-// of the variant table in hare/gpu/plan.py. The body reads as its pieces: produce (TMA + gather), mainloop
+// A kernel is moe_gemm_body<BN, PROJ, EPI, SPARSE, SHARED_B>: the projection (which rows a tile's boxes and token
+// rows are), its epilogue (gate/up: the fused gated unit; down: how the top-k rows are reduced) and how the
+// weights are read (dense, sparse, sparse with one token tile for both boxes) are the axes of the variant table
+// in hare/gpu/plan.py. The body reads as its pieces: produce (TMA + gather), mainloop
 // (one tile's wgmma K loop), and the epilogues epilogue_gate_up_partials / epilogue_gate_up / epilogue_down.
 // Expert biases (GemmParams::bias, fp32, null when absent) are added to the accumulators in the epilogue; with
 // K split, only split 0 adds them.
@@ -19,7 +21,8 @@
 // two boxes' compressed values (128 rows x 32 bf16, TMA, 64B swizzle), their 2:4 metadata (TMA, in the
 // per-thread register order of hare.blocknm, so each consumer thread reads its word with one ld.shared), and
 // one gathered token tile per box: the two boxes are different panels with different kept blocks, so token
-// chunk c of a box comes from column block_idx[panel][q] * bw + offset of the logical column.
+// chunk c of a box comes from column block_idx[panel][q] * bw + offset of the logical column. SHARED_B: the two
+// panels keep the same blocks (1:1, or joint panels), so one tile serves both and a stage is 16 KB smaller.
 // Pipeline: STAGES shared-memory stages, full/empty mbarriers. A stage is full when TMA's bytes landed
 // (expect_tx) and all 32 producer threads arrived; a producer thread arrives for stage i after its cp.async
 // group i completed (cp.async.wait_group LAG, issued LAG stages later) and a proxy fence, so wgmma (async
@@ -46,12 +49,13 @@ constexpr int kProducerThreads = 128;
 constexpr int kGemmThreads = 256 + kProducerThreads;
 
 // One stage = 64 logical K columns. Dense: A two 128 x 64 bf16 boxes, one token tile. Sparse: A two 128 x 32
-// boxes of compressed values, two token tiles (one per box), two 1 KB metadata boxes.
-template <int BN, bool SPARSE>
+// boxes of compressed values, two token tiles (one per box; one when SHARED_B), two 1 KB metadata boxes.
+template <int BN, bool SPARSE, bool SHARED_B = false>
 struct GemmConfig {
+  static_assert(SPARSE || !SHARED_B, "SHARED_B is a sparse variant");
   static constexpr int kABytes = SPARSE ? 256 * 32 * 2 : 256 * 64 * 2;
   static constexpr int kBTileBytes = BN * 64 * 2;
-  static constexpr int kBBytes = (SPARSE ? 2 : 1) * kBTileBytes;
+  static constexpr int kBBytes = (SPARSE && !SHARED_B ? 2 : 1) * kBTileBytes;
   static constexpr int kMetaBytes = SPARSE ? 2 * 1024 : 0;
   static constexpr int kStageBytes = kABytes + kBBytes + kMetaBytes;
   static constexpr int kEpiBytes = 2 * BN * 128;  // two warpgroups x [BN][64] bf16
@@ -70,9 +74,9 @@ struct GemmConfig {
 
 // The dynamic shared memory of a GEMM CTA: STAGES pipeline stages, then per consumer warpgroup its epilogue
 // staging tile and per-row routing data, then the full/empty mbarriers.
-template <int BN, bool SPARSE>
+template <int BN, bool SPARSE, bool SHARED_B>
 struct GemmSmem {
-  using Cfg = GemmConfig<BN, SPARSE>;
+  using Cfg = GemmConfig<BN, SPARSE, SHARED_B>;
   uint8_t* base;
   __device__ __forceinline__ uint8_t* stage(int st) const { return base + st * Cfg::kStageBytes; }
   __device__ __forceinline__ uint8_t* epi(int cw) const {
@@ -111,10 +115,10 @@ __device__ __forceinline__ int kept_block(const GemmParams& p, const int* panel_
 // ---------------------------------------------------------------------------------------------- producer
 // Warpgroup 2: for every tile of this CTA, TMA of the two weight boxes (and their 2:4 metadata) and the cp.async
 // gather of the token rows into each stage; a stage's full barrier completes when both have landed.
-template <int BN, int PROJ, bool SPARSE>
+template <int BN, int PROJ, bool SPARSE, bool SHARED_B>
 __device__ __forceinline__ void produce(const CUtensorMap* tmap_a, const CUtensorMap* tmap_meta, const GemmParams& p,
-                                        const TileScheduler& sched, const GemmSmem<BN, SPARSE>& sm) {
-  using Cfg = GemmConfig<BN, SPARSE>;
+                                        const TileScheduler& sched, const GemmSmem<BN, SPARSE, SHARED_B>& sm) {
+  using Cfg = GemmConfig<BN, SPARSE, SHARED_B>;
   constexpr int STAGES = Cfg::kStages;
   constexpr int LAG = Cfg::kLag;
   uint64_t* full = sm.full();
@@ -167,7 +171,7 @@ __device__ __forceinline__ void produce(const CUtensorMap* tmap_a, const CUtenso
           tma_load_2d(meta, tmap_meta, &full[st], kb * 128, row0 >> 4);
           tma_load_2d(meta + 1024, tmap_meta, &full[st], kb * 128, row1 >> 4);
         }
-        if (p.shared_b) {
+        if (SHARED_B && p.all_kept) {
           g.load(smem_u32(b), p.b_src, p.K, kb * 64);
         } else {
           // logical columns past the last kept block (the zero-filled tail of the values) read the last block
@@ -175,7 +179,9 @@ __device__ __forceinline__ void produce(const CUtensorMap* tmap_a, const CUtenso
           const int q = min(logical >> p.bw_log2, p.kept - 1);
           const int off = logical & ((1 << p.bw_log2) - 1);
           g.load_at(smem_u32(b), p.b_src, p.K, (kept_block(p, bidx0, q) << p.bw_log2) + off);
-          g.load_at(smem_u32(b + Cfg::kBTileBytes), p.b_src, p.K, (kept_block(p, bidx1, q) << p.bw_log2) + off);
+          if constexpr (!SHARED_B) {
+            g.load_at(smem_u32(b + Cfg::kBTileBytes), p.b_src, p.K, (kept_block(p, bidx1, q) << p.bw_log2) + off);
+          }
         }
       } else {
         if (tid == 0) {
@@ -202,11 +208,11 @@ __device__ __forceinline__ void produce(const CUtensorMap* tmap_a, const CUtenso
 // One consumer warpgroup's K loop of one tile: acc0 / acc1 (its 64 rows of box 0 / box 1 x BN tokens). wgmma
 // groups of consecutive K blocks overlap: after issuing block kb, wait until only that group is in flight, then
 // release the previous block's stage. `it` counts stages over the CTA's tiles (the producer counts the same).
-template <int BN, bool SPARSE>
+template <int BN, bool SPARSE, bool SHARED_B>
 __device__ __forceinline__ void mainloop(float (&acc0)[BN / 2], float (&acc1)[BN / 2], const GemmParams& p,
                                          const Tile& t, int& it, int cw, int lane, int meta_word,
-                                         const GemmSmem<BN, SPARSE>& sm) {
-  using Cfg = GemmConfig<BN, SPARSE>;
+                                         const GemmSmem<BN, SPARSE, SHARED_B>& sm) {
+  using Cfg = GemmConfig<BN, SPARSE, SHARED_B>;
   constexpr int STAGES = Cfg::kStages;
   uint64_t* full = sm.full();
   uint64_t* empty = sm.empty();
@@ -219,7 +225,7 @@ __device__ __forceinline__ void mainloop(float (&acc0)[BN / 2], float (&acc1)[BN
       const uint64_t da0 = make_desc<64>(a + cw * 64 * 64);
       const uint64_t da1 = make_desc<64>(a + Cfg::kABytes / 2 + cw * 64 * 64);
       const uint64_t db0 = make_desc<128>(a + Cfg::kABytes);
-      const uint64_t db1 = p.shared_b ? db0 : make_desc<128>(a + Cfg::kABytes + Cfg::kBTileBytes);
+      const uint64_t db1 = SHARED_B ? db0 : make_desc<128>(a + Cfg::kABytes + Cfg::kBTileBytes);
       const uint32_t* meta = reinterpret_cast<const uint32_t*>(a + Cfg::kABytes + Cfg::kBBytes) + meta_word;
       const uint32_t e00 = meta[0], e01 = meta[16], e10 = meta[256], e11 = meta[256 + 16];
       fence_operand(acc0);
@@ -331,7 +337,7 @@ __device__ __forceinline__ void epilogue_down(const GemmParams& p, const Tile& t
   const float* bias = t.s == 0 && p.bias != nullptr ? p.bias + static_cast<long long>(e) * p.M : nullptr;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    const int col0 = t.m * 256 + half * 128 + cw * 64;
+    const int col0 = t.m * p.m_tile + half * p.a_box1_offset + cw * 64;
     const float2 bias2 = row_bias_pair(bias, col0, p.M, warp, lane);
     if (half == 0) stage_scaled<BN>(epi, acc0, bias2, row_weight, warp, lane);
     else stage_scaled<BN>(epi, acc1, bias2, row_weight, warp, lane);
@@ -357,12 +363,12 @@ __device__ __forceinline__ void epilogue_down(const GemmParams& p, const Tile& t
 
 // ---------------------------------------------------------------------------------------------- the kernel
 // EPI: an Activation (PROJ == kGateUp) or a Reduction (PROJ == kDown).
-template <int BN, int PROJ, int EPI, bool SPARSE>
+template <int BN, int PROJ, int EPI, bool SPARSE, bool SHARED_B>
 __device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const CUtensorMap* tmap_meta,
                                               const GemmParams& p) {
-  using Cfg = GemmConfig<BN, SPARSE>;
+  using Cfg = GemmConfig<BN, SPARSE, SHARED_B>;
   extern __shared__ __align__(1024) uint8_t smem[];
-  const GemmSmem<BN, SPARSE> sm{smem};
+  const GemmSmem<BN, SPARSE, SHARED_B> sm{smem};
   const int wg = threadIdx.x / 128;  // 0, 1: consumers; 2: the producer warpgroup
   if (threadIdx.x == 0) {
     uint32_t dyn;
@@ -384,7 +390,7 @@ __device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const C
                     sched.num_blocks, p.num_slots);
   if (wg == 2) {
     setmaxnreg_dec<56>();
-    produce<BN, PROJ, SPARSE>(tmap_a, tmap_meta, p, sched, sm);
+    produce<BN, PROJ, SPARSE, SHARED_B>(tmap_a, tmap_meta, p, sched, sm);
     return;
   }
   setmaxnreg_inc<224>();
@@ -399,7 +405,7 @@ __device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const C
   int it = 0;
   for (int tile = blockIdx.x; tile < sched.total; tile += gridDim.x) {
     const Tile t(sched, p, tile);
-    mainloop<BN, SPARSE>(acc0, acc1, p, t, it, cw, lane, meta_word, sm);
+    mainloop<BN, SPARSE, SHARED_B>(acc0, acc1, p, t, it, cw, lane, meta_word, sm);
     const int e = p.block_expert[t.b], start = p.block_start[t.b], height = p.block_height[t.b];
     named_barrier(1 + cw, 128);  // the previous tile's staging reads are done
     if constexpr (PROJ == kGateUp) {
