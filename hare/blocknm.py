@@ -41,7 +41,10 @@ out as always, and when out/2 is a multiple of 128 the storage is that of the pl
 Joint panels (``joint``): two panels may be made to choose the same kept blocks, so that one gathered token tile
 serves both. ``"halves"`` pairs panel m with panel m + P/2 (a stacked gate/up weight: gate panel m with up panel
 m; in the plain layout it needs ``out`` a multiple of 256, i.e. ffn a multiple of 128, in the halves layout any
-ffn), ``"adjacent"`` pairs panels 2m and 2m + 1 (a last odd panel chooses alone). The storage is unchanged: paired panels simply hold equal ``block_idx`` rows.
+ffn), ``"adjacent"`` pairs panels 2m and 2m + 1 (a last odd panel chooses alone). The storage is unchanged: paired
+panels simply hold equal ``block_idx`` rows. The Hopper kernels read one gathered token tile for both weight boxes
+of a tile whose panels are paired (hare/gpu/plan.py ``WeightFormat.kind``); a ``BlockNM`` built without saying
+``joint`` finds the pairing its ``block_idx`` obeys (``detect_joint``).
 
 The last panel (of each half, in the halves layout) may hold fewer than 128 rows (``out`` need not be a multiple of
 128); ``in`` must be a multiple of ``bw``.
@@ -133,6 +136,39 @@ def check_layout(out: int, joint=None, halves: bool = False) -> None:
                                    f"True; got out = {out}")
 
 
+JOINT_PANELS = {"gate_up": "halves", "down": "adjacent"}  # joint_panels=True: hare.sparsify's joint per weight
+
+
+def expert_layout(part: str, out: int, joint_panels: bool) -> dict:
+    """hare.sparsify's layout keywords (joint, halves) for an experts module's ``part`` ("gate_up" or "down") of
+    ``out`` rows: gate/up is cut into panels per half (halves=True, so that gate panel m and up panel m are the
+    Hopper kernels' tile m for any ffn; the same storage as the plain layout when ffn % 128 == 0) wherever its
+    out/2 % 16 == 0 admits it (always when down, ffn columns wide, can be pruned); down keeps the plain layout.
+    Joint gate/up panels need the halves layout."""
+    halves = part == "gate_up" and halves_fit(out)
+    if joint_panels and part == "gate_up" and not halves:
+        raise InvalidArgumentError(f"joint_panels: gate panel m and up panel m pair in the halves layout, which needs "
+                                   f"ffn a multiple of 16; got ffn = {out / 2:g}")
+    return {"joint": JOINT_PANELS[part] if joint_panels else None, "halves": halves}
+
+
+def detect_joint(block_idx: torch.Tensor, out: int, halves: bool = False) -> str | None:
+    """The pairing (``"halves"`` first, then ``"adjacent"``) whose paired panels all keep the same blocks in
+    ``block_idx`` (E, P, kb), among those that fit the layout and pair at least two panels; None if none does or the
+    indices cannot be read (fake tensors). Reads the indices back (a host sync on a GPU)."""
+    if not values_checkable(block_idx):
+        return None
+    panels = block_idx.shape[1]
+    for joint in JOINT[1:]:
+        if joint == "halves" and not halves and out % (2 * PANEL):
+            continue
+        partner = joint_partner(panels, joint, block_idx.device)
+        if bool((partner != torch.arange(panels, device=block_idx.device)).any()) and \
+                torch.equal(block_idx, block_idx[:, partner]):
+            return joint
+    return None
+
+
 def panel_count(out: int, halves: bool = False) -> int:
     """P: the panels of a weight of ``out`` rows (ceil(out/128), or 2·ceil((out/2)/128) in the halves layout)."""
     return 2 * math.ceil(out // 2 / PANEL) if halves else math.ceil(out / PANEL)
@@ -174,14 +210,15 @@ def joint_partner(panels: int, joint, device=None) -> torch.Tensor:
 class BlockNM:
     """A Block N:M sparse weight (or stack of expert weights) in the compressed storage described above."""
 
-    def __init__(self, values, meta, block_idx, *, shape, bn: int, bm: int, bw: int, joint: str | None = None,
+    def __init__(self, values, meta, block_idx, *, shape, bn: int, bm: int, bw: int, joint: str | None = "auto",
                  halves: bool = False):
+        """``joint``: one of JOINT, or "auto" (the default) for the pairing ``block_idx`` obeys (``detect_joint``)."""
         check_ratio(bn, bm, bw)
         shape = tuple(int(s) for s in shape)
         if len(shape) not in (2, 3) or min(shape) < 1:
             raise InvalidArgumentError(f"shape: expected (out, in) or (E, out, in) with positive sizes, got {shape}")
         experts, out, inp = (1, *shape) if len(shape) == 2 else shape
-        check_layout(out, joint, halves)
+        check_layout(out, None if joint == "auto" else joint, halves)
         if inp % bw:
             raise InvalidArgumentError(f"shape: in = {inp} is not a multiple of bw = {bw}")
         kb = kept_blocks(inp // bw, bn, bm)
@@ -200,6 +237,8 @@ class BlockNM:
                 raise InvalidArgumentError(f"{name}: expected dtype in {dtypes}, got {t.dtype}")
         if not (values.device == meta.device == block_idx.device):
             raise InvalidArgumentError("values, meta and block_idx must be on one device")
+        if joint == "auto":
+            joint = detect_joint(block_idx, out, halves)
         self.values, self.meta, self.block_idx = values, meta, block_idx
         self.shape = torch.Size(shape)
         self.bn, self.bm, self.bw, self.joint, self.halves = bn, bm, bw, joint, halves

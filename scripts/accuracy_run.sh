@@ -9,7 +9,7 @@
 #   bash scripts/accuracy_run.sh            # on the GPU machine
 #   HARE_ACCURACY_SIZE=toy bash scripts/accuracy_run.sh   # the same steps at toy size on a CPU (~1 min)
 #
-# Env: OUT (default ./device_out), NAME (default pydoc-moe_h200, toy for the toy size), CORPUS (default .corpus),
+# Env: OUT (default ./device_out), ACCURACY_ARGS (extra `hare bench accuracy` options), NAME (default pydoc-moe_h200, toy for the toy size), CORPUS (default .corpus),
 # MODEL_DIR (default a fresh temporary folder), PYTHON (default python3), TRAIN_SECONDS (training cap, default 240),
 # HARE_COMMIT (the commit under test where the tree travels without .git).
 set -euo pipefail
@@ -39,6 +39,7 @@ start=$SECONDS
 "$PY" -m hare.cli bench train-moe "$CORPUS" "$MODEL_DIR" --seed 0 "${TRAIN[@]}" 2>&1 | tee -a "$log"
 cp "$MODEL_DIR/train_info.json" "$OUT/"
 echo "training done after $((SECONDS - start)) s" | tee -a "$log"
+# ACCURACY_ARGS: more `hare bench accuracy` options (later ones win), e.g. "--densities 0.25,0.1 --bws 16"
 "$PY" -m hare.cli bench accuracy "$MODEL_DIR" --corpus "$CORPUS" --out-json "$OUT/accuracy_$NAME.json" "${ACC[@]}" \
-    2>&1 | tee -a "$log"
+    ${ACCURACY_ARGS:-} 2>&1 | tee -a "$log"
 echo "all done after $((SECONDS - start)) s" | tee -a "$log"

@@ -1,6 +1,6 @@
 """The accuracy price of joint panels on the CPU: layer-output relative error of activation-aware Block N:M pruning,
 each panel choosing alone vs paired (gate/up ``joint="halves"``, down ``joint="adjacent"``), at 50/25/10/5%, in the
-panel layouts ``hare.patch`` uses (``hare.models.patch.panel_layout``: gate/up in the halves layout).
+panel layouts ``hare.patch`` uses (``hare.blocknm.expert_layout``: gate/up in the halves layout).
 
 Calibration-like data: expert weights with Student-t (df 3) entries and per-row scales, inputs with Student-t
 entries and log-normal per-column scales (a few outlier channels, as in trained models). Per expert, the scores
@@ -20,7 +20,7 @@ import hare
 from hare.blocknm import DENSITIES
 from hare.calibration import activation_score
 from hare.metrics import relative_error
-from hare.models.patch import panel_layout
+from hare.blocknm import expert_layout
 
 
 def heavy(shape, gen, df: int = 3) -> torch.Tensor:
@@ -52,7 +52,7 @@ def measure(experts=4, hidden=512, ffn=512, tokens=1024, seed=0) -> list[dict]:
         row = {"density": density}
         for joint_panels in (False, True):
             pruned = {part: hare.sparsify(w, bn=bn, bm=bm, bw=16, score=scores[part], dtype=torch.float64,
-                                          **panel_layout(part, w.shape[-2], joint_panels)).to_dense()
+                                          **expert_layout(part, w.shape[-2], joint_panels)).to_dense()
                       for part, w in (("gate_up", w_gate_up), ("down", w_down))}
             g_u_p = x @ pruned["gate_up"].transpose(1, 2)
             h_p = torch.nn.functional.silu(g_u_p[..., :ffn]) * g_u_p[..., ffn:]

@@ -69,6 +69,25 @@ def test_joint_pairs_panels_and_keeps_values_exact(gen):
         assert s.to(dtype=torch.bfloat16).joint == joint and s.select_experts(1, 3).joint == joint
 
 
+def test_a_blocknm_built_without_joint_finds_the_pairing_its_indices_obey(gen):
+    """Storage rebuilt from parts (a concatenation of chunks, another tool's files) keeps its pairing, so the kernels
+    still read one token tile for paired panels; an explicit joint=None is taken as given."""
+    w = torch.randn(2, 4 * PANEL, 160, generator=gen)
+    parts = lambda s: (s.values, s.meta, s.block_idx)  # noqa: E731
+    for joint in ("halves", "adjacent", None):
+        s = hare.sparsify(w, bn=1, bm=5, bw=16, joint=joint)
+        assert hare.BlockNM(*parts(s), shape=s.shape, bn=1, bm=5, bw=16).joint == joint
+        assert hare.BlockNM(*parts(s), shape=s.shape, bn=1, bm=5, bw=16, joint=None).joint is None
+    one = hare.sparsify(w[:, :PANEL], bn=1, bm=2, bw=16)  # a single panel pairs with nothing
+    assert hare.BlockNM(*parts(one), shape=one.shape, bn=1, bm=2, bw=16).joint is None
+    odd = hare.sparsify(w[:, :3 * PANEL], bn=1, bm=2, bw=16, joint="adjacent")  # out % 256 != 0: never "halves"
+    assert hare.BlockNM(*parts(odd), shape=odd.shape, bn=1, bm=2, bw=16).joint == "adjacent"
+    full = hare.sparsify(w, bn=1, bm=1, bw=16)  # 1:1: every panel keeps every block, halves comes first
+    assert hare.BlockNM(*parts(full), shape=full.shape, bn=1, bm=1, bw=16).joint == "halves"
+    with pytest.raises(InvalidArgumentError, match="joint: expected one of"):
+        hare.BlockNM(*parts(full), shape=full.shape, bn=1, bm=1, bw=16, joint="auto-ish")
+
+
 def test_adjacent_odd_last_panel_chooses_alone(gen):
     w = torch.randn(3 * PANEL, 64, generator=gen)
     s = hare.sparsify(w, bn=1, bm=2, bw=16, joint="adjacent")

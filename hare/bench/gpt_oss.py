@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from ..blocknm import DENSITIES, BlockNM
+from ..blocknm import DENSITIES, BlockNM, expert_layout
 from ..grouped_mm import grouped_mm_moe
 from ..metrics import relative_error
 from ..moe import backend, moe
@@ -59,10 +59,13 @@ def make_biases(E: int, H: int, F: int, device, gen=None) -> tuple[torch.Tensor,
     return tuple(torch.randn(E, n, device=device, generator=gen) * BIAS_STD for n in (2 * F, H))
 
 
-def sparse_weights(wgu: torch.Tensor, wd: torch.Tensor, density: float, bw: int = 16) -> tuple[BlockNM, BlockNM]:
-    """The dense experts pruned by magnitude to Block N:M at ``density``: gate/up in the halves layout, down plain."""
+def sparse_weights(wgu: torch.Tensor, wd: torch.Tensor, density: float, bw: int = 16,
+                   joint_panels: bool = False) -> tuple[BlockNM, BlockNM]:
+    """The dense experts pruned by magnitude to Block N:M at ``density`` in hare.patch's layout: gate/up in the halves
+    layout, down plain; ``joint_panels`` as hare.patch's."""
     bn, bm = DENSITIES[density]
-    return sparsify_experts(wgu, bn, bm, bw, halves=True), sparsify_experts(wd, bn, bm, bw)
+    return (sparsify_experts(wgu, bn, bm, bw, **expert_layout("gate_up", wgu.shape[-2], joint_panels)),
+            sparsify_experts(wd, bn, bm, bw, **expert_layout("down", wd.shape[-2], joint_panels)))
 
 
 def case_record(routing: str, ids: torch.Tensor, gu, dn, biases, ours_ms: float, baseline_ms: float, err: float,
@@ -77,9 +80,11 @@ def case_record(routing: str, ids: torch.Tensor, gu, dn, biases, ours_ms: float,
     flops, min_bytes = moe_flops(T * k, H, F), traffic_bytes(per_expert, touched, T, H)
     tflops, tbps = flops / (ours_ms * 1e-3) / 1e12, min_bytes / (ours_ms * 1e-3) / 1e12
     layout = ({"nominal_density": gu.bn / (2 * gu.bm), "bw": gu.bw, "bn": gu.bn, "bm": gu.bm,
-               "density_gate_up": gu.density, "density_down": dn.density, "halves_gate_up": gu.halves}
+               "density_gate_up": gu.density, "density_down": dn.density, "halves_gate_up": gu.halves,
+               "joint_panels": gu.joint is not None}
               if sparse else {"nominal_density": 1.0, "bw": None, "bn": None, "bm": None,
-                              "density_gate_up": 1.0, "density_down": 1.0, "halves_gate_up": False})
+                              "density_gate_up": 1.0, "density_down": 1.0, "halves_gate_up": False,
+                              "joint_panels": False})
     return {"bench": "kernels", "suite": SUITE, "case": f"{SHAPE}/{routing}", "tokens": T,
             "density": weight_density(gu, dn) if sparse else 1.0, **layout, "shape": SHAPE, "routing": routing,
             "hidden": H, "ffn": F, "experts": E, "top_k": k, "activation": ACTIVATION,
@@ -95,10 +100,11 @@ def case_record(routing: str, ids: torch.Tensor, gu, dn, biases, ours_ms: float,
 
 # ------------------------------------------------------------------------------------------ main loop
 def run_gpt_oss_bench(densities=DENSITY_CASES, tokens=TOKENS, routings=("uniform",), bw: int = 16, out_json=None,
-                      plot_dir=None, log=None, device="cuda", seed=0, layer=LAYER, print_table=True) -> dict:
+                      plot_dir=None, log=None, device="cuda", seed=0, layer=LAYER, print_table=True,
+                      joint_panels: bool = False) -> dict:
     """Time every density (1.0: the dense weights) at every token count and routing; returns the JSON dict, also
     written to ``out_json`` after each density (a run cut short keeps what it measured). ``layer`` (hidden, ffn,
-    experts, top-k) is GPT-OSS-20B's unless a test asks for a smaller one."""
+    experts, top-k) is GPT-OSS-20B's unless a test asks for a smaller one; ``joint_panels`` as hare.patch's."""
     session = BenchSession(device, seed, log)
     dev, gen, say, ceil, timer = session.dev, session.gen, session.say, session.ceil, session.timer
     H, F, E, k = layer
@@ -112,7 +118,7 @@ def run_gpt_oss_bench(densities=DENSITY_CASES, tokens=TOKENS, routings=("uniform
         fn = functools.partial(grouped_mm_moe, *args, wgu, wd, ACTIVATION, *biases)
         dense_out[key], baseline_ms[key] = fn(), timer.time_graph(fn)
     for density in sorted(densities, reverse=True):
-        gu, dn = (wgu, wd) if density == 1.0 else sparse_weights(wgu, wd, density, bw)
+        gu, dn = (wgu, wd) if density == 1.0 else sparse_weights(wgu, wd, density, bw, joint_panels)
         refs = dense_out if density == 1.0 else _references(inputs, gu, dn, biases)
         for (rt, T), (x, ids, w) in inputs.items():
             ours = functools.partial(moe, x, ids, w, gu, dn, ACTIVATION, check_ids=False, gate_up_bias=biases[0],

@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="models: the shapes above; real, synthetic: the Hare paper's settings (fixed cases); "
                     "gpt-oss: GPT-OSS-20B's biased experts, dense and at --density (alone; takes --tokens, "
                     "--routing, --bw)")
+    ap.add_argument("--joint-panels", action="store_true",
+                    help="sparse weights with joint panels (hare.patch's joint_panels=True: gate panel m and up "
+                    "panel m, down panels 2m and 2m + 1 keep the same blocks), which run the one-token-tile kernels")
     ap.add_argument("--out-json", default=None)
     ap.add_argument("--plot-dir", default=None, help="sparse plots default to the JSON's folder")
     ap.add_argument("--log", default=None)
@@ -237,7 +240,8 @@ def main(argv=None):
         cases = sparse.select_cases(a.suite, a.density, a.bw, shapes=a.shapes, tokens=a.tokens, routings=a.routing)
     except ValueError as exc:
         ap.error(str(exc))
-    result = sparse.run_sparse_bench(cases, out_json=a.out_json, plot_dir=a.plot_dir, log=a.log)
+    result = sparse.run_sparse_bench(cases, out_json=a.out_json, plot_dir=a.plot_dir, log=a.log,
+                                     joint_panels=a.joint_panels)
     if result["errors"]:
         raise SystemExit(f"{len(result['errors'])} sparse kernel call(s) failed (see 'errors' in the results)")
 
@@ -248,7 +252,8 @@ def run_gpt_oss(ap, a) -> None:
         ap.error("--suite gpt-oss runs alone and on its own layer (no other suite, no --shapes)")
     result = gpt_oss.run_gpt_oss_bench(densities=(1.0, *(a.density or gpt_oss.DENSITY_CASES[1:])),
                                        tokens=a.tokens or gpt_oss.TOKENS, routings=a.routing or ("uniform",), bw=a.bw,
-                                       out_json=a.out_json, plot_dir=a.plot_dir, log=a.log)
+                                       out_json=a.out_json, plot_dir=a.plot_dir, log=a.log,
+                                       joint_panels=a.joint_panels)
     if result["errors"]:
         raise SystemExit(f"{len(result['errors'])} hare.moe call(s) failed (see 'errors' in the results)")
 

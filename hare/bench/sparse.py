@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from ..blocknm import DENSITIES, BlockNM
+from ..blocknm import DENSITIES, BlockNM, expert_layout
 from ..metrics import relative_error
 from .baselines import cublas_loop_fn, cusparselt_weights, grouped_mm_fn
 from .common import geomean, pyplot, report_run, results, save_progress
@@ -149,7 +149,8 @@ def case_records(c: Case, counts, gu: BlockNM, dn: BlockNM, times: dict, ceil: d
     tflops, tbps = flops / (t * 1e-3) / 1e12, nbytes / (t * 1e-3) / 1e12
     base = {"bench": "kernels", "suite": c.suite, "case": c.name, "tokens": c.tokens, "density": weight_density(gu, dn),
             "nominal_density": gu.bn / (2 * gu.bm), "bw": gu.bw, "bn": gu.bn, "bm": gu.bm,
-            "density_gate_up": gu.density, "density_down": dn.density, "shape": c.shape, "routing": c.routing,
+            "density_gate_up": gu.density, "density_down": dn.density, "joint_panels": gu.joint is not None,
+            "shape": c.shape, "routing": c.routing,
             "hidden": c.hidden, "ffn": c.ffn, "experts": c.experts, "top_k": c.top_k, "touched_experts": touched,
             "max_rows_per_expert": int(counts.max()), "flops": flops, "min_bytes": nbytes, "method": "ours_sparse",
             "ours_ms": t, "times_ms": dict(times), "speedup_vs_grouped_mm": times["grouped_mm"] / t,
@@ -161,9 +162,11 @@ def case_records(c: Case, counts, gu: BlockNM, dn: BlockNM, times: dict, ceil: d
 
 
 # ------------------------------------------------------------------------------------------ main loop
-def run_sparse_bench(cases, out_json=None, plot_dir=None, log=None, device="cuda", seed=0, print_table=True) -> dict:
+def run_sparse_bench(cases, out_json=None, plot_dir=None, log=None, device="cuda", seed=0, print_table=True,
+                     joint_panels: bool = False) -> dict:
     """Time every case; returns the JSON dict, also written to ``out_json`` after each weight stack (so a run cut
-    short keeps what it measured). A failing sparse call is recorded under "errors" and the run goes on."""
+    short keeps what it measured). A failing sparse call is recorded under "errors" and the run goes on.
+    ``joint_panels``: prune with hare.patch's joint-panel layout (``hare.blocknm.expert_layout``)."""
     import hare.gpu as hg
 
     session = BenchSession(device, seed, log)
@@ -175,7 +178,7 @@ def run_sparse_bench(cases, out_json=None, plot_dir=None, log=None, device="cuda
     for c in cases:  # one weight stack per (hidden, ffn), as many experts as its largest case
         stacks.setdefault((c.hidden, c.ffn), []).append(c)
     for group in stacks.values():
-        _run_stack(hg, group, dev, gen, timer, ceil, result, say)
+        _run_stack(hg, group, dev, gen, timer, ceil, result, say, joint_panels)
         save_progress(result, summary(result["records"]), t_start, out_json)
     report_run(result, out_json, plot_dir, "kernels_sparse", plot_sparse,
                [format_sparse_table(result), target_summary(result["records"])] if print_table else None, say)
@@ -183,7 +186,7 @@ def run_sparse_bench(cases, out_json=None, plot_dir=None, log=None, device="cuda
     return result
 
 
-def _run_stack(hg, group, dev, gen, timer, ceil, result, say):
+def _run_stack(hg, group, dev, gen, timer, ceil, result, say, joint_panels):
     """All cases of one weight stack: dense baselines once per case, then every density's sparse kernel."""
     H, F = group[0].hidden, group[0].ffn
     wgu, wd = make_weights(max(c.experts for c in group), H, F, dev, gen)
@@ -209,7 +212,8 @@ def _run_stack(hg, group, dev, gen, timer, ceil, result, say):
     variants = sorted({(d, c.bw) for c in group for d in c.densities}, reverse=True)
     for density, bw in variants:
         bn, bm = DENSITIES[density]
-        sgu, sdn = sparsify_experts(wgu, bn, bm, bw), sparsify_experts(wd, bn, bm, bw)
+        sgu = sparsify_experts(wgu, bn, bm, bw, **expert_layout("gate_up", 2 * F, joint_panels))
+        sdn = sparsify_experts(wd, bn, bm, bw, **expert_layout("down", H, joint_panels))
         todo = [c for c in group if density in c.densities and c.bw == bw]
         refs = _references(todo, inputs, sgu, sdn)
         for c in todo:

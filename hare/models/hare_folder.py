@@ -33,13 +33,13 @@ from pathlib import Path
 
 import torch
 
-from ..blocknm import DENSITIES, check_ratio
+from ..blocknm import DENSITIES, JOINT_PANELS, check_ratio
 from ..checkpoint import load as load_hare_file, load_metadata, save as save_hare_file
 from ..errors import CheckpointError, InvalidArgumentError
 from ..metrics import relative_error
 from .experts import HareExperts
 from .generation import load_tokenizer
-from .patch import JOINT_PANELS, METHODS, calibrate, dense_experts, experts_modules, patch, replace_module
+from .patch import METHODS, calibrate, dense_experts, experts_modules, patch, replace_module
 
 FORMAT = "hare-model"
 VERSION = 3  # 3: records joint_panels (2: without it, read as False: joint panels came with 3);

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..blocknm import halves_fit, sparsify
+from ..blocknm import expert_layout, sparsify
 from ..calibration import activation_score, expert_input_grams, expert_input_norms
 from ..distributed import shard_experts
 from ..errors import InvalidArgumentError
@@ -83,22 +83,6 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 METHODS = ("magnitude", "activation", "reconstruct")
 
 
-JOINT_PANELS = {"gate_up": "halves", "down": "adjacent"}  # joint_panels=True: hare.sparsify's joint per weight
-
-
-def panel_layout(part: str, out: int, joint_panels: bool) -> dict:
-    """hare.sparsify's layout keywords (joint, halves) for an experts module's ``part`` ("gate_up" or "down") of
-    ``out`` rows: gate/up is cut into panels per half (halves=True, so that gate panel m and up panel m are the
-    Hopper kernels' tile m for any ffn; the same storage as the plain layout when ffn % 128 == 0) wherever its
-    out/2 % 16 == 0 admits it (always when down, ffn columns wide, can be pruned); down keeps the plain layout.
-    Joint gate/up panels need the halves layout."""
-    halves = part == "gate_up" and halves_fit(out)
-    if joint_panels and part == "gate_up" and not halves:
-        raise InvalidArgumentError(f"joint_panels: gate panel m and up panel m pair in the halves layout, which needs "
-                                   f"ffn a multiple of 16; got ffn = {out / 2:g}")
-    return {"joint": JOINT_PANELS[part] if joint_panels else None, "halves": halves}
-
-
 def _check_ratio_args(bn, bm, score, method, joint_panels) -> str | None:
     """The pruning method (None when dense): ``method``, or activation with a calibration and magnitude without."""
     if (bn is None) != (bm is None):
@@ -131,7 +115,7 @@ def _check_ratio_args(bn, bm, score, method, joint_panels) -> str | None:
 def _prune(name: str, method: str, weights, stats, bn: int, bm: int, bw: int, dtype, joint_panels: bool) -> list:
     """The two BlockNM weights (gate/up, down) of one experts module; ``stats`` are its norms (activation) or grams
     (reconstruct), on the weights' device."""
-    layouts = [panel_layout(part, w.shape[-2], joint_panels) for part, w in zip(("gate_up", "down"), weights)]
+    layouts = [expert_layout(part, w.shape[-2], joint_panels) for part, w in zip(("gate_up", "down"), weights)]
     if method == "reconstruct":
         *grams, counts = stats
         pruned = [reconstruct(w, g, bn=bn, bm=bm, bw=bw, counts=counts, dtype=dtype, **lay)
