@@ -81,7 +81,7 @@ def _fields(name, buf):
     return s, dict(zip((f for _, f, _ in s.fields), s.unpack(bytes(buf))))
 
 
-CASES = [  # (T, H, F, E, k, gate_up ratio or None, down ratio or None, deterministic, config[, unit, biased])
+CASES = [  # (T, H, F, E, k, gate_up ratio or None, down ratio or None, deterministic, config[, unit, biased, joint])
     (1, 256, 128, 8, 2, None, None, True, None),
     (37, 320, 256, 6, 3, (1, 2), (1, 5), True, None),
     (300, 256, 128, 4, 1, None, (1, 1), True, None),  # top-1: the down GEMM writes out directly
@@ -91,21 +91,25 @@ CASES = [  # (T, H, F, E, k, gate_up ratio or None, down ratio or None, determin
     (40, 320, 320, 8, 4, (1, 2), (1, 2), True, None, "gpt-oss:alpha=1.5,limit=3", True),
     (3, 320, 320, 8, 4, (1, 5), None, False, hg.LaunchConfig(gateup_splits=2, down_splits=2), "clamped-silu:limit=2",
      True),
+    # joint panels: gate/up paired as halves, down (H % 256 == 0) as halves: its tiles pair panels m and m + P/2
+    (50, 512, 320, 8, 2, (1, 2), (1, 5), True, None, "silu", False, True),
 ]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_launches_follow_the_plan_and_stay_inside_the_call_tensors(device, case):
     """Each call's launches follow the plan, and every address is inside a tensor of that call."""
-    T, H, F, E, k, gu_ratio, dn_ratio, det, config, unit, biased = (*case, "silu", False)[:11]
+    defaults = ("silu", False, False)  # unit, biased, joint
+    T, H, F, E, k, gu_ratio, dn_ratio, det, config, unit, biased, joint = (*case, *defaults[len(case) - 9:])
     g = torch.Generator().manual_seed(T)
     x = torch.randn(T, H, generator=g).bfloat16()
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
     w = torch.rand(T, k, generator=g)
     wgu = (torch.randn(E, 2 * F, H, generator=g) * H ** -0.5).bfloat16()
     wd = (torch.randn(E, H, F, generator=g) * F ** -0.5).bfloat16()
-    gu = hare.sparsify(wgu, bn=gu_ratio[0], bm=gu_ratio[1], bw=16, halves=True) if gu_ratio else wgu
-    dn = hare.sparsify(wd, bn=dn_ratio[0], bm=dn_ratio[1], bw=32) if dn_ratio else wd
+    jgu, jdn = ("halves", "halves") if joint else (None, None)
+    gu = hare.sparsify(wgu, bn=gu_ratio[0], bm=gu_ratio[1], bw=16, halves=True, joint=jgu) if gu_ratio else wgu
+    dn = hare.sparsify(wd, bn=dn_ratio[0], bm=dn_ratio[1], bw=32, joint=jdn) if dn_ratio else wd
     bgu, bd = (torch.randn(E, 2 * F, generator=g), torch.randn(E, H, generator=g)) if biased else (None, None)
     kept = []
     for call in range(2):  # the second call (same program, fresh tensors, the first kept alive) patches its own
@@ -150,7 +154,10 @@ def test_launches_follow_the_plan_and_stay_inside_the_call_tensors(device, case)
                     bias = bgu if gate_up else bd
                     assert f["bias"] == (0 if bias is None else bias.data_ptr())
                     wt = gu if gate_up else dn
-                    if isinstance(wt, hare.BlockNM):  # box 1 reads up panel m (P/2 + m) or down panel 2m + 1
-                        assert f["box1_panel_offset"] == (wt.block_idx.shape[1] // 2 if gate_up else 1)
+                    if isinstance(wt, hare.BlockNM):  # box 1 reads up panel m (P/2 + m), down panel 2m + 1 or m + P/2
+                        halves = gate_up or wt.joint == "halves"
+                        assert f["box1_panel_offset"] == (wt.block_idx.shape[1] // 2 if halves else 1)
+                        assert (f["m_tile"], f["a_box1_offset"]) == ((128, wt.shape[-2] // 2) if halves else (256, 128))
+                        assert ("_spj_" in name) == (joint or wt.kept_blocks * wt.bw == wt.shape[-1])
                 if name.startswith(("hare_gateup", "hare_glu")):
                     assert (f.get("act_alpha", f.get("alpha")), f.get("act_limit", f.get("limit"))) == p.glu_args

@@ -382,7 +382,8 @@ def _build_program(mod, T, k, E, H, F, gu_parts, dn_parts, activation, determini
                    weights_code, has_gu_bias, has_d_bias, check_ids) -> _Program:
     from . import _launch
 
-    (w_gate_up, gu_meta, gu_block_idx, gu_bw, gu_joint), (w_down, d_meta, d_block_idx, d_bw, d_joint) = gu_parts, dn_parts
+    w_gate_up, gu_meta, gu_block_idx, gu_bw, gu_joint = gu_parts
+    w_down, d_meta, d_block_idx, d_bw, d_joint = dn_parts
     F2, R = 2 * F, T * k
     gu = WeightFormat.of(H, gu_block_idx, gu_bw, gu_joint or None)
     dn = WeightFormat.of(F, d_block_idx, d_bw, d_joint or None)
@@ -476,7 +477,8 @@ _PROGRAMS_MAX = 8192
 
 
 def _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, gu_bw, gu_joint, w_down, d_meta,
-                    d_block_idx, d_bw, d_joint, gate_up_bias, down_bias, activation: str, deterministic: bool, tile_n: int,
+                    d_block_idx, d_bw, d_joint, gate_up_bias, down_bias, activation: str, deterministic: bool,
+                    tile_n: int,
                     gateup_splits: int, down_splits: int, raster: int, programmatic_launch: bool,
                     check_ids: bool = False):
     """Program -> allocate -> patch -> launch. Each projection dense (meta None) or Block N:M (values, meta,
@@ -515,7 +517,8 @@ def _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx,
         config = LaunchConfig(tile_n or None, gateup_splits or None, down_splits or None, raster or None,
                               programmatic_launch)
         prog = _build_program(mod, T, k, E, H, F2 // 2, (w_gate_up, gu_meta, gu_block_idx, gu_bw, gu_joint),
-                              (w_down, d_meta, d_block_idx, d_bw, d_joint), activation, deterministic, config, ids_is_64,
+                              (w_down, d_meta, d_block_idx, d_bw, d_joint), activation, deterministic, config,
+                              ids_is_64,
                               weights_code, gate_up_bias is not None, down_bias is not None, check_ids)
         if len(_programs) >= _PROGRAMS_MAX:
             _programs.clear()
@@ -638,10 +641,11 @@ def _fused_moe_op(
     down_splits: int, raster: int, programmatic_launch: bool, check_ids: bool,
 ) -> torch.Tensor:
     """Dense weights: meta and block_idx None; Block N:M weights: their values, meta, block_idx, bw and joint ("" for
-    none); biases fp32 or None. The launch overrides are LaunchConfig's fields, 0 for None; check_ids: the device-side id check."""
+    none); biases fp32 or None. The launch overrides are LaunchConfig's fields, 0 for None; check_ids: the
+    device-side id check."""
     return _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, gu_bw, gu_joint, w_down,
-                           d_meta, d_block_idx, d_bw, d_joint, gate_up_bias, down_bias, activation, deterministic, tile_n,
-                           gateup_splits, down_splits, raster, programmatic_launch, check_ids)
+                           d_meta, d_block_idx, d_bw, d_joint, gate_up_bias, down_bias, activation, deterministic,
+                           tile_n, gateup_splits, down_splits, raster, programmatic_launch, check_ids)
 
 
 @_fused_moe_op.register_fake
