@@ -202,3 +202,12 @@ def test_absorbed_latent_attention_applies_the_mask(additive, b):
     expected = attention.sdpa_attention_forward(module, query, key, value, mask, scaling=module.scaling)[0]
     out, _ = attention.decode_sdpa(module, query, latent, rope_key, mask, scaling=module.scaling)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_decode_step_over_a_full_sliding_window_is_marked_not_capturable():
+    """transformers' full sliding-window static layer makes a host tensor every step, which CUDA-graph capture
+    refuses, so the model benchmark times such steps eagerly only (GPT-OSS: a 4-token window here)."""
+    tokens = torch.randint(0, 100, (1, 10), generator=torch.Generator().manual_seed(3))
+    assert not static_decode_step(_model("gpt_oss"), tokens[:, :9], tokens[:, 9:]).capturable  # 9 > window 4
+    assert static_decode_step(_model("gpt_oss"), tokens[:, :3], tokens[:, 3:4]).capturable  # 3 + 1 fits the window
+    assert static_decode_step(_model("mixtral"), tokens[:, :9], tokens[:, 9:]).capturable

@@ -107,7 +107,8 @@ def static_decode_step(model, history: torch.Tensor, step: torch.Tensor, chunk_t
     """Prefills ``history`` (batch, context) into transformers' static cache, in pieces of at most ``chunk_tokens``
     tokens (bounding activation memory); returns a function that decodes ``step`` (batch, 1) at position ``context``
     and rewinds the cache's fill level, so every call writes the same slot over the same history (and can be
-    captured as a CUDA graph). The function returns the step's logits."""
+    captured as a CUDA graph, unless its ``capturable`` attribute says otherwise). The function returns the step's
+    logits."""
     from transformers import StaticCache
 
     (b, context), device, cache_kw = history.shape, history.device, _cache_kwarg(model)
@@ -125,6 +126,10 @@ def static_decode_step(model, history: torch.Tensor, step: torch.Tensor, chunk_t
         for layer in cache.layers:  # static layers keep their fill level on the device
             layer.cumulative_length.sub_(1)
         return logits
+    # a full sliding-window layer of transformers' static cache builds an index tensor from a Python list on every
+    # step (a host-to-device copy, which CUDA-graph capture refuses): such a step is timed eagerly only
+    decode.capturable = not any(getattr(layer, "is_sliding", False) and layer.max_cache_len < context + 1
+                                for layer in cache.layers)
     return decode
 
 
@@ -142,7 +147,7 @@ def _cases(model, device, prefill_tokens: int, batches, context: int, vocab: int
         history = torch.randint(0, vocab, (b, context), generator=gen).to(device)
         decode = static_decode_step(model, history, torch.randint(0, vocab, (b, 1), generator=gen).to(device))
         yield f"decode-b{b}", "eager", decode
-        if graphs:
+        if graphs and decode.capturable:
             yield f"decode-b{b}", "cuda-graph", capture_graph(decode, device)
         del decode, history
         if device.type == "cuda":
