@@ -104,9 +104,10 @@ def sparsify(model_dir: Path = typer.Argument(..., help="transformers checkpoint
              method: str = typer.Option(None, help="magnitude, activation (|w|·‖x‖) or reconstruct (SparseGPT-style, "
                                         "kept weights updated); default: activation with --calib, else magnitude"),
              device: str = typer.Option(None, help="where to load and prune the model (default: cpu)"),
-             joint_panels: bool = typer.Option(False, "--joint-panels", help="paired panels keep the same blocks: "
-                                               "gate panel m with up panel m (needs ffn % 16 == 0), down panels 2m "
-                                               "with 2m+1")):
+             joint_panels: bool = typer.Option(None, "--joint-panels/--no-joint-panels",
+                                               help="paired panels keep the same blocks: gate panel m with up panel "
+                                               "m (needs ffn % 16 == 0), down panels 2m with 2m+1; default: "
+                                               "wherever the ffn admits them")):
     """Prune the experts of a MoE checkpoint to Block N:M and write a Hare checkpoint."""
     from rich.console import Console
     from rich.table import Table

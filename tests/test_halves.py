@@ -76,7 +76,7 @@ def test_patch_prunes_gate_up_in_the_halves_layout_and_down_not():
     for ffn, panels in ((FFN, 4), (128, 2), (32, 2)):  # ffn 32: one 32-row panel per half
         model = tiny_model("qwen3_moe", moe_intermediate_size=ffn)
         dense = {n: dense_experts(m).gate_up.detach().clone() for n, m in experts_modules(model).items()}
-        hare.patch(model, bn=1, bm=2)
+        hare.patch(model, bn=1, bm=2, joint_panels=False)  # the layout alone
         for name, module in experts_modules(model).items():
             gu, down = module.weight("gate_up"), module.weight("down")
             assert (gu.halves, down.halves) == (True, False) and gu.block_idx.shape[1] == panels

@@ -183,6 +183,19 @@ def test_patch_joint_panels(ffn):
         hare.patch(tiny_model("qwen3_moe"), joint_panels=True)
 
 
+def test_patch_prunes_with_joint_panels_by_default():
+    """(Wherever the ffn admits them: ffn % 16 == 0, which pruning down at bw >= 16 needs anyway.)"""
+    from hare.models.configs import tiny_model
+    from hare.models.patch import experts_modules
+
+    joints = lambda model: {(m.weight("gate_up").joint, m.weight("down").joint)  # noqa: E731
+                            for m in experts_modules(model).values()}
+    assert joints(hare.patch(tiny_model("qwen3_moe", moe_intermediate_size=48), bn=1, bm=2)) == {("halves", "adjacent")}
+    assert joints(hare.patch(tiny_model("qwen3_moe"), bn=1, bm=2, joint_panels=False)) == {(None, None)}
+    with pytest.raises(InvalidArgumentError, match="joint_panels: expected None or a bool"):
+        hare.patch(tiny_model("qwen3_moe"), bn=1, bm=2, joint_panels="yes")
+
+
 def test_cli_sparsify_joint_panels_round_trip(joint_model, tmp_path):
     from typer.testing import CliRunner
 
@@ -210,7 +223,7 @@ def test_version_2_manifest_reads_as_not_joint(tiny_checkpoints, tmp_path):
     from hare.models.hare_folder import MANIFEST, read_manifest
 
     manifest = json.loads((tiny_checkpoints / "hare" / MANIFEST).read_text())
-    assert manifest["joint_panels"] is False
+    assert manifest["joint_panels"] is True  # the default, where the ffn admits them
     del manifest["joint_panels"]
     (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "version": 2}))
     assert read_manifest(tmp_path)["joint_panels"] is False

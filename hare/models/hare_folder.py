@@ -170,11 +170,12 @@ def _alive(pid: int) -> bool:
 @torch.no_grad()
 def sparsify_checkpoint(model_dir, out_dir, density: float, *, bw: int = 16, calib_text: str | None = None,
                         calib_tokens: int = 512, device=None, progress: bool = True, seed: int = 0,
-                        method: str | None = None, joint_panels: bool = False) -> list[LayerReport]:
+                        method: str | None = None, joint_panels: bool | None = None) -> list[LayerReport]:
     """Prune ``model_dir`` into a Hare checkpoint in ``out_dir``; returns each MoE layer's relative output error on
     the calibration tokens (random token ids when no text is given; pruning is then by magnitude). ``method``
     (``hare.patch``'s: magnitude, activation or reconstruct) defaults to activation with text, magnitude without;
-    ``joint_panels`` is ``hare.patch``'s."""
+    ``joint_panels`` is ``hare.patch``'s (default: wherever the ffn admits them); the manifest records what was
+    done."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     bn, bm = density_ratio(density)
     check_ratio(bn, bm, bw)
@@ -185,8 +186,8 @@ def sparsify_checkpoint(model_dir, out_dir, density: float, *, bw: int = 16, cal
         raise InvalidArgumentError(f"method: expected one of {METHODS}, got {method!r}")
     if method != "magnitude" and calib_text is None:
         raise InvalidArgumentError(f"method {method!r} needs calibration text (--calib)")
-    if not isinstance(joint_panels, bool):
-        raise InvalidArgumentError(f"joint_panels: expected a bool, got {joint_panels!r}")
+    if joint_panels is not None and not isinstance(joint_panels, bool):
+        raise InvalidArgumentError(f"joint_panels: expected None or a bool, got {joint_panels!r}")
     device = resolve_device(device)
     shards = check_source(model_dir)
     if (model_dir / MANIFEST).exists() or any(model_dir.glob(EXPERT_FILES)):
@@ -211,6 +212,11 @@ def sparsify_checkpoint(model_dir, out_dir, density: float, *, bw: int = 16, cal
     del modules
     patch(model, bn=bn, bm=bm, bw=bw, score=calib if method != "magnitude" else None, progress=progress,
           method=method, joint_panels=joint_panels)
+    used = {m.layout["gate_up"]["joint"] is not None for m in experts_modules(model).values()}
+    if len(used) > 1:
+        raise InvalidArgumentError("joint panels fit some experts modules and not others (their ffn differ): pass "
+                                   "joint_panels=False")
+    joint_panels = used.pop()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_partials(out_dir)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..blocknm import expert_layout, sparsify
+from ..blocknm import expert_layout, halves_fit, sparsify
 from ..calibration import activation_score, expert_input_grams, expert_input_norms
 from ..distributed import shard_experts
 from ..errors import InvalidArgumentError
@@ -96,8 +96,8 @@ def _check_ratio_args(bn, bm, score, method, joint_panels) -> str | None:
         raise InvalidArgumentError(f"method: expected one of {METHODS}, got {method!r}")
     if method is not None and bn is None:
         raise InvalidArgumentError("method: only matters when pruning; give bn and bm too")
-    if not isinstance(joint_panels, bool):
-        raise InvalidArgumentError(f"joint_panels: expected a bool, got {joint_panels!r}")
+    if joint_panels is not None and not isinstance(joint_panels, bool):
+        raise InvalidArgumentError(f"joint_panels: expected None or a bool, got {joint_panels!r}")
     if joint_panels and bn is None:
         raise InvalidArgumentError("joint_panels: only matters when pruning; give bn and bm too")
     if bn is None:
@@ -132,7 +132,7 @@ def _prune(name: str, method: str, weights, stats, bn: int, bm: int, bw: int, dt
 @torch.no_grad()
 def patch(model: nn.Module, bn: int | None = None, bm: int | None = None, bw: int = 16,
           score: Calibration | None = None, progress: bool = False, ep_group=None,
-          method: str | None = None, joint_panels: bool = False) -> nn.Module:
+          method: str | None = None, joint_panels: bool | None = None) -> nn.Module:
     """Replace, in place, the experts of a transformers MoE model by Hare's; returns the model.
 
     Without ``bn``/``bm`` the experts stay dense (same logits as before). With them every expert weight is pruned
@@ -141,9 +141,11 @@ def patch(model: nn.Module, bn: int | None = None, bm: int | None = None, bw: in
     ``"reconstruct"`` (``hare.reconstruct``: the kept weights updated to preserve each expert's outputs on the
     calibration tokens; needs ``hare.calibrate(..., grams=True)``). Values are stored in the model's dtype.
     Gate/up is stored in the halves panel layout (``hare.sparsify(..., halves=True)``: each of gate and up cut into
-    panels from its own first row) when ffn is a multiple of 16. ``joint_panels=True`` prunes gate/up with
-    ``joint="halves"`` (gate panel m and up panel m keep the same blocks; needs ffn a multiple of 16) and down with
-    ``joint="adjacent"`` (see ``hare.sparsify``).
+    panels from its own first row) when ffn is a multiple of 16. Joint panels prune gate/up with ``joint="halves"``
+    (gate panel m and up panel m keep the same blocks; needs ffn a multiple of 16) and down with
+    ``joint="adjacent"`` (see ``hare.sparsify``), so the kernels gather one token tile for both boxes of a tile:
+    ``joint_panels=None`` (the default) uses them wherever the ffn admits them (their measured price on a trained
+    model is nil, notes/joint_panels.md), True requires them, False lets every panel choose alone.
 
     With ``ep_group`` (a torch.distributed group, e.g. ``hare.ep_group()``), every rank keeps only its contiguous
     shard of each layer's experts (pruned after sharding, so each rank prunes only its own) and the layers run
@@ -173,7 +175,8 @@ def patch(model: nn.Module, bn: int | None = None, bm: int | None = None, bw: in
         if bn is None:
             new = HareExperts(w_gate_up, w_down, dense.activation, ep_group, *biases)
         else:
-            sparse = _prune(name, method, (w_gate_up, w_down), stats, bn, bm, bw, w_gate_up.dtype, joint_panels)
+            joint = halves_fit(w_gate_up.shape[-2]) if joint_panels is None else joint_panels
+            sparse = _prune(name, method, (w_gate_up, w_down), stats, bn, bm, bw, w_gate_up.dtype, joint)
             new = HareExperts(*sparse, dense.activation, ep_group, *biases)
         del w_gate_up, w_down, dense
         replace_module(model, name, new)
