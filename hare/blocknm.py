@@ -120,6 +120,12 @@ def halves_fit(out: int) -> bool:
     return out % 2 == 0 and (out // 2) % META_ROWS == 0
 
 
+def _halves_pairing_fits(out: int, halves: bool) -> bool:
+    """joint="halves" pairs panel m with m + P/2: P even with no panel straddling the halves (halves layout, or out
+    a multiple of 256)."""
+    return halves or out % (2 * PANEL) == 0
+
+
 def check_layout(out: int, joint=None, halves: bool = False) -> None:
     """``joint`` (one of JOINT) and ``halves`` (a bool) fit a weight of ``out`` rows, else a clear error."""
     if not isinstance(halves, bool):
@@ -130,7 +136,7 @@ def check_layout(out: int, joint=None, halves: bool = False) -> None:
                                    f"{META_ROWS}); got out = {out}")
     if joint not in JOINT:
         raise InvalidArgumentError(f"joint: expected one of {JOINT}, got {joint!r}")
-    if joint == "halves" and not halves and out % (2 * PANEL):
+    if joint == "halves" and not _halves_pairing_fits(out, halves):
         raise InvalidArgumentError(f"joint='halves' pairs panel m with panel m + P/2, so out must be a multiple of "
                                    f"{2 * PANEL} (a gate/up weight: ffn a multiple of {PANEL}), or the layout halves="
                                    f"True; got out = {out}")
@@ -160,7 +166,7 @@ def detect_joint(block_idx: torch.Tensor, out: int, halves: bool = False) -> str
         return None
     panels = block_idx.shape[1]
     for joint in JOINT[1:]:
-        if joint == "halves" and not halves and out % (2 * PANEL):
+        if joint == "halves" and not _halves_pairing_fits(out, halves):
             continue
         partner = joint_partner(panels, joint, block_idx.device)
         if bool((partner != torch.arange(panels, device=block_idx.device)).any()) and \
