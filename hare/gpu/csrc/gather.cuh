@@ -13,9 +13,12 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool 
   const uint32_t src_size = valid ? 16u : 0u;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_size) : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+// One arrival on `bar` once every cp.async this thread issued so far has landed. noinc: the barrier's expected
+// count includes this arrival (the producer threads are counted at mbar_init), so the thread never waits.
+__device__ __forceinline__ void cp_async_arrive_noinc(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 // Per-thread state of one gathered tile loaded by THREADS producer threads: thread `tid` owns 16-byte chunk
 // column (tid % 8) of rows tid/8 + (THREADS/8)*u, u < ROWS*8/THREADS, and keeps one source row index per u

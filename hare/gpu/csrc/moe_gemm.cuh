@@ -24,9 +24,10 @@
 // chunk c of a box comes from column block_idx[panel][q] * bw + offset of the logical column. SHARED_B: the two
 // panels keep the same blocks (1:1, or joint panels), so one tile serves both and a stage is 16 KB smaller.
 // Pipeline: STAGES shared-memory stages, full/empty mbarriers. A stage is full when TMA's bytes landed
-// (expect_tx) and all 32 producer threads arrived; a producer thread arrives for stage i after its cp.async
-// group i completed (cp.async.wait_group LAG, issued LAG stages later) and a proxy fence, so wgmma (async
-// proxy) sees the gathered rows.
+// (expect_tx) and each of the 128 producer threads' cp.async gathers for it landed (cp.async.mbarrier.arrive
+// .noinc: the hardware arrives for the thread, which goes straight on to the next stage, so every free stage
+// has its loads in flight). The gathered rows are generic-proxy writes: each consumer thread fences the proxies
+// (fence.proxy.async) after its full-barrier wait, before wgmma (async proxy) reads them.
 #pragma once
 #include <cstdint>
 #include <cuda.h>
@@ -64,7 +65,6 @@ struct GemmConfig {
   static constexpr int kFitStages = (kSmemLimit - kEpiBytes - kAuxBytes - kBarBytes) / kStageBytes;
   static constexpr int kMaxStages = SPARSE ? 8 : 6;
   static constexpr int kStages = kFitStages > kMaxStages ? kMaxStages : kFitStages;
-  static constexpr int kLag = kStages - 2 > 0 ? kStages - 2 : 1;
   static constexpr int kSmemBytes = kStages * kStageBytes + kEpiBytes + kAuxBytes + kBarBytes;
   static_assert(kStages >= 3, "too few stages");
   static_assert(kSmemBytes <= kSmemLimit, "shared memory");
@@ -120,7 +120,6 @@ __device__ __forceinline__ void produce(const CUtensorMap* tmap_a, const CUtenso
                                         const TileScheduler& sched, const GemmSmem<BN, SPARSE, SHARED_B>& sm) {
   using Cfg = GemmConfig<BN, SPARSE, SHARED_B>;
   constexpr int STAGES = Cfg::kStages;
-  constexpr int LAG = Cfg::kLag;
   uint64_t* full = sm.full();
   uint64_t* empty = sm.empty();
   const int tid = threadIdx.x - 256;
@@ -191,17 +190,10 @@ __device__ __forceinline__ void produce(const CUtensorMap* tmap_a, const CUtenso
         }
         g.load(smem_u32(b), p.b_src, p.K, kb * 64);
       }
-      cp_async_commit();
-      if (it >= LAG) {
-        cp_async_wait<LAG>();
-        fence_proxy_async_smem();
-        mbar_arrive(&full[(it - LAG) % STAGES]);
-      }
+      cp_async_arrive_noinc(&full[st]);
     }
   }
-  cp_async_wait<0>();
-  fence_proxy_async_smem();
-  for (int j = it - LAG < 0 ? 0 : it - LAG; j < it; ++j) mbar_arrive(&full[j % STAGES]);
+  cp_async_wait_all();  // leave no copy in flight behind an exiting thread
 }
 
 // ---------------------------------------------------------------------------------------------- mainloop
@@ -220,6 +212,7 @@ __device__ __forceinline__ void mainloop(float (&acc0)[BN / 2], float (&acc1)[BN
   for (int kb = t.kb0; kb < t.kb1; ++kb, ++it) {
     const int st = it % STAGES;
     mbar_wait(&full[st], (it / STAGES) & 1);
+    fence_proxy_async_smem();  // the producer's cp.async rows (generic proxy) before wgmma reads them
     const uint8_t* a = sm.stage(st);
     if constexpr (SPARSE) {
       const uint64_t da0 = make_desc<64>(a + cw * 64 * 64);
