@@ -73,14 +73,27 @@ def test_layout_buffer_holds_every_field_back_to_back():
 
 def test_tile_width_follows_the_mean_rows_per_expert():
     assert plan.choose_block_n(1, 8) == 16  # decode: one row per touched expert
-    assert plan.choose_block_n(2 * 8, 8) == 16 and plan.choose_block_n(9 * 8, 8) == 32
+    assert plan.choose_block_n(2 * 8, 8) == 16 and plan.choose_block_n(13 * 8, 8) == 32
     assert plan.choose_block_n(4096 * 2, 8) == 128  # prefill
+    assert plan.choose_block_n(512 * 6, 64) == 64  # DeepSeek-V2-Lite at 512 tokens: 48 rows per expert
     for R in range(1, 3000, 37):
         for E in (1, 8, 128):
             n = plan.choose_block_n(R, E)
             mean = R / min(E, R)
-            assert n >= 2 * mean or n == 128
-            assert n == 16 or plan.TILE_NS[plan.TILE_NS.index(n) - 1] < 2 * mean
+            assert n >= plan.TILE_HEADROOM * mean or n == 128
+            assert n == 16 or plan.TILE_NS[plan.TILE_NS.index(n) - 1] < plan.TILE_HEADROOM * mean
+
+
+def test_sparse_weights_take_64_row_tiles_up_to_wide_experts():
+    for R, E in ((2048 * 8, 128), (512 * 2, 8), (2048 * 4, 60)):  # 128-136 mean rows: dense 128, sparse 64
+        assert plan.choose_block_n(R, E) == 128 and plan.choose_block_n(R, E, sparse=True) == 64
+    assert plan.choose_block_n(2048 * 2, 8, sparse=True) == 128  # Mixtral at 2048 tokens: 512 rows per expert
+    for R in range(1, 5000, 41):  # never wider than the dense choice
+        assert plan.choose_block_n(R, 8, sparse=True) <= plan.choose_block_n(R, 8)
+    gu, dn = WeightFormat.of(2048), WeightFormat.of(768)
+    sgu = WeightFormat(True, 16, kept=64, bw_log2=4, panels=12)
+    assert plan_moe(2048, 8, 128, 2048, 768, gu, dn, "silu", True, SMS).tile_n == 128
+    assert plan_moe(2048, 8, 128, 2048, 768, sgu, dn, "silu", True, SMS).tile_n == 64
 
 
 def test_k_is_split_only_below_a_wave_of_tiles():

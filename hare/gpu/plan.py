@@ -91,12 +91,20 @@ def gemm_smem_bytes(tile_n: int, weights: str) -> int:
     return stages * stage + epi + aux + bars
 
 
-def choose_block_n(num_rows: int, num_experts: int) -> int:
-    """Token rows per tile for a launch, from (tokens·k, experts) alone (never the routing): the smallest tile
-    >= twice the mean rows per touched expert, so a uniformly routed expert rarely spills into a second, nearly
-    empty block (each block re-reads the expert's weights); 128 for prefill."""
+TILE_HEADROOM = 1.25  # a tile holds this many times the mean rows per touched expert
+SPARSE_TILE_N, SPARSE_WIDE_ROWS = 64, 256  # sparse weights: 64-row tiles up to 256 mean rows per expert
+
+
+def choose_block_n(num_rows: int, num_experts: int, sparse: bool = False) -> int:
+    """Token rows per tile for a launch, from (tokens·k, experts, whether the weights are Block N:M) alone (never
+    the routing): the smallest tile >= TILE_HEADROOM x the mean rows per touched expert, so a uniformly routed
+    expert rarely spills into a second, nearly empty block (each block re-reads the expert's weights); 128 for
+    prefill. Sparse weights keep 64-row tiles up to SPARSE_WIDE_ROWS mean rows: their stages are smaller, so a
+    64-row tile gets 8 stages instead of 5 and twice the tiles share the epilogues. Both rules are from the
+    H200 sweep of scripts/tune_plan.py (notes/pipeline.md)."""
     mean = num_rows / max(1, min(num_experts, num_rows))
-    return next((n for n in TILE_NS if n >= 2 * mean), TILE_NS[-1])
+    n = next((n for n in TILE_NS if n >= TILE_HEADROOM * mean), TILE_NS[-1])
+    return min(n, SPARSE_TILE_N) if sparse and mean <= SPARSE_WIDE_ROWS else n
 
 
 def normalize_splits(splits: int, k_stages: int) -> int:
@@ -298,7 +306,7 @@ def plan_moe(tokens: int, top_k: int, experts: int, hidden: int, ffn: int, gate_
     """The launches of hare.gpu.fused_moe for these shapes (tokens >= 1) on a GPU of num_sms SMs."""
     T, k, E, H, F = tokens, top_k, experts, hidden, ffn
     R = T * k
-    n = config.tile_n or choose_block_n(R, E)
+    n = config.tile_n or choose_block_n(R, E, gate_up.sparse or down.sparse)
     slots = max_blocks(R, E, n)
     raster = config.raster or DEFAULT_RASTER
 

@@ -308,23 +308,26 @@ __device__ __forceinline__ void epilogue_gate_up(const GemmParams& p, const Tile
 
 // down: (acc + bias) * routing weight of each row, to its (token, slot) row of Y (kDet) or added to its token's
 // fp32 row (kFast); the warpgroup's columns of box 0, then of box 1, through the one staging tile.
+// The (token, slot) assignment of row `tid` of a down tile (-1 past the block's height or BN), loaded before the
+// tile's main loop so that its latency hides behind the MMAs instead of opening the epilogue.
+template <int BN>
+__device__ __forceinline__ int load_row_assignment(const GemmParams& p, int start, int height, int tid) {
+  static_assert(BN <= 128, "one row per consumer thread");
+  if (tid >= BN || tid >= height) return -1;
+  const int ra = p.row_assignment[start + tid];
+  HARE_DEVICE_CHECK(ra >= 0 && ra < p.num_rows, "row_assignment[%d] = %d not in [0, %d)", start + tid, ra,
+                    p.num_rows);
+  return ra;
+}
+
 template <int BN, int RED>
-__device__ __forceinline__ void epilogue_down(const GemmParams& p, const Tile& t, int e, int start, int height,
+__device__ __forceinline__ void epilogue_down(const GemmParams& p, const Tile& t, int e, int height, int ra,
                                               const float (&acc0)[BN / 2], const float (&acc1)[BN / 2],
                                               uint8_t* epi, float* row_weight, int* row_dest, int cw, int tid,
                                               int warp, int lane) {
-  for (int n = tid; n < BN; n += 128) {
-    float w = 0.0f;
-    int d = 0;
-    if (n < height) {
-      const int ra = p.row_assignment[start + n];
-      HARE_DEVICE_CHECK(ra >= 0 && ra < p.num_rows, "row_assignment[%d] = %d not in [0, %d)", start + n, ra,
-                        p.num_rows);
-      w = p.topk_weights[ra];
-      d = RED == kFast ? ra / p.top_k : ra;
-    }
-    row_weight[n] = w;
-    row_dest[n] = d;
+  if (tid < BN) {
+    row_weight[tid] = ra >= 0 ? p.topk_weights[ra] : 0.0f;
+    row_dest[tid] = ra < 0 ? 0 : RED == kFast ? ra / p.top_k : ra;
   }
   named_barrier(1 + cw, 128);
   const float* bias = t.s == 0 && p.bias != nullptr ? p.bias + static_cast<long long>(e) * p.M : nullptr;
@@ -398,8 +401,16 @@ __device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const C
   int it = 0;
   for (int tile = blockIdx.x; tile < sched.total; tile += gridDim.x) {
     const Tile t(sched, p, tile);
+    // a down tile reads its row block and row assignments before its main loop, so that their two dependent
+    // global round trips overlap the MMAs instead of opening the epilogue (gate/up tiles read theirs after it:
+    // the registers held across the loop would spill in the sparse BN = 128 kernels)
+    int e = 0, start = 0, height = 0, ra = -1;
+    if constexpr (PROJ == kDown) {
+      e = p.block_expert[t.b], start = p.block_start[t.b], height = p.block_height[t.b];
+      ra = load_row_assignment<BN>(p, start, height, tid);
+    }
     mainloop<BN, SPARSE, SHARED_B>(acc0, acc1, p, t, it, cw, lane, meta_word, sm);
-    const int e = p.block_expert[t.b], start = p.block_start[t.b], height = p.block_height[t.b];
+    if constexpr (PROJ == kGateUp) e = p.block_expert[t.b], start = p.block_start[t.b], height = p.block_height[t.b];
     named_barrier(1 + cw, 128);  // the previous tile's staging reads are done
     if constexpr (PROJ == kGateUp) {
       if (p.splits > 1) {
@@ -408,7 +419,7 @@ __device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const C
         epilogue_gate_up<BN, EPI>(p, t, e, start, height, acc0, acc1, epi, cw, tid, warp, lane);
       }
     } else {
-      epilogue_down<BN, EPI>(p, t, e, start, height, acc0, acc1, epi, sm.row_weight(cw), sm.row_dest(cw), cw, tid,
+      epilogue_down<BN, EPI>(p, t, e, height, ra, acc0, acc1, epi, sm.row_weight(cw), sm.row_dest(cw), cw, tid,
                              warp, lane);
     }
   }
