@@ -59,7 +59,10 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 __device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 __device__ __forceinline__ void allow_dependents_launch() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
 
-__device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
+// __fdividef (reciprocal approximation + multiply, ~2 ulp) instead of an IEEE division (a ~20-instruction
+// subroutine): 64 of them per thread per gate/up tile were most of the epilogue (notes/pipeline.md). The result is
+// rounded to bf16. For very negative g the denominator overflows to inf and the result is -0, as silu's.
+__device__ __forceinline__ float silu(float g) { return __fdividef(g, 1.0f + __expf(-g)); }
 __device__ __forceinline__ float gelu_tanh(float g) {
   const float k0 = 0.7978845608028654f, k1 = 0.044715f;
   return 0.5f * g * (1.0f + tanhf(k0 * (g + k1 * g * g * g)));
