@@ -6,12 +6,13 @@
 # kernels_sparse_h100.json; with it GPT-OSS-20B's biased experts, kernels_gpt-oss_h100.json), the Hare paper's
 # real and synthetic settings (--paper: <name with kernels -> paper>, e.g. paper_h100.json), programmatic dependent
 # launch on/off (--launch: <name with kernels -> launch>), eager hare.moe host time beside its graph replay
-# (--overhead: bench/results/overhead_<gpu>.json), the demo on the GPU, the decode attention benchmark
+# (--overhead: bench/results/overhead_<gpu>.json), the launch plan's overrides swept on the peer shapes (--tune:
+# $OUT/tune_plan.json, scripts/tune_plan.py; TUNE_ARGS its options), the demo on the GPU, the decode attention benchmark
 # (--attention: $OUT/attention.json) and the end-to-end model benchmark (bench/results/model_<gpu>.json).
 # Logs, the JSON files and the plots go to $OUT (default ./device_out). --sparse and --paper each stop after
 # SPARSE_TIMEOUT / PAPER_TIMEOUT seconds (default 300); their JSON is rewritten as they go, so it keeps what ran.
 #
-#   scripts/device_run.sh [--tests] [--sanitize] [--bench] [--sparse] [--paper] [--launch] [--overhead] [--demo]
+#   scripts/device_run.sh [--tests] [--sanitize] [--bench] [--sparse] [--paper] [--launch] [--overhead] [--tune] [--demo]
 #                         [--attention] [--model]
 #                         [--name NAME]
 #                         [-- extra bench args]
@@ -29,7 +30,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export HARE_CACHE_DIR=${HARE_CACHE_DIR:-/tmp/hare_cache}
 PY=${PYTHON:-python3}
-DO_TESTS=0; DO_SAN=0; DO_BENCH=0; DO_SPARSE=0; DO_PAPER=0; DO_LAUNCH=0; DO_OVERHEAD=0; DO_DEMO=0; DO_ATTN=0; DO_MODEL=0; DO_EP=0; NAME=kernels_h100; EXTRA=()
+DO_TESTS=0; DO_SAN=0; DO_BENCH=0; DO_SPARSE=0; DO_PAPER=0; DO_LAUNCH=0; DO_OVERHEAD=0; DO_TUNE=0; DO_DEMO=0; DO_ATTN=0; DO_MODEL=0; DO_EP=0; NAME=kernels_h100; EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --tests) DO_TESTS=1 ;;
@@ -39,6 +40,7 @@ while [ $# -gt 0 ]; do
     --paper) DO_PAPER=1 ;;
     --launch) DO_LAUNCH=1 ;;
     --overhead) DO_OVERHEAD=1 ;;
+    --tune) DO_TUNE=1 ;;
     --demo) DO_DEMO=1 ;;
     --attention) DO_ATTN=1 ;;
     --model) DO_MODEL=1 ;;
@@ -49,8 +51,8 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-if [ $((DO_TESTS + DO_SAN + DO_BENCH + DO_SPARSE + DO_PAPER + DO_LAUNCH + DO_OVERHEAD + DO_DEMO + DO_ATTN + DO_MODEL + DO_EP)) = 0 ]; then
-  DO_TESTS=1; DO_SAN=1; DO_BENCH=1; DO_SPARSE=1; DO_PAPER=1; DO_LAUNCH=1; DO_OVERHEAD=1; DO_DEMO=1; DO_ATTN=1; DO_MODEL=1; DO_EP=1
+if [ $((DO_TESTS + DO_SAN + DO_BENCH + DO_SPARSE + DO_PAPER + DO_LAUNCH + DO_OVERHEAD + DO_TUNE + DO_DEMO + DO_ATTN + DO_MODEL + DO_EP)) = 0 ]; then
+  DO_TESTS=1; DO_SAN=1; DO_BENCH=1; DO_SPARSE=1; DO_PAPER=1; DO_LAUNCH=1; DO_OVERHEAD=1; DO_TUNE=1; DO_DEMO=1; DO_ATTN=1; DO_MODEL=1; DO_EP=1
 fi
 # NAME with "kernels" replaced by $1 (or NAME_$1 when it has no "kernels")
 derived_name() { local n=${NAME/kernels/$1}; [ "$n" = "$NAME" ] && n=${NAME}_$1; echo "$n"; }
@@ -128,6 +130,11 @@ if [ $DO_OVERHEAD = 1 ]; then
   $PY -m hare.cli bench overhead 2>&1 | tee "$OUT/bench_overhead.log" | tail -20
   [ ${PIPESTATUS[0]} = 0 ] || STATUS=1
   cp bench/results/overhead_*.json "$OUT/" 2>/dev/null
+fi
+if [ $DO_TUNE = 1 ]; then
+  timeout ${TUNE_TIMEOUT:-400} $PY scripts/tune_plan.py --out "$OUT/tune_plan.json" ${TUNE_ARGS:-} 2>&1 \
+    | tee "$OUT/tune_plan.log" | tail -30
+  [ ${PIPESTATUS[0]} = 0 ] || STATUS=1
 fi
 t5=$(date +%s)
 if [ $DO_DEMO = 1 ]; then
