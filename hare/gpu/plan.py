@@ -99,9 +99,9 @@ def choose_block_n(num_rows: int, num_experts: int, sparse: bool = False) -> int
     """Token rows per tile for a launch, from (tokens·k, experts, whether the weights are Block N:M) alone (never
     the routing): the smallest tile >= TILE_HEADROOM x the mean rows per touched expert, so a uniformly routed
     expert rarely spills into a second, nearly empty block (each block re-reads the expert's weights); 128 for
-    prefill. Sparse weights keep 64-row tiles up to SPARSE_WIDE_ROWS mean rows: their stages are smaller, so a
-    64-row tile gets 8 stages instead of 5 and twice the tiles share the epilogues. Both rules are from the
-    H200 sweep of scripts/tune_plan.py (notes/pipeline.md)."""
+    prefill. Sparse weights keep 64-row tiles up to SPARSE_WIDE_ROWS mean rows: more of their pipeline stages
+    fit at 64 rows than at 128 (joint panels 8 against 5, others 6 against 3). Both rules are
+    from the H200 sweep of scripts/tune_plan.py (notes/pipeline.md)."""
     mean = num_rows / max(1, min(num_experts, num_rows))
     n = next((n for n in TILE_NS if n >= TILE_HEADROOM * mean), TILE_NS[-1])
     return min(n, SPARSE_TILE_N) if sparse and mean <= SPARSE_WIDE_ROWS else n

@@ -102,6 +102,14 @@ struct Tile {
   }
 };
 
+// The row block of a tile: its expert and its rows [start, start + height) of the layout.
+struct RowBlock {
+  int e = 0, start = 0, height = 0;
+  RowBlock() = default;
+  __device__ __forceinline__ RowBlock(const GemmParams& p, int b)
+      : e(p.block_expert[b]), start(p.block_start[b]), height(p.block_height[b]) {}
+};
+
 // Kept K block q of a weight panel (its row of block_idx at `panel_idx`). block_idx is the caller's tensor, so
 // the index is clamped into the K blocks before it becomes an address: a corrupt or not-yet-written weight gives
 // wrong numbers, never a read outside b_src (the debug build reports it instead).
@@ -130,7 +138,8 @@ __device__ __forceinline__ void produce(const CUtensorMap* tmap_a, const CUtenso
   int it = 0;
   for (int tile = blockIdx.x; tile < sched.total; tile += gridDim.x) {
     const Tile t(sched, p, tile);
-    const int e = p.block_expert[t.b], start = p.block_start[t.b], height = p.block_height[t.b];
+    const RowBlock rb(p, t.b);
+    const int e = rb.e, start = rb.start, height = rb.height;
     HARE_DEVICE_CHECK(e >= 0 && e < p.num_experts && height >= 1 && height <= BN && start >= 0 &&
                           start + height <= p.num_rows,
                       "row block %d: expert %d, rows [%d, +%d) (E %d, R %d, BN %d)", t.b, e, start, height,
@@ -306,8 +315,6 @@ __device__ __forceinline__ void epilogue_gate_up(const GemmParams& p, const Tile
   }
 }
 
-// down: (acc + bias) * routing weight of each row, to its (token, slot) row of Y (kDet) or added to its token's
-// fp32 row (kFast); the warpgroup's columns of box 0, then of box 1, through the one staging tile.
 // The (token, slot) assignment of row `tid` of a down tile (-1 past the block's height or BN), loaded before the
 // tile's main loop so that its latency hides behind the MMAs instead of opening the epilogue.
 template <int BN>
@@ -320,6 +327,8 @@ __device__ __forceinline__ int load_row_assignment(const GemmParams& p, int star
   return ra;
 }
 
+// down: (acc + bias) * routing weight of each row, to its (token, slot) row of Y (kDet) or added to its token's
+// fp32 row (kFast); the warpgroup's columns of box 0, then of box 1, through the one staging tile.
 template <int BN, int RED>
 __device__ __forceinline__ void epilogue_down(const GemmParams& p, const Tile& t, int e, int height, int ra,
                                               const float (&acc0)[BN / 2], const float (&acc1)[BN / 2],
@@ -404,23 +413,24 @@ __device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const C
     // a down tile reads its row block and row assignments before its main loop, so that their two dependent
     // global round trips overlap the MMAs instead of opening the epilogue (gate/up tiles read theirs after it:
     // the registers held across the loop would spill in the sparse BN = 128 kernels)
-    int e = 0, start = 0, height = 0, ra = -1;
+    RowBlock rb;
+    int ra = -1;
     if constexpr (PROJ == kDown) {
-      e = p.block_expert[t.b], start = p.block_start[t.b], height = p.block_height[t.b];
-      ra = load_row_assignment<BN>(p, start, height, tid);
+      rb = RowBlock(p, t.b);
+      ra = load_row_assignment<BN>(p, rb.start, rb.height, tid);
     }
     mainloop<BN, SPARSE, SHARED_B>(acc0, acc1, p, t, it, cw, lane, meta_word, sm);
-    if constexpr (PROJ == kGateUp) e = p.block_expert[t.b], start = p.block_start[t.b], height = p.block_height[t.b];
+    if constexpr (PROJ == kGateUp) rb = RowBlock(p, t.b);
     named_barrier(1 + cw, 128);  // the previous tile's staging reads are done
     if constexpr (PROJ == kGateUp) {
       if (p.splits > 1) {
-        epilogue_gate_up_partials<BN>(p, t, e, start, height, acc0, acc1, cw, warp, lane);
+        epilogue_gate_up_partials<BN>(p, t, rb.e, rb.start, rb.height, acc0, acc1, cw, warp, lane);
       } else {
-        epilogue_gate_up<BN, EPI>(p, t, e, start, height, acc0, acc1, epi, cw, tid, warp, lane);
+        epilogue_gate_up<BN, EPI>(p, t, rb.e, rb.start, rb.height, acc0, acc1, epi, cw, tid, warp, lane);
       }
     } else {
-      epilogue_down<BN, EPI>(p, t, e, height, ra, acc0, acc1, epi, sm.row_weight(cw), sm.row_dest(cw), cw, tid,
-                             warp, lane);
+      epilogue_down<BN, EPI>(p, t, rb.e, rb.height, ra, acc0, acc1, epi, sm.row_weight(cw), sm.row_dest(cw), cw,
+                             tid, warp, lane);
     }
   }
 }
