@@ -6,12 +6,13 @@ first kernel's start to the last one's end (what the layer occupies the GPU) and
 (what the peer benchmark measures). GPU only.
 
     python scripts/profile_layer.py [--shapes qwen3-30b-a3b ...] [--tokens 1 16 128] [--densities 1 0.25 0.05]
-                                    [--out profile.json]
+                                    [--fused-decode auto off] [--out profile.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 
 import torch
@@ -55,6 +56,8 @@ def main(argv=None):
     ap.add_argument("--shapes", nargs="*", default=["qwen3-30b-a3b", "mixtral-8x7b"])
     ap.add_argument("--tokens", nargs="*", type=int, default=[1, 16, 128])
     ap.add_argument("--densities", nargs="*", type=float, default=[1.0, 0.25, 0.05])
+    ap.add_argument("--fused-decode", nargs="*", default=["auto"], choices=["auto", "off", "on"],
+                    help="LaunchConfig.fused_decode of each run (auto: the plan's choice)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
@@ -67,18 +70,20 @@ def main(argv=None):
         for density in args.densities:
             ratio = RATIOS[density]
             wgu, wd = dense if ratio is None else [sparsify_experts(m, *ratio, bw=16) for m in dense]
-            for T in args.tokens:
+            for T, fused in itertools.product(args.tokens, args.fused_decode):
+                config = hg.LaunchConfig(fused_decode={"auto": None, "off": False, "on": True}[fused])
                 x, ids, w = make_case(T, H, E, k, "uniform", dev, gen)
-                hg.fused_moe(x, ids, w, wgu, wd)
+                hg.fused_moe(x, ids, w, wgu, wd, config=config)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    hg.fused_moe(x, ids, w, wgu, wd)
+                    hg.fused_moe(x, ids, w, wgu, wd, config=config)
                 replay_us = timer.time_replay(graph.replay) * 1e3
                 kernels, span = profile_case(graph.replay, timer.flush)
-                records.append({"shape": shape, "tokens": T, "density": density, "replay_us": replay_us,
+                records.append({"shape": shape, "tokens": T, "density": density, "fused_decode": fused,
+                                "replay_us": replay_us,
                                 "span_us": span, "kernel_sum_us": sum(kernels.values()), "kernels_us": kernels})
-                print(f"{shape:18s} T={T:4d} d={density:4.2f} replay {replay_us:7.1f} span {span:7.1f} "
+                print(f"{shape:18s} T={T:4d} d={density:4.2f} {fused:4s} replay {replay_us:7.1f} span {span:7.1f} "
                       f"kernels {sum(kernels.values()):7.1f} | "
                       + " ".join(f"{n.removeprefix('hare_')} {t:.1f}" for n, t in kernels.items()), flush=True)
     write_results(dev, {"cases": len(records)}, records, args.out, bench="profile_layer")

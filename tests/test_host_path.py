@@ -105,29 +105,38 @@ def test_program_workspace_regions_are_disjoint_and_inside(device, sparse, det):
     (prog,) = hg._programs.values()
     p = prog.plan
     sizes = {"layout": 4 * p.layout.total, "weights": 4 * p.rows, "h": 2 * p.workspace_elements,
-             "partial": 4 * p.partial_elements, "acc": 0 if det else 4 * p.tokens * p.hidden}
+             "partial": 4 * p.partial_elements, "acc": 4 * p.tokens * p.hidden if p.accumulates else 0}
     spans = sorted((prog.regions[r], prog.regions[r] + n) for r, n in sizes.items())
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] <= prog.ws_bytes
     assert all(start % hg._ALIGN == 0 for start, _ in spans)
 
 
-def test_a_program_is_reused_and_follows_each_calls_tensors(device):
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_program_is_reused_and_follows_each_calls_tensors(device, fused):
     """Same shapes and weights: one program, one pooled buffer; the second call's structs point at its own x, ids,
-    weights and output (the pointers patched per call), and its workspace fields agree across launches."""
+    weights and output (the pointers patched per call), and its workspace fields agree across launches (the
+    unfused GEMMs and combine, or the fused decode kernel's three structs)."""
     x, ids, w, wgu, wd = _case(T=40, k=4)
+    config = hg.LaunchConfig(fused_decode=fused)
     hg._programs.clear()
-    hg.run_fused_moe(x, ids, w, wgu, wd, "silu", True)
+    hg.run_fused_moe(x, ids, w, wgu, wd, "silu", True, config)
     device.launches.clear()
     x2, ids2, w2 = x.clone(), ids.clone(), w.clone()
-    out2 = hg.run_fused_moe(x2, ids2, w2, wgu, wd, "silu", True)
+    out2 = hg.run_fused_moe(x2, ids2, w2, wgu, wd, "silu", True, config)
     assert len(hg._programs) == 1 and len(next(iter(hg._programs.values())).pool) == 1
     lay = _layout_fields(device)
     assert (lay["topk_ids"], lay["weights_in"]) == (ids2.data_ptr(), w2.data_ptr())
-    gemms = [_fields(n, ps[-1])[1] for n, *_, ps in device.launches if n.startswith("hare_")]
-    gate_up = next(f for (n, *_), f in zip(device.launches, gemms) if n.startswith("hare_gateup"))
+    if fused:
+        (name, *_, ps), = [launch for launch in device.launches if launch[0].startswith("hare_decode")]
+        gate_up, down = (_fields(name, prm, plan.GEMM_PARAMS)[1] for prm in ps[-3:-1])
+        combine = _fields(name, ps[-1], plan.DECODE_PARAMS)[1]
+        assert down["b_src"] == combine["h"] == gate_up["out"]  # unsplit gate/up: h, which the down GEMM reads
+    else:
+        gemms = [_fields(n, ps[-1])[1] for n, *_, ps in device.launches if n.startswith("hare_")]
+        gate_up = next(f for (n, *_), f in zip(device.launches, gemms) if n.startswith("hare_gateup"))
+        combine = next(f for (n, *_), f in zip(device.launches, gemms) if n == "hare_combine")
     assert gate_up["b_src"] == x2.data_ptr()
     assert gate_up["topk_weights"] == lay["weights_out"] and gate_up["gather_index"] == lay["gather_index"]
-    combine = next(f for (n, *_), f in zip(device.launches, gemms) if n == "hare_combine")
     assert combine["out"] == out2.data_ptr()
 
 

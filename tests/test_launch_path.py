@@ -43,7 +43,12 @@ class _Device:
         self.status_words = torch.zeros(16, dtype=torch.int64)
         self.status = (ctypes.c_longlong * 16).from_address(self.status_words.data_ptr())
         self.status_ptr = self.status_words.data_ptr()
+        self.counters = torch.zeros(1 << 16, dtype=torch.int32)
         self.launches = []
+
+    def decode_counters(self, n):
+        assert n <= self.counters.numel()
+        return self.counters.data_ptr()
 
     def launch(self, name, grid, block, smem, stream, pdl, *params):
         self.launches.append((name, grid, block, smem, pdl, params))
@@ -51,7 +56,8 @@ class _Device:
     def run(self, prog, stream, buf):
         data = bytes(buf.data)
         for k in prog.launches:
-            self.launch(k.kernel, k.grid, k.block, k.smem, stream, prog.pdl, *k.maps, data[k.offset:k.offset + k.size])
+            self.launch(k.kernel, k.grid, k.block, k.smem, stream, prog.pdl, *k.maps,
+                        *(data[o:o + n] for o, n in k.structs))
 
 
 @pytest.fixture
@@ -76,8 +82,8 @@ def device(monkeypatch):
 _FAMILY = {"hare_layout": plan.LAYOUT_PARAMS, "hare_combine": plan.COMBINE_PARAMS, "hare_glu": plan.GLU_COMBINE_PARAMS}
 
 
-def _fields(name, buf):
-    s = next((v for k, v in _FAMILY.items() if name.startswith(k)), plan.GEMM_PARAMS)
+def _fields(name, buf, s=None):
+    s = s or next((v for k, v in _FAMILY.items() if name.startswith(k)), plan.GEMM_PARAMS)
     return s, dict(zip((f for _, f, _ in s.fields), s.unpack(bytes(buf))))
 
 
@@ -93,6 +99,10 @@ CASES = [  # (T, H, F, E, k, gate_up ratio or None, down ratio or None, determin
      True),
     # joint panels: gate/up paired as halves, down (H % 256 == 0) as halves: its tiles pair panels m and m + P/2
     (50, 512, 320, 8, 2, (1, 2), (1, 5), True, None, "silu", False, True),
+    # decode sizes on the unfused kernels, and the fused decode kernel with K splits, a set tile and no determinism
+    (4, 512, 256, 16, 2, (1, 2), (1, 2), True, hg.LaunchConfig(fused_decode=False)),
+    (6, 512, 256, 16, 2, None, None, False, hg.LaunchConfig(fused_decode=True, tile_n=32, gateup_splits=4,
+                                                            down_splits=2), "gelu"),
 ]
 
 
@@ -127,30 +137,44 @@ def test_launches_follow_the_plan_and_stay_inside_the_call_tensors(device, case)
             else plan.WeightFormat.of(K)  # noqa: E731
         p = plan.plan_moe(T, k, E, H, F, fmt(gu, H), fmt(dn, F), unit, det, device.num_sms,
                           config or hg.LaunchConfig())
-        expected = [p.layout.count, p.layout.scatter, p.gate_up, p.glu_combine, p.down, p.combine]
+        expected = [p.layout.count, p.layout.scatter] + (
+            [p.decode] if p.decode else [p.gate_up, p.glu_combine, p.down, p.combine])
         expected = [e for e in expected if e is not None]
+        if config is None:  # the fused decode kernel takes small calls whose two weights are read the same way
+            same = fmt(gu, H).kind("gateup") == fmt(dn, F).kind("down")
+            assert (p.decode is not None) == (T * k <= plan.DECODE_MAX_ROWS and same)
         assert [name for name, *_ in device.launches] == [e.kernel for e in expected]
-        inputs = [x, ids, w, device.ticket, device.first_bad, device.status_words,
+        inputs = [x, ids, w, device.ticket, device.first_bad, device.status_words, device.counters,
                   *(b for b in (bgu, bd) if b is not None)] + [t for wt in (gu, dn) for t in (
             (wt.values, wt.meta, wt.block_idx) if isinstance(wt, hare.BlockNM) else (wt,))]
         ranges = allocs.ranges + [(t.data_ptr(), t.numel() * t.element_size()) for t in inputs]
         inside = lambda v: any(a <= v < a + n for a, n in ranges)  # noqa: E731
         for (name, grid, block, smem, pdl, params), e in zip(device.launches, expected):
             assert grid == e.grid and smem == e.smem and pdl == p.programmatic_launch
-            assert block == (plan.GEMM_THREADS if isinstance(e, plan.GemmLaunch) else plan.SMALL_THREADS)
-            for prm in params:
-                if isinstance(prm, tuple):  # a weight tensor map
-                    assert inside(prm[1])
-                    continue
-                s, f = _fields(name, prm)
+            decode = isinstance(e, plan.DecodeLaunch)
+            assert block == (plan.GEMM_THREADS if isinstance(e, (plan.GemmLaunch, plan.DecodeLaunch))
+                             else plan.SMALL_THREADS)
+            assert all(inside(prm[1]) for prm in params if isinstance(prm, tuple))  # the weight tensor maps
+            structs = [prm for prm in params if not isinstance(prm, tuple)]
+            # (struct, the GemmLaunch it describes, whether it is the gate/up GEMM's) of each argument struct
+            roles = [(plan.GEMM_PARAMS, p.gate_up, True), (plan.GEMM_PARAMS, p.down, False),
+                     (plan.DECODE_PARAMS, None, False)] if decode else \
+                [(None, e if isinstance(e, plan.GemmLaunch) else None, name.startswith("hare_gateup"))]
+            assert len(structs) == len(roles)
+            for prm, (role, gl, gate_up) in zip(structs, roles):
+                s, f = _fields(name, prm, role)
                 for t, field, _ in s.fields:
                     nullable = field in ("block_idx", "bias") and f[field] == 0
                     if t not in ("int", "long long", "float") and not nullable:
                         assert inside(f[field]), f"{name}.{field} points outside every tensor of the call"
-                if isinstance(e, plan.GemmLaunch):
+                if s is plan.DECODE_PARAMS:
+                    assert f["activation"] == plan.activation_code(plan.gated_unit(unit)[0])
+                    assert f["exit_ticket"] == device.counters.data_ptr() and f["out"] == out.data_ptr()
+                    assert f["token_count"] - f["block_ready"] == 4 * (p.decode.block_ready + p.decode.tile_count)
+                if gl is not None:
+                    e = gl
                     assert (f["splits"], f["k_blocks_per_split"], f["group"]) == (e.splits, e.k_per_split, e.raster)
                     assert (f["num_rows"], f["top_k"], f["num_experts"], f["num_slots"]) == (T * k, k, E, p.slots)
-                    gate_up = name.startswith("hare_gateup")
                     bias = bgu if gate_up else bd
                     assert f["bias"] == (0 if bias is None else bias.data_ptr())
                     wt = gu if gate_up else dn
@@ -159,5 +183,5 @@ def test_launches_follow_the_plan_and_stay_inside_the_call_tensors(device, case)
                         assert f["box1_panel_offset"] == (wt.block_idx.shape[1] // 2 if halves else 1)
                         assert (f["m_tile"], f["a_box1_offset"]) == ((128, wt.shape[-2] // 2) if halves else (256, 128))
                         assert ("_spj_" in name) == (joint or wt.kept_blocks * wt.bw == wt.shape[-1])
-                if name.startswith(("hare_gateup", "hare_glu")):
+                if gate_up or name.startswith("hare_glu"):
                     assert (f.get("act_alpha", f.get("alpha")), f.get("act_limit", f.get("limit"))) == p.glu_args

@@ -54,11 +54,24 @@ def test_plans_keep_the_kernels_contract():
         assert p.gate_up.kernel.startswith(f"hare_gateup_{unit}") and p.glu_args == (alpha, limit)
         assert p.glu_combine is None or p.glu_combine.kernel == f"hare_glu_combine_{unit}"
         assert p.down.kernel.startswith("hare_down_det" if det else "hare_down_fast")
+        assert p.partial_elements == (p.gate_up.splits * R * 2 * F if p.gate_up.splits > 1 else 0)
+        kind = gu.kind("gateup")
+        fused = R <= plan.DECODE_MAX_ROWS and kind == dn.kind("down") and p.tile_n in plan.DECODE_TILE_NS
+        assert (p.decode is not None) == fused and p.accumulates == (not det and not fused)
+        if fused:  # one kernel after the layout: it splits, combines and sums the top-k rows itself (always in Y)
+            d = p.decode
+            assert d.kernel == plan.decode_kernel(kind, p.tile_n) and d.kernel in names and not p.direct
+            assert p.glu_combine is None and p.combine is None and d.smem == plan.gemm_smem_bytes(p.tile_n, kind)
+            tiles = p.slots * (p.gate_up.tiling.num_m * p.gate_up.splits + p.down.tiling.num_m * p.down.splits)
+            assert d.grid == min(SMS, tiles) and d.activation == plan.activation_code(unit)
+            assert (d.block_ready, d.tile_count, d.token_count) == (
+                p.slots, p.slots * p.gate_up.tiling.num_m, T * p.down.tiling.num_m)
+            assert p.workspace_elements == R * F + p.down.splits * R * H
+            continue
         assert (p.glu_combine is not None) == (p.gate_up.splits > 1)
         # the deterministic top-k sum runs unless the down GEMM writes the output rows itself (top-1, unsplit)
         assert (p.combine is not None) == (det and not (k == 1 and p.down.splits == 1))
         assert p.workspace_elements == R * F + (p.down.splits * R * H if p.combine else 0)
-        assert p.partial_elements == (p.gate_up.splits * R * 2 * F if p.glu_combine else 0)
 
 
 def test_layout_buffer_holds_every_field_back_to_back():
@@ -99,11 +112,32 @@ def test_sparse_weights_take_64_row_tiles_up_to_wide_experts():
 def test_k_is_split_only_below_a_wave_of_tiles():
     gu, dn = WeightFormat.of(2048), WeightFormat.of(768)  # Qwen3-30B-A3B: one token touches 8 experts
     decode = plan_moe(1, 8, 128, 2048, 768, gu, dn, "silu", True, SMS)  # 8 x 6 gate/up, 8 x 8 down tiles
-    assert decode.gate_up.splits > 1 and decode.down.splits > 1 and decode.glu_combine is not None
+    assert decode.gate_up.splits > 1 and decode.down.splits > 1 and decode.partial_elements > 0
     prefill = plan_moe(4096, 8, 128, 2048, 768, gu, dn, "silu", True, SMS)
     assert prefill.gate_up.splits == prefill.down.splits == 1 and prefill.glu_combine is None
     mixtral = plan_moe(1, 2, 8, 4096, 14336, WeightFormat.of(4096), WeightFormat.of(14336), "silu", True, SMS)
     assert mixtral.gate_up.splits == 1 < mixtral.down.splits  # 2 x 112 gate/up tiles fill a wave already
+
+
+def test_the_fused_decode_kernel_takes_small_calls_whose_weights_read_alike():
+    dense, qgu, qdn = WeightFormat.of(2048), WeightFormat.of(2048), WeightFormat.of(768)
+    sgu = WeightFormat(True, 8, kept=32, bw_log2=4, panels=12)  # Block N:M 1:2 gate/up (a tile: two panels)
+    sdn = WeightFormat(True, 3, kept=12, bw_log2=4, panels=16)
+    rows = plan.DECODE_MAX_ROWS // 8
+    assert plan_moe(rows, 8, 128, 2048, 768, qgu, qdn, "silu", True, SMS).decode.kernel == "hare_decode_bn16"
+    assert plan_moe(rows + 1, 8, 128, 2048, 768, qgu, qdn, "silu", True, SMS).decode is None
+    assert plan_moe(16, 8, 128, 2048, 768, sgu, sdn, "silu", False, SMS).decode.kernel == "hare_decode_sp_bn16"
+    mixed = plan_moe(16, 8, 128, 2048, 768, sgu, qdn, "silu", True, SMS)  # sparse gate/up, dense down: unfused
+    assert mixed.decode is None and mixed.combine is not None
+    with pytest.raises(InvalidArgumentError, match="reads both projections' weights the same way"):
+        plan_moe(16, 8, 128, 2048, 768, sgu, qdn, "silu", True, SMS, LaunchConfig(fused_decode=True))
+    forced = plan_moe(8192, 2, 8, 2048, 768, dense, qdn, "silu", True, SMS, LaunchConfig(fused_decode=True))
+    assert forced.decode is not None and forced.tile_n == 64  # the widest tile it takes
+    off = plan_moe(1, 8, 128, 2048, 768, qgu, qdn, "silu", True, SMS, LaunchConfig(fused_decode=False))
+    assert off.decode is None and off.glu_combine is not None
+    for bad in (dict(fused_decode=1), dict(fused_decode=True, tile_n=128)):
+        with pytest.raises(InvalidArgumentError, match="LaunchConfig"):
+            LaunchConfig(**bad)
 
 
 def test_launch_config_overrides_and_refuses_bad_values():
@@ -172,8 +206,14 @@ def test_tiles_cover_every_weight_row_once_and_joint_tiles_pair_partner_panels(o
 def test_one_variant_table_names_every_kernel_and_entry_point():
     names = plan.kernel_names()
     gemms = sum(len(epis) for _, epis in plan.GEMM_VARIANTS.values()) * len(plan.WEIGHT_KINDS) * len(plan.TILE_NS)
-    assert len(names) == len(set(names)) == len(plan.SMALL_KERNELS) + gemms
+    decodes = len(plan.WEIGHT_KINDS) * len(plan.DECODE_TILE_NS)
+    assert len(names) == len(set(names)) == len(plan.SMALL_KERNELS) + gemms + decodes
     entries = plan.generated_sources()["hare_entry_points.cuh"]
+    for kind, (_, sparse, shared_b) in plan.WEIGHT_KINDS.items():  # the fused decode kernels: 2 or 4 tensor maps
+        for n in plan.DECODE_TILE_NS:
+            head, body = entries[entries.index(f" {plan.decode_kernel(kind, n)}("):].split("\n")[:2]
+            assert head.count("CUtensorMap") == (2 if kind == "dense" else 4)
+            assert f"decode_body<{n}, {sparse}, {shared_b}>(" in body
     for proj, (proj_enum, epis) in plan.GEMM_VARIANTS.items():
         for epi, epi_enum in epis.items():
             for kind, (_, sparse, shared_b) in plan.WEIGHT_KINDS.items():
@@ -184,6 +224,7 @@ def test_one_variant_table_names_every_kernel_and_entry_point():
                     assert f"moe_gemm_body<{n}, {proj_enum}, {epi_enum}, {sparse}, {shared_b}>" in body
     for name, enum in plan.GATE_UP_UNITS.values():  # every fused unit has its split-K combine
         assert f"HARE_SMALL_KERNEL(hare_glu_combine_{name}, 256, GluCombineParams, glu_combine<{enum}>)" in entries
+        assert f"{enum} = {plan.activation_code(name)}" in plan.generated_sources()["hare_params.cuh"]
 
 
 def test_gated_units_carry_their_parameters():

@@ -61,7 +61,7 @@ import torch
 from ..blocknm import PANEL, BlockNM
 from ..errors import InvalidArgumentError
 from ..routing import DEFAULT_BLOCK, RoutingLayout, max_blocks, route
-from .plan import (COMBINE_PARAMS, DEFAULT_CONFIG, FUSED_ACTIVATIONS, GEMM_PARAMS, GLU_COMBINE_PARAMS, K_ALIGN,
+from .plan import (COMBINE_PARAMS, DECODE_PARAMS, DEFAULT_CONFIG, FUSED_ACTIVATIONS, GEMM_PARAMS, GLU_COMBINE_PARAMS, K_ALIGN,
                    LAYOUT_PARAMS, LAYOUT_TILE_ITEMS, SMALL_THREADS, GEMM_THREADS, LaunchConfig, LayoutPlan,
                    WeightFormat, choose_block_n, gated_unit, layout_plan, plan_moe)
 
@@ -293,9 +293,10 @@ def _op_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, determini
     c = config or DEFAULT_CONFIG
     return (x, topk_ids, topk_weights, *_weight_parts(w_gate_up), *_weight_parts(w_down), _fp32(gate_up_bias),
             _fp32(down_bias), activation, bool(deterministic), c.tile_n or 0, c.gateup_splits or 0,
-            c.down_splits or 0, c.raster or 0, c.programmatic_launch, bool(check_ids))
+            c.down_splits or 0, c.raster or 0, c.programmatic_launch, _FUSED_CODES[c.fused_decode], bool(check_ids))
 
 
+_FUSED_CODES = {None: -1, False: 0, True: 1}  # LaunchConfig.fused_decode as the custom op's int
 _plan = functools.lru_cache(maxsize=4096)(plan_moe)  # a plan is a pure function of its (hashable) arguments
 
 # ---- the prepared call ("program") ----
@@ -314,15 +315,15 @@ class _Ptr(NamedTuple):
 
 class _KernelLaunch(NamedTuple):
     """One launch of a program: kernel, grid, threads, shared memory, TMA descriptors, and where its argument
-    struct lies in the program's argument buffer (bytes)."""
+    structs lie in the program's argument buffer ((offset, size) in bytes each; the kernel takes them in order
+    after the descriptors)."""
 
     kernel: str
     grid: int
     block: int
     smem: int
     maps: tuple
-    offset: int
-    size: int
+    structs: tuple
 
 
 class _CallBuffer:
@@ -393,7 +394,7 @@ def _build_program(mod, T, k, E, H, F, gu_parts, dn_parts, activation, determini
     # the workspace: layout fields (int32), fp32 routing weights, bf16 h then Y, fp32 gate/up partials, fp32 acc
     regions, at = {}, 0
     for name, nbytes in (("layout", 4 * lay.total), ("weights", 4 * R), ("h", 2 * plan.workspace_elements),
-                         ("partial", 4 * plan.partial_elements), ("acc", 0 if deterministic else 4 * T * H)):
+                         ("partial", 4 * plan.partial_elements), ("acc", 4 * T * H if plan.accumulates else 0)):
         regions[name] = at
         at += -(-nbytes // _ALIGN) * _ALIGN
     ws = lambda region, offset=0: _Ptr(_WS, regions[region] + offset)  # noqa: E731
@@ -402,14 +403,15 @@ def _build_program(mod, T, k, E, H, F, gu_parts, dn_parts, activation, determini
 
     launches, structs, patches = [], [], []
 
+    def pack(s, values) -> tuple[int, int]:
+        offset = sum(len(b) for b in structs)
+        structs.append(_pack(s, values, offset, patches))
+        return offset, s.size
+
     def add(kernel, grid, block, smem, maps, s, values, shared_with=None):
-        if shared_with is None:
-            offset = sum(len(b) for b in structs)
-            structs.append(_pack(s, values, offset, patches))
-        else:
-            offset = shared_with
-        launches.append(_KernelLaunch(kernel, grid, block, smem, tuple(maps), offset, s.size))
-        return offset
+        where = pack(s, values) if shared_with is None else shared_with
+        launches.append(_KernelLaunch(kernel, grid, block, smem, tuple(maps), (where,)))
+        return where
 
     if lay.on_device:
         layout_values = _layout_values(mod, _Ptr(_IDS), ids_is_64, R, k, E, n, slots, lay, field, _Ptr(_WEIGHTS), wts,
@@ -422,7 +424,7 @@ def _build_program(mod, T, k, E, H, F, gu_parts, dn_parts, activation, determini
 
     alpha, limit = plan.glu_args
 
-    def gemm(launch, fmt, maps, block_idx, bias, b_src, out, split_stride, K, M, rows_per_expert):
+    def gemm_values(launch, fmt, block_idx, bias, b_src, out, split_stride, K, M, rows_per_expert):
         tiling = launch.tiling
         values = dict(b_src=b_src, out=out, gather_index=field("gather_index"),
                       row_assignment=field("row_assignment"), topk_weights=wts, block_expert=field("block_expert"),
@@ -434,7 +436,10 @@ def _build_program(mod, T, k, E, H, F, gu_parts, dn_parts, activation, determini
                       k_stages=fmt.k_stages, kept=fmt.kept, bw_log2=fmt.bw_log2, panels=fmt.panels,
                       box1_panel_offset=tiling.box1_panel_offset, all_kept=int(fmt.all_kept), num_experts=E,
                       num_slots=slots, act_alpha=alpha, act_limit=limit)
-        add(launch.kernel, launch.grid, GEMM_THREADS, launch.smem, maps, GEMM_PARAMS, values)
+        return values
+
+    def gemm(launch, fmt, maps, *args):
+        add(launch.kernel, launch.grid, GEMM_THREADS, launch.smem, maps, GEMM_PARAMS, gemm_values(launch, fmt, *args))
 
     def maps(w, meta, out_rows, K):
         if meta is None:
@@ -446,6 +451,24 @@ def _build_program(mod, T, k, E, H, F, gu_parts, dn_parts, activation, determini
     gu_bias = _Ptr(_GU_BIAS) if has_gu_bias else 0
     gu_args = (maps(w_gate_up, gu_meta, F2, H), gu_block_idx, gu_bias, _Ptr(_X))
     gu_shape = (H, F, F2)  # K, M, weight rows per expert; which rows a tile's boxes are: plan.gate_up.tiling
+    d = plan.down
+    d_args = (maps(w_down, d_meta, H, F), d_block_idx, _Ptr(_D_BIAS) if has_d_bias else 0, h)
+    d_shape = (F, H, H)
+    if plan.decode is not None:  # the fused decode kernel: gate/up, down and the sums in one launch
+        dec = plan.decode
+        counters = mod.decode_counters(dec.counters)
+        y = ws("h", 2 * R * F)
+        gu_out = ws("partial") if g.splits > 1 else h
+        gu_values = gemm_values(g, gu, *gu_args[1:], gu_out, R * F2, *gu_shape)
+        d_values = gemm_values(d, dn, *d_args[1:], y, R * H, *d_shape)
+        block_ready = counters + 4
+        dp = dict(h=h, out=_Ptr(_OUT), block_ready=block_ready, tile_count=block_ready + 4 * dec.block_ready,
+                  token_count=block_ready + 4 * (dec.block_ready + dec.tile_count), exit_ticket=counters,
+                  activation=dec.activation)
+        args = (pack(GEMM_PARAMS, gu_values), pack(GEMM_PARAMS, d_values), pack(DECODE_PARAMS, dp))
+        launches.append(_KernelLaunch(dec.kernel, dec.grid, GEMM_THREADS, dec.smem, (*gu_args[0], *d_args[0]), args))
+        return _Program(plan, launches, plan.programmatic_launch, b"".join(structs), patches, max(at, _ALIGN),
+                        regions, not lay.on_device)
     if plan.glu_combine is None:
         gemm(g, gu, *gu_args, h, 0, *gu_shape)
     else:
@@ -456,9 +479,6 @@ def _build_program(mod, T, k, E, H, F, gu_parts, dn_parts, activation, determini
                  limit=limit))
 
     # down: y = (h W_down^T) * routing weight, back in token order
-    d = plan.down
-    d_args = (maps(w_down, d_meta, H, F), d_block_idx, _Ptr(_D_BIAS) if has_d_bias else 0, h)
-    d_shape = (F, H, H)
     if deterministic:
         y = _Ptr(_OUT) if plan.direct else ws("h", 2 * R * F)  # Y follows h in the workspace
         gemm(d, dn, *d_args, y, R * H, *d_shape)
@@ -479,7 +499,7 @@ _PROGRAMS_MAX = 8192
 def _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, gu_bw, gu_joint, w_down, d_meta,
                     d_block_idx, d_bw, d_joint, gate_up_bias, down_bias, activation: str, deterministic: bool,
                     tile_n: int,
-                    gateup_splits: int, down_splits: int, raster: int, programmatic_launch: bool,
+                    gateup_splits: int, down_splits: int, raster: int, programmatic_launch: bool, fused_decode: int,
                     check_ids: bool = False):
     """Program -> allocate -> patch -> launch. Each projection dense (meta None) or Block N:M (values, meta,
     block_idx, bw, joint: "" or its panel pairing); biases fp32 contiguous or None."""
@@ -510,12 +530,13 @@ def _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx,
            None if gu_meta is None else (gu_meta.data_ptr(), gu_block_idx.data_ptr(), gu_block_idx.shape, gu_bw,
                                          gu_joint),
            None if d_meta is None else (d_meta.data_ptr(), d_block_idx.data_ptr(), d_block_idx.shape, d_bw, d_joint),
-           activation, deterministic, tile_n, gateup_splits, down_splits, raster, programmatic_launch, ids_is_64,
+           activation, deterministic, tile_n, gateup_splits, down_splits, raster, programmatic_launch, fused_decode,
+           ids_is_64,
            weights_code, gate_up_bias is None, down_bias is None, check_ids)
     prog = _programs.get(key)
     if prog is None:
         config = LaunchConfig(tile_n or None, gateup_splits or None, down_splits or None, raster or None,
-                              programmatic_launch)
+                              programmatic_launch, None if fused_decode < 0 else bool(fused_decode))
         prog = _build_program(mod, T, k, E, H, F2 // 2, (w_gate_up, gu_meta, gu_block_idx, gu_bw, gu_joint),
                               (w_down, d_meta, d_block_idx, d_bw, d_joint), activation, deterministic, config,
                               ids_is_64,
@@ -527,7 +548,7 @@ def _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx,
     ws_ptr = ws.data_ptr()
     if prog.host_layout:  # very large T*k*E: the torch-ops layout (whose id check syncs with the host when eager)
         _host_layout(prog, ws, topk_ids, topk_weights, E)
-    if not deterministic:
+    if prog.plan.accumulates:
         ws[prog.regions["acc"]:prog.regions["acc"] + 4 * T * H].view(torch.float32).zero_()
     buf = prog.buffer()
     try:
@@ -544,7 +565,7 @@ def _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx,
         mod.run(prog, _launch.current_stream(dev), buf)
     finally:
         prog.release(buf)
-    if not deterministic:
+    if prog.plan.accumulates:
         out.copy_(ws[prog.regions["acc"]:prog.regions["acc"] + 4 * T * H].view(torch.float32).view(T, H))
     return out
 
@@ -638,14 +659,14 @@ def _fused_moe_op(
     d_meta: torch.Tensor | None, d_block_idx: torch.Tensor | None, d_bw: int, d_joint: str,
     gate_up_bias: torch.Tensor | None,
     down_bias: torch.Tensor | None, activation: str, deterministic: bool, tile_n: int, gateup_splits: int,
-    down_splits: int, raster: int, programmatic_launch: bool, check_ids: bool,
+    down_splits: int, raster: int, programmatic_launch: bool, fused_decode: int, check_ids: bool,
 ) -> torch.Tensor:
     """Dense weights: meta and block_idx None; Block N:M weights: their values, meta, block_idx, bw and joint ("" for
-    none); biases fp32 or None. The launch overrides are LaunchConfig's fields, 0 for None; check_ids: the
-    device-side id check."""
+    none); biases fp32 or None. The launch overrides are LaunchConfig's fields, 0 for None (fused_decode: -1);
+    check_ids: the device-side id check."""
     return _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, gu_bw, gu_joint, w_down,
                            d_meta, d_block_idx, d_bw, d_joint, gate_up_bias, down_bias, activation, deterministic,
-                           tile_n, gateup_splits, down_splits, raster, programmatic_launch, check_ids)
+                           tile_n, gateup_splits, down_splits, raster, programmatic_launch, fused_decode, check_ids)
 
 
 @_fused_moe_op.register_fake

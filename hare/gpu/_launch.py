@@ -78,6 +78,19 @@ class _Module:
             ctypes.memset(self.status, 0, STATUS_WORDS * 8)
             self.status_ptr = int(_check(cu.cuMemHostGetDevicePointer(self._status_host, 0),
                                          "cuMemHostGetDevicePointer"))
+            self._counters: list[torch.Tensor] = []
+
+    def decode_counters(self, n: int) -> int:
+        """Address of at least n int32 counters of the fused decode kernel, zero at rest (each call resets what it
+        used, csrc/decode.cuh). A larger need gets a new buffer; the old ones stay allocated, as the programs and
+        captured graphs that hold their addresses may still run."""
+        if not self._counters or self._counters[-1].numel() < n:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("hare.gpu: a call of these shapes must run once before CUDA-graph capture (the "
+                                   "fused decode kernel's counters are allocated at first use)")
+            self._counters.append(torch.zeros(max(n, 1 << 16), dtype=torch.int32,
+                                              device=f"cuda:{self.device_index}"))
+        return self._counters[-1].data_ptr()
 
     def function(self, name: str, smem: int = 0):
         fn = self.functions.get(name)
@@ -139,8 +152,9 @@ class _Module:
         """The void** array of each launch (its TMA descriptors, then its struct inside `buf`): (addresses, the arrays
         that keep them valid)."""
         base = ctypes.addressof(buf.data)
-        arrays = [(ctypes.c_void_p * (len(launch.maps) + 1))(*(ctypes.addressof(m) for m in launch.maps),
-                                                            base + launch.offset) for launch in prog.launches]
+        arrays = [(ctypes.c_void_p * (len(launch.maps) + len(launch.structs)))(
+            *(ctypes.addressof(m) for m in launch.maps), *(base + offset for offset, _ in launch.structs))
+            for launch in prog.launches]
         return [ctypes.addressof(a) for a in arrays], arrays
 
 

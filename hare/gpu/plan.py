@@ -37,6 +37,10 @@ GEMM_VARIANTS = {"gateup": ("kGateUp", dict(GATE_UP_UNITS.values())),
 # pairs them), so one token tile serves both and a stage is smaller (more stages fit).
 WEIGHT_KINDS = {"dense": ("", "false", "false"), "sparse": ("_sp", "true", "false"),
                 "joint": ("_spj", "true", "true")}
+# The fused decode kernel (csrc/decode.cuh): one per weight kind read the same by both projections and tile width;
+# its gated unit is an argument.
+DECODE_TILE_NS = (16, 32, 64)
+DECODE_MAX_ROWS = 1024  # T·k up to which the fused decode kernel runs (notes/decode.md: the H200 measurement)
 SMALL_KERNELS = ("hare_layout_count", "hare_layout_scatter", "hare_combine",
                  *(f"hare_glu_combine_{name}" for name, _ in GATE_UP_UNITS.values()))
 K_ALIGN = 64  # hidden and ffn must be multiples of this: the K step of a pipeline stage
@@ -54,6 +58,16 @@ def gemm_kernel(projection: str, epilogue: str, weights: str, tile_n: int) -> st
     return f"hare_{projection}_{epilogue}{WEIGHT_KINDS[weights][0]}_bn{tile_n}"
 
 
+def decode_kernel(weights: str, tile_n: int) -> str:
+    """The entry point of a fused decode kernel: hare_decode[_sp|_spj]_bn<tile_n>."""
+    return f"hare_decode{WEIGHT_KINDS[weights][0]}_bn{tile_n}"
+
+
+def activation_code(unit: str) -> int:
+    """The Activation enumerator (generated into hare_params.cuh) of a gated unit's kernel-name part."""
+    return [name for name, _ in GATE_UP_UNITS.values()].index(unit)
+
+
 def gemm_variants():
     """(projection, epilogue, weight kind, tile_n) of every GEMM entry point."""
     return [(proj, epi, kind, n) for proj, (_, epis) in GEMM_VARIANTS.items() for epi in epis
@@ -62,7 +76,8 @@ def gemm_variants():
 
 def kernel_names() -> tuple[str, ...]:
     """Every kernel entry point of the cubin."""
-    return (*SMALL_KERNELS, *(gemm_kernel(*v) for v in gemm_variants()))
+    return (*SMALL_KERNELS, *(gemm_kernel(*v) for v in gemm_variants()),
+            *(decode_kernel(kind, n) for kind in WEIGHT_KINDS for n in DECODE_TILE_NS))
 
 
 def gated_unit(activation: str) -> tuple[str, float, float]:
@@ -137,6 +152,7 @@ class LaunchConfig:
     down_splits: int | None = None  # K splits of the down GEMM
     raster: int | None = None  # tile order of both GEMMs: > 0 M-grouped, < 0 block-grouped (scheduler.cuh)
     programmatic_launch: bool = True  # programmatic dependent launch (common.cuh); False launches plainly
+    fused_decode: bool | None = None  # the one-launch decode kernel (csrc/decode.cuh); None: up to DECODE_MAX_ROWS
 
     def __post_init__(self):
         if self.tile_n is not None and self.tile_n not in TILE_NS:
@@ -148,6 +164,12 @@ class LaunchConfig:
         if self.raster is not None and (isinstance(self.raster, bool) or not isinstance(self.raster, int)
                                         or self.raster == 0):
             raise InvalidArgumentError(f"LaunchConfig.raster: expected a nonzero int, got {self.raster!r}")
+        if self.fused_decode is not None and not isinstance(self.fused_decode, bool):
+            raise InvalidArgumentError(f"LaunchConfig.fused_decode: expected a bool or None, got "
+                                       f"{self.fused_decode!r}")
+        if self.fused_decode and self.tile_n is not None and self.tile_n not in DECODE_TILE_NS:
+            raise InvalidArgumentError(f"LaunchConfig: the fused decode kernel takes tile_n in {DECODE_TILE_NS}, "
+                                       f"got {self.tile_n}")
         if not isinstance(self.programmatic_launch, bool):
             raise InvalidArgumentError(f"LaunchConfig.programmatic_launch: expected a bool, got "
                                        f"{self.programmatic_launch!r}")
@@ -228,6 +250,25 @@ class SmallLaunch:
 
 
 @dataclass(frozen=True)
+class DecodeLaunch:
+    """The fused decode kernel's launch: its grid, and its counters (int32, zero at rest; csrc/decode.cuh) laid
+    out as [exit ticket, block_ready (slots), tile_count (slots x gate/up M tiles), token_count (T x down M
+    tiles)]."""
+
+    kernel: str
+    grid: int
+    smem: int
+    activation: int  # Activation enumerator of the gated unit
+    block_ready: int
+    tile_count: int
+    token_count: int
+
+    @property
+    def counters(self) -> int:
+        return 1 + self.block_ready + self.tile_count + self.token_count
+
+
+@dataclass(frozen=True)
 class LayoutPlan:
     """The layout kernels' launch and the int32 buffer they fill (offsets of its fields, in FIELDS order)."""
 
@@ -263,6 +304,7 @@ class MoePlan:
     combine: SmallLaunch | None  # deterministic top-k (and split) sum, unless the down GEMM writes out directly
     deterministic: bool
     programmatic_launch: bool
+    decode: DecodeLaunch | None = None  # set: the layout, then this one kernel (gate_up/down give its GEMMs' shapes)
 
     @property
     def rows(self) -> int:
@@ -271,19 +313,24 @@ class MoePlan:
     @property
     def direct(self) -> bool:
         """The down GEMM writes the output rows itself (deterministic, top-1, unsplit)."""
-        return self.deterministic and self.combine is None
+        return self.deterministic and self.combine is None and self.decode is None
+
+    @property
+    def accumulates(self) -> bool:
+        """The down GEMM adds fp32 rows atomically into an accumulator (deterministic=False, unfused)."""
+        return not self.deterministic and self.decode is None
 
     @property
     def workspace_elements(self) -> int:
         """bf16 workspace: the hidden rows h (R, F), then the down GEMM's per-(token, slot) rows Y (splits, R, H)
         when they are summed by hare_combine."""
-        y = self.down.splits * self.rows * self.hidden if self.combine is not None else 0
+        y = self.down.splits * self.rows * self.hidden if self.combine is not None or self.decode else 0
         return self.rows * self.ffn + y
 
     @property
     def partial_elements(self) -> int:
         """fp32 gate/up partial sums (splits, R, 2F) of a split gate/up GEMM."""
-        return self.gate_up.splits * self.rows * 2 * self.ffn if self.glu_combine is not None else 0
+        return self.gate_up.splits * self.rows * 2 * self.ffn if self.gate_up.splits > 1 else 0
 
 
 def layout_plan(R: int, E: int, slots: int) -> LayoutPlan:
@@ -303,10 +350,21 @@ def layout_plan(R: int, E: int, slots: int) -> LayoutPlan:
 def plan_moe(tokens: int, top_k: int, experts: int, hidden: int, ffn: int, gate_up: WeightFormat,
              down: WeightFormat, activation: str, deterministic: bool, num_sms: int,
              config: LaunchConfig = DEFAULT_CONFIG) -> MoePlan:
-    """The launches of hare.gpu.fused_moe for these shapes (tokens >= 1) on a GPU of num_sms SMs."""
+    """The launches of hare.gpu.fused_moe for these shapes (tokens >= 1) on a GPU of num_sms SMs: the layout, then
+    the fused decode kernel (up to DECODE_MAX_ROWS rows, both projections' weights of one kind) or the GEMMs and
+    their combines."""
     T, k, E, H, F = tokens, top_k, experts, hidden, ffn
     R = T * k
     n = config.tile_n or choose_block_n(R, E, gate_up.sparse or down.sparse)
+    same_kind = gate_up.kind("gateup") == down.kind("down")
+    fused = config.fused_decode
+    if fused is None:
+        fused = R <= DECODE_MAX_ROWS and same_kind and n in DECODE_TILE_NS
+    elif fused and not same_kind:
+        raise InvalidArgumentError(f"LaunchConfig.fused_decode: the fused decode kernel reads both projections' "
+                                   f"weights the same way, here {gate_up.kind('gateup')} and {down.kind('down')}")
+    elif fused and n not in DECODE_TILE_NS:
+        n = max(t for t in DECODE_TILE_NS if t <= n)
     slots = max_blocks(R, E, n)
     raster = config.raster or DEFAULT_RASTER
 
@@ -330,9 +388,17 @@ def plan_moe(tokens: int, top_k: int, experts: int, hidden: int, ffn: int, gate_
     glu = SmallLaunch(f"hare_glu_combine_{unit}", elementwise(R * F)) if gs > 1 else None
     direct = deterministic and k == 1 and ds == 1
     combine = SmallLaunch("hare_combine", elementwise(T * H // 8)) if deterministic and not direct else None
-    return MoePlan(T, k, E, H, F, n, slots, layout_plan(R, E, slots), gemm("gateup", unit, gate_up, gu_tiling, gs),
-                   (alpha, limit), glu, gemm("down", "det" if deterministic else "fast", down, dn_tiling, ds),
-                   combine, deterministic, config.programmatic_launch)
+    gu_launch = gemm("gateup", unit, gate_up, gu_tiling, gs)
+    dn_launch = gemm("down", "det" if deterministic else "fast", down, dn_tiling, ds)
+    decode = None
+    if fused:  # one launch after the layout: its own split / combine / accumulator handling (csrc/decode.cuh)
+        kind = gate_up.kind("gateup")
+        tiles = slots * (gu_tiling.num_m * gs + dn_tiling.num_m * ds)
+        decode = DecodeLaunch(decode_kernel(kind, n), max(1, min(num_sms, tiles)), gemm_smem_bytes(n, kind),
+                              activation_code(unit), slots, slots * gu_tiling.num_m, T * dn_tiling.num_m)
+        glu = combine = None
+    return MoePlan(T, k, E, H, F, n, slots, layout_plan(R, E, slots), gu_launch, (alpha, limit), glu, dn_launch,
+                   combine, deterministic, config.programmatic_launch, decode)
 
 
 # ------------------------------------------------------------------------------------------- kernel ABI
@@ -450,13 +516,24 @@ GLU_COMBINE_PARAMS = ParamStruct("GluCombineParams", (
     ("float", "alpha", "the gated unit's parameters (GemmParams::act_alpha, act_limit)"),
     ("float", "limit", ""),
 ))
-PARAM_STRUCTS = (GEMM_PARAMS, LAYOUT_PARAMS, COMBINE_PARAMS, GLU_COMBINE_PARAMS)
+DECODE_PARAMS = ParamStruct("DecodeParams", (
+    ("__nv_bfloat16*", "h", "(R, F): written by the last gate/up split (the gate/up GemmParams' out holds the fp32 "
+                            "partials then)"),
+    ("__nv_bfloat16*", "out", "(T, H)"),
+    ("int*", "block_ready", "(B,) gate/up M tiles of each row block whose h is written"),
+    ("int*", "tile_count", "(B, gate/up num_m) splits of each gate/up tile done"),
+    ("int*", "token_count", "(T, down num_m) rows of each (token, down M tile) in Y"),
+    ("unsigned int*", "exit_ticket", "(1,) CTAs done"),
+    ("int", "activation", "the gated unit (Activation)"),
+))
+PARAM_STRUCTS = (GEMM_PARAMS, LAYOUT_PARAMS, COMBINE_PARAMS, GLU_COMBINE_PARAMS, DECODE_PARAMS)
 
 
 def generated_sources() -> dict[str, str]:
     """The C++ that _build generates from the tables above: the argument structs, every GEMM entry point and the
     split gate/up combine of every gated unit (HARE_SMALL_KERNEL: hare_kernels.cu)."""
-    params = "\n\n".join(s.cpp() for s in PARAM_STRUCTS)
+    enum = ", ".join(f"{e} = {i}" for i, (_, e) in enumerate(GATE_UP_UNITS.values()))
+    params = f"enum Activation : int {{ {enum} }};\n\n" + "\n\n".join(s.cpp() for s in PARAM_STRUCTS)
     entries = []
     for proj, epi, kind, n in gemm_variants():
         proj_enum, epi_enums = GEMM_VARIANTS[proj]
@@ -470,6 +547,15 @@ def generated_sources() -> dict[str, str]:
             f"{'&tmap_meta' if kind != 'dense' else 'nullptr'}, p);\n}}")
     for name, enum in GATE_UP_UNITS.values():
         entries.append(f"HARE_SMALL_KERNEL(hare_glu_combine_{name}, 256, GluCombineParams, glu_combine<{enum}>)")
+    for kind, (_, sparse, shared_b) in WEIGHT_KINDS.items():
+        maps = ("gu_a", "gu_meta", "dn_a", "dn_meta") if kind != "dense" else ("gu_a", "dn_a")
+        args = ", ".join(f"&{m}" if m in maps else "nullptr" for m in ("gu_a", "gu_meta", "dn_a", "dn_meta"))
+        for n in DECODE_TILE_NS:
+            entries.append(
+                f'extern "C" __global__ void __launch_bounds__(kGemmThreads, 1) {decode_kernel(kind, n)}('
+                + "".join(f"const __grid_constant__ CUtensorMap {m}, " for m in maps)
+                + "const GemmParams gu, const GemmParams dn, const DecodeParams dp) {\n"
+                f"  decode_body<{n}, {sparse}, {shared_b}>({args}, gu, dn, dp);\n}}")
     head = "// Generated by hare/gpu/plan.py (generated_sources): do not edit.\n#pragma once\n"
     return {
         "hare_params.cuh": f"{head}#include <cuda_bf16.h>\n\nnamespace hare {{\n\n{params}\n\n}}  // namespace hare\n",

@@ -1,5 +1,7 @@
 """Small fused_moe + layout cases, dense and Block N:M, for compute-sanitizer (run by scripts/device_run.sh)."""
 
+from dataclasses import replace
+
 import torch
 
 import hare
@@ -14,11 +16,13 @@ torch.manual_seed(0)
 def check(label, x, ids, w, w_gate_up, w_down, config, activation="silu", biases=(None, None)):
     """Both combine modes of fused_moe against the float32 reference on the dense equivalent of the weights."""
     dense = [t.to_dense() if isinstance(t, hare.BlockNM) else t for t in (w_gate_up, w_down)]
-    for det in (True, False):
-        out = hg.fused_moe(x, ids, w, w_gate_up, w_down, activation, det, config, *biases)
+    # the plan's choice (the fused decode kernel up to DECODE_MAX_ROWS rows), the unfused kernels, fast sums
+    for det, fused in ((True, None), (True, False), (False, None)):
+        out = hg.fused_moe(x, ids, w, w_gate_up, w_down, activation, det, replace(config, fused_decode=fused),
+                           *biases)
         torch.cuda.synchronize()
         err = rel_err(out, reference(x, ids, w, *dense, activation, *biases))
-        print(f"sanitize {label} det={det}: rel err {err:.2e}")
+        print(f"sanitize {label} det={det} fused_decode={fused}: rel err {err:.2e}")
         assert err < 1e-2
 
 

@@ -10,6 +10,7 @@
 #pragma once
 #include <cuda_bf16.h>
 #include "common.cuh"
+#include "hare_params.cuh"
 
 namespace hare {
 
@@ -21,9 +22,9 @@ __device__ __forceinline__ uint32_t stage_chunk_offset(int n, int c) {
   return static_cast<uint32_t>(n * 128 + ((c ^ (n & 7)) << 4));
 }
 
-// The gated units the gate/up epilogue fuses (hare.activations): act(gate) * up, or a clamped form. Their
-// parameters (alpha, limit) come from the call (GemmParams / GluCombineParams), the unit from the template.
-enum Activation : int { kSilu = 0, kGelu = 1, kClampedSilu = 2, kGptOss = 3 };
+// The gated units the gate/up epilogue fuses (hare.activations; enum Activation, generated into hare_params.cuh
+// from plan.GATE_UP_UNITS): act(gate) * up, or a clamped form. Their parameters (alpha, limit) come from the call
+// (GemmParams / GluCombineParams), the unit from the template.
 
 struct GluArgs {
   float alpha, limit;

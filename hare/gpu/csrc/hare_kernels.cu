@@ -4,6 +4,7 @@
 #include "moe_gemm.cuh"
 #include "layout.cuh"
 #include "combine.cuh"
+#include "decode.cuh"
 
 using namespace hare;
 

@@ -61,12 +61,13 @@ struct GemmConfig {
   static constexpr int kStageBytes = kABytes + kBBytes + kMetaBytes;
   static constexpr int kEpiBytes = 2 * BN * 128;  // two warpgroups x [BN][64] bf16
   static constexpr int kAuxBytes = 2 * BN * 8;    // two warpgroups x (weight f32, dest i32) per row
-  static constexpr int kBarBytes = 256;
+  static constexpr int kBarBytes = 256;  // full and empty barriers (16 bytes per stage), then GemmSmem::flags
   static constexpr int kFitStages = (kSmemLimit - kEpiBytes - kAuxBytes - kBarBytes) / kStageBytes;
   static constexpr int kMaxStages = SPARSE ? 8 : 6;
   static constexpr int kStages = kFitStages > kMaxStages ? kMaxStages : kFitStages;
   static constexpr int kSmemBytes = kStages * kStageBytes + kEpiBytes + kAuxBytes + kBarBytes;
   static_assert(kStages >= 3, "too few stages");
+  static_assert(kStages * 16 + 8 <= kBarBytes, "barriers and flags");
   static_assert(kSmemBytes <= kSmemLimit, "shared memory");
   static_assert(BN % 16 == 0 && BN >= 16 && BN <= 128, "BN");
   static_assert(kStageBytes % 1024 == 0, "stages keep the 1024-byte alignment of 128B-swizzled tiles");
@@ -90,6 +91,8 @@ struct GemmSmem {
     return reinterpret_cast<uint64_t*>(base + Cfg::kStages * Cfg::kStageBytes + Cfg::kEpiBytes + Cfg::kAuxBytes);
   }
   __device__ __forceinline__ uint64_t* empty() const { return full() + Cfg::kStages; }
+  // two ints after the barriers (the fused decode kernel's broadcasts: csrc/decode.cuh)
+  __device__ __forceinline__ int* flags() const { return reinterpret_cast<int*>(empty() + Cfg::kStages); }
 };
 
 // One output tile: row block b, M tile m, K split s covering pipeline stages [kb0, kb1).
@@ -121,88 +124,106 @@ __device__ __forceinline__ int kept_block(const GemmParams& p, const int* panel_
 }
 
 // ---------------------------------------------------------------------------------------------- producer
-// Warpgroup 2: for every tile of this CTA, TMA of the two weight boxes (and their 2:4 metadata) and the cp.async
-// gather of the token rows into each stage; a stage's full barrier completes when both have landed.
-template <int BN, int PROJ, bool SPARSE, bool SHARED_B>
-__device__ __forceinline__ void produce(const CUtensorMap* tmap_a, const CUtensorMap* tmap_meta, const GemmParams& p,
-                                        const TileScheduler& sched, const GemmSmem<BN, SPARSE, SHARED_B>& sm) {
+// Warpgroup 2, one tile: TMA of the two weight boxes (and their 2:4 metadata) and the cp.async gather of the
+// token rows into each of its stages; a stage's full barrier completes when both have landed. `it` counts stages
+// over the CTA's tiles (the consumers count the same). The first `prefetch` stages get their weights first, then
+// `ready()` runs (the fused decode kernel waits there until the token rows exist; the weights do not depend on
+// them), then their token rows; the other stages get both together.
+template <int BN, int PROJ, bool SPARSE, bool SHARED_B, class Ready>
+__device__ __forceinline__ void produce_tile(const CUtensorMap* tmap_a, const CUtensorMap* tmap_meta,
+                                             const GemmParams& p, const Tile& t, int& it,
+                                             const GemmSmem<BN, SPARSE, SHARED_B>& sm, int tid, int prefetch,
+                                             Ready ready) {
   using Cfg = GemmConfig<BN, SPARSE, SHARED_B>;
   constexpr int STAGES = Cfg::kStages;
   uint64_t* full = sm.full();
   uint64_t* empty = sm.empty();
-  const int tid = threadIdx.x - 256;
-  if (tid == 0) {
-    tma_prefetch_desc(tmap_a);
-    if constexpr (SPARSE) tma_prefetch_desc(tmap_meta);
+  const RowBlock rb(p, t.b);
+  const int e = rb.e, start = rb.start, height = rb.height;
+  HARE_DEVICE_CHECK(e >= 0 && e < p.num_experts && height >= 1 && height <= BN && start >= 0 &&
+                        start + height <= p.num_rows,
+                    "row block %d: expert %d, rows [%d, +%d) (E %d, R %d, BN %d)", t.b, e, start, height,
+                    p.num_experts, p.num_rows, BN);
+  RowGather<BN, kProducerThreads> g;
+  if constexpr (PROJ == kGateUp) {
+    g.setup(height, tid, [&](int r) {
+      const int token = p.gather_index[start + r];
+      HARE_DEVICE_CHECK(token >= 0 && token < p.num_rows / p.top_k, "gather_index[%d] = %d not in [0, %d)",
+                        start + r, token, p.num_rows / p.top_k);
+      return token;
+    });
+  } else {
+    g.setup(height, tid, [&](int r) { return start + r; });
   }
-  int it = 0;
-  for (int tile = blockIdx.x; tile < sched.total; tile += gridDim.x) {
-    const Tile t(sched, p, tile);
-    const RowBlock rb(p, t.b);
-    const int e = rb.e, start = rb.start, height = rb.height;
-    HARE_DEVICE_CHECK(e >= 0 && e < p.num_experts && height >= 1 && height <= BN && start >= 0 &&
-                          start + height <= p.num_rows,
-                      "row block %d: expert %d, rows [%d, +%d) (E %d, R %d, BN %d)", t.b, e, start, height,
-                      p.num_experts, p.num_rows, BN);
-    RowGather<BN, kProducerThreads> g;
-    if constexpr (PROJ == kGateUp) {
-      g.setup(height, tid, [&](int r) {
-        const int token = p.gather_index[start + r];
-        HARE_DEVICE_CHECK(token >= 0 && token < p.num_rows / p.top_k, "gather_index[%d] = %d not in [0, %d)",
-                          start + r, token, p.num_rows / p.top_k);
-        return token;
-      });
+  const int row0 = e * p.a_rows_per_expert + t.m * p.m_tile;
+  const int row1 = row0 + p.a_box1_offset;
+  const int* bidx0 = nullptr;
+  const int* bidx1 = nullptr;
+  if constexpr (SPARSE) {  // a box past the last panel (out not a multiple of 256) reads masked rows only
+    const int panel0 = min(t.m * (p.m_tile >> 7), p.panels - 1);
+    const int panel1 = min(t.m * (p.m_tile >> 7) + p.box1_panel_offset, p.panels - 1);
+    bidx0 = p.block_idx + (static_cast<long long>(e) * p.panels + panel0) * p.kept;
+    bidx1 = p.block_idx + (static_cast<long long>(e) * p.panels + panel1) * p.kept;
+  }
+  auto wait_empty = [&](int i) { mbar_wait(&empty[(it + i) % STAGES], (((it + i) / STAGES) & 1) ^ 1); };
+  auto weights = [&](int i) {
+    if (tid != 0) return;
+    const int st = (it + i) % STAGES, kb = t.kb0 + i;
+    uint8_t* a = sm.stage(st);
+    if constexpr (SPARSE) {
+      uint8_t* meta = a + Cfg::kABytes + Cfg::kBBytes;
+      mbar_arrive_expect_tx(&full[st], Cfg::kABytes + Cfg::kMetaBytes);
+      tma_load_2d(a, tmap_a, &full[st], kb * 32, row0);
+      tma_load_2d(a + Cfg::kABytes / 2, tmap_a, &full[st], kb * 32, row1);
+      tma_load_2d(meta, tmap_meta, &full[st], kb * 128, row0 >> 4);
+      tma_load_2d(meta + 1024, tmap_meta, &full[st], kb * 128, row1 >> 4);
     } else {
-      g.setup(height, tid, [&](int r) { return start + r; });
+      mbar_arrive_expect_tx(&full[st], Cfg::kABytes);
+      tma_load_2d(a, tmap_a, &full[st], kb * 64, row0);
+      tma_load_2d(a + Cfg::kABytes / 2, tmap_a, &full[st], kb * 64, row1);
     }
-    const int row0 = e * p.a_rows_per_expert + t.m * p.m_tile;
-    const int row1 = row0 + p.a_box1_offset;
-    const int* bidx0 = nullptr;
-    const int* bidx1 = nullptr;
-    if constexpr (SPARSE) {  // a box past the last panel (out not a multiple of 256) reads masked rows only
-      const int panel0 = min(t.m * (p.m_tile >> 7), p.panels - 1);
-      const int panel1 = min(t.m * (p.m_tile >> 7) + p.box1_panel_offset, p.panels - 1);
-      bidx0 = p.block_idx + (static_cast<long long>(e) * p.panels + panel0) * p.kept;
-      bidx1 = p.block_idx + (static_cast<long long>(e) * p.panels + panel1) * p.kept;
-    }
-    for (int kb = t.kb0; kb < t.kb1; ++kb, ++it) {
-      const int st = it % STAGES;
-      mbar_wait(&empty[st], ((it / STAGES) & 1) ^ 1);
-      uint8_t* a = sm.stage(st);
-      uint8_t* b = a + Cfg::kABytes;
-      if constexpr (SPARSE) {
-        if (tid == 0) {
-          uint8_t* meta = b + Cfg::kBBytes;
-          mbar_arrive_expect_tx(&full[st], Cfg::kABytes + Cfg::kMetaBytes);
-          tma_load_2d(a, tmap_a, &full[st], kb * 32, row0);
-          tma_load_2d(a + Cfg::kABytes / 2, tmap_a, &full[st], kb * 32, row1);
-          tma_load_2d(meta, tmap_meta, &full[st], kb * 128, row0 >> 4);
-          tma_load_2d(meta + 1024, tmap_meta, &full[st], kb * 128, row1 >> 4);
-        }
-        if (SHARED_B && p.all_kept) {
-          g.load(smem_u32(b), p.b_src, p.K, kb * 64);
-        } else {
-          // logical columns past the last kept block (the zero-filled tail of the values) read the last block
-          const int logical = kb * 64 + g.col;
-          const int q = min(logical >> p.bw_log2, p.kept - 1);
-          const int off = logical & ((1 << p.bw_log2) - 1);
-          g.load_at(smem_u32(b), p.b_src, p.K, (kept_block(p, bidx0, q) << p.bw_log2) + off);
-          if constexpr (!SHARED_B) {
-            g.load_at(smem_u32(b + Cfg::kBTileBytes), p.b_src, p.K, (kept_block(p, bidx1, q) << p.bw_log2) + off);
-          }
-        }
-      } else {
-        if (tid == 0) {
-          mbar_arrive_expect_tx(&full[st], Cfg::kABytes);
-          tma_load_2d(a, tmap_a, &full[st], kb * 64, row0);
-          tma_load_2d(a + Cfg::kABytes / 2, tmap_a, &full[st], kb * 64, row1);
-        }
+  };
+  auto tokens = [&](int i) {
+    const int st = (it + i) % STAGES, kb = t.kb0 + i;
+    uint8_t* b = sm.stage(st) + Cfg::kABytes;
+    if constexpr (SPARSE) {
+      if (SHARED_B && p.all_kept) {
         g.load(smem_u32(b), p.b_src, p.K, kb * 64);
+      } else {
+        // logical columns past the last kept block (the zero-filled tail of the values) read the last block
+        const int logical = kb * 64 + g.col;
+        const int q = min(logical >> p.bw_log2, p.kept - 1);
+        const int off = logical & ((1 << p.bw_log2) - 1);
+        g.load_at(smem_u32(b), p.b_src, p.K, (kept_block(p, bidx0, q) << p.bw_log2) + off);
+        if constexpr (!SHARED_B) {
+          g.load_at(smem_u32(b + Cfg::kBTileBytes), p.b_src, p.K, (kept_block(p, bidx1, q) << p.bw_log2) + off);
+        }
       }
-      cp_async_arrive_noinc(&full[st]);
+    } else {
+      g.load(smem_u32(b), p.b_src, p.K, kb * 64);
     }
+    cp_async_arrive_noinc(&full[st]);
+  };
+  const int n = t.kb1 - t.kb0;
+  const int pre = min(prefetch, n);
+  for (int i = 0; i < pre; ++i) {
+    wait_empty(i);
+    weights(i);
   }
-  cp_async_wait_all();  // leave no copy in flight behind an exiting thread
+  ready();
+  for (int i = 0; i < n; ++i) {
+    if (i >= pre) {
+      wait_empty(i);
+      weights(i);
+    }
+    tokens(i);
+  }
+  it += n;
+}
+
+__device__ __forceinline__ void prefetch_tensor_maps(const CUtensorMap* a, const CUtensorMap* meta) {
+  tma_prefetch_desc(a);
+  if (meta != nullptr) tma_prefetch_desc(meta);
 }
 
 // ---------------------------------------------------------------------------------------------- mainloop
@@ -366,36 +387,52 @@ __device__ __forceinline__ void epilogue_down(const GemmParams& p, const Tile& t
   }
 }
 
-// ---------------------------------------------------------------------------------------------- the kernel
-// EPI: an Activation (PROJ == kGateUp) or a Reduction (PROJ == kDown).
-template <int BN, int PROJ, int EPI, bool SPARSE, bool SHARED_B>
-__device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const CUtensorMap* tmap_meta,
-                                              const GemmParams& p) {
+// The CTA's prologue: checks the dynamic shared memory it was given, initialises the stages' barriers (the full
+// barrier counts TMA's arrival and every producer thread's cp.async arrival; the empty barrier one arrival per
+// consumer warp) and the decode kernel's flags. Touches no global memory (it may overlap the previous kernel).
+template <int BN, bool SPARSE, bool SHARED_B>
+__device__ __forceinline__ void init_pipeline(const GemmSmem<BN, SPARSE, SHARED_B>& sm) {
   using Cfg = GemmConfig<BN, SPARSE, SHARED_B>;
-  extern __shared__ __align__(1024) uint8_t smem[];
-  const GemmSmem<BN, SPARSE, SHARED_B> sm{smem};
-  const int wg = threadIdx.x / 128;  // 0, 1: consumers; 2: the producer warpgroup
   if (threadIdx.x == 0) {
     uint32_t dyn;
     asm volatile("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(dyn));
-    if ((smem_u32(smem) & 1023) != 0 || dyn < static_cast<uint32_t>(Cfg::kSmemBytes)) __trap();
+    if ((smem_u32(sm.base) & 1023) != 0 || dyn < static_cast<uint32_t>(Cfg::kSmemBytes)) __trap();
 #pragma unroll
     for (int s = 0; s < Cfg::kStages; ++s) {
       mbar_init(&sm.full()[s], 1 + kProducerThreads);
       mbar_init(&sm.empty()[s], 8);
     }
+    sm.flags()[0] = 0;
+    sm.flags()[1] = 0;
     mbar_init_fence();
   }
   __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------------- the kernel
+// EPI: an Activation (PROJ == kGateUp) or a Reduction (PROJ == kDown).
+template <int BN, int PROJ, int EPI, bool SPARSE, bool SHARED_B>
+__device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const CUtensorMap* tmap_meta,
+                                              const GemmParams& p) {
+  extern __shared__ __align__(1024) uint8_t smem[];
+  const GemmSmem<BN, SPARSE, SHARED_B> sm{smem};
+  const int wg = threadIdx.x / 128;  // 0, 1: consumers; 2: the producer warpgroup
+  init_pipeline(sm);
   grid_dependency_wait();  // the prologue above touched no global memory; everything below may depend on it
   allow_dependents_launch();
 
   const TileScheduler sched(*p.num_blocks, p.num_m, p.splits, p.group);
   HARE_DEVICE_CHECK(sched.num_blocks >= 0 && sched.num_blocks <= p.num_slots, "num_blocks %d not in [0, %d]",
                     sched.num_blocks, p.num_slots);
-  if (wg == 2) {
+  if (wg == 2) {  // the producer
     setmaxnreg_dec<56>();
-    produce<BN, PROJ, SPARSE, SHARED_B>(tmap_a, tmap_meta, p, sched, sm);
+    const int tid = threadIdx.x - 256;
+    if (tid == 0) prefetch_tensor_maps(tmap_a, tmap_meta);
+    int it = 0;
+    for (int tile = blockIdx.x; tile < sched.total; tile += gridDim.x) {
+      produce_tile<BN, PROJ, SPARSE, SHARED_B>(tmap_a, tmap_meta, p, Tile(sched, p, tile), it, sm, tid, 0, [] {});
+    }
+    cp_async_wait_all();  // leave no copy in flight behind an exiting thread
     return;
   }
   setmaxnreg_inc<224>();
