@@ -6,7 +6,7 @@ first kernel's start to the last one's end (what the layer occupies the GPU) and
 (what the peer benchmark measures). GPU only.
 
     python scripts/profile_layer.py [--shapes qwen3-30b-a3b ...] [--tokens 1 16 128] [--densities 1 0.25 0.05]
-                                    [--fused-decode auto off] [--out profile.json]
+                                    [--fused-decode auto off] [--timeline] [--out profile.json]
 """
 
 from __future__ import annotations
@@ -51,6 +51,50 @@ def profile_case(replay, flush, reps=REPS):
     return {k: statistics.mean(v) for k, v in kernels.items()}, statistics.mean(spans)
 
 
+def timeline(run, flush, dev, reps=5):
+    """The fused decode kernel's own marks (csrc/decode.cuh TraceMark) of one call, L2 flushed first: the span of
+    its tiles and, per phase, the mean of each step (us), from the median of `reps` calls. None when the call
+    runs the unfused kernels."""
+    size = 1 << 16
+    buf = torch.zeros(size, 4, dtype=torch.int64, device=dev)
+
+    def trace(tiles):
+        assert tiles <= size
+        return buf.data_ptr()
+
+    hg._programs.clear()
+    hg.decode_trace = trace
+    try:
+        runs = []
+        for _ in range(reps):
+            buf.zero_()
+            flush.zero_()
+            torch.cuda.synchronize()
+            run()
+            torch.cuda.synchronize()
+            marks = buf[(buf[:, 0] != 0)].cpu()
+            if len(marks) == 0:
+                return None
+            t0 = marks[:, 0].min()
+            m = (marks - t0).double() / 1e3
+            gu, dn = m[marks[:, 3] == 0], m[marks[:, 3] != 0]
+            mean = lambda v: float(v.mean()) if len(v) else 0.0  # noqa: E731
+            runs.append({
+                "span_us": float(m[:, 2].max()), "gate_up_tiles": len(gu), "down_tiles": len(dn),
+                "gate_up_end_us": float(gu[:, 2].max()) if len(gu) else 0.0,
+                "gate_up_mma_us": mean(gu[:, 1] - gu[:, 0]), "gate_up_epilogue_us": mean(gu[:, 2] - gu[:, 1]),
+                "down_first_start_us": float(dn[:, 0].min()) if len(dn) else 0.0,
+                "down_wait_us": mean((dn[:, 3] - dn[:, 0]).clamp(min=0)),
+                "down_mma_us": mean(dn[:, 1] - torch.maximum(dn[:, 0], dn[:, 3])),
+                "down_epilogue_us": mean(dn[:, 2] - dn[:, 1]),
+            })
+        runs.sort(key=lambda r: r["span_us"])
+        return runs[len(runs) // 2]
+    finally:
+        hg.decode_trace = None
+        hg._programs.clear()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="*", default=["qwen3-30b-a3b", "mixtral-8x7b"])
@@ -58,6 +102,7 @@ def main(argv=None):
     ap.add_argument("--densities", nargs="*", type=float, default=[1.0, 0.25, 0.05])
     ap.add_argument("--fused-decode", nargs="*", default=["auto"], choices=["auto", "off", "on"],
                     help="LaunchConfig.fused_decode of each run (auto: the plan's choice)")
+    ap.add_argument("--timeline", action="store_true", help="also the fused decode kernel's per-tile marks")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
@@ -80,12 +125,17 @@ def main(argv=None):
                     hg.fused_moe(x, ids, w, wgu, wd, config=config)
                 replay_us = timer.time_replay(graph.replay) * 1e3
                 kernels, span = profile_case(graph.replay, timer.flush)
+                marks = timeline(lambda: hg.fused_moe(x, ids, w, wgu, wd, config=config), timer.flush, dev) \
+                    if args.timeline else None
                 records.append({"shape": shape, "tokens": T, "density": density, "fused_decode": fused,
                                 "replay_us": replay_us,
-                                "span_us": span, "kernel_sum_us": sum(kernels.values()), "kernels_us": kernels})
+                                "span_us": span, "kernel_sum_us": sum(kernels.values()), "kernels_us": kernels,
+                                "timeline": marks})
                 print(f"{shape:18s} T={T:4d} d={density:4.2f} {fused:4s} replay {replay_us:7.1f} span {span:7.1f} "
                       f"kernels {sum(kernels.values()):7.1f} | "
                       + " ".join(f"{n.removeprefix('hare_')} {t:.1f}" for n, t in kernels.items()), flush=True)
+                if marks:
+                    print("    timeline " + " ".join(f"{k.removesuffix('_us')} {v:.1f}" for k, v in marks.items()))
     write_results(dev, {"cases": len(records)}, records, args.out, bench="profile_layer")
 
 

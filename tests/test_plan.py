@@ -63,7 +63,7 @@ def test_plans_keep_the_kernels_contract():
             assert d.kernel == plan.decode_kernel(kind, p.tile_n) and d.kernel in names and not p.direct
             assert p.glu_combine is None and p.combine is None and d.smem == plan.gemm_smem_bytes(p.tile_n, kind)
             tiles = p.slots * (p.gate_up.tiling.num_m * p.gate_up.splits + p.down.tiling.num_m * p.down.splits)
-            assert d.grid == min(SMS, tiles) and d.activation == plan.activation_code(unit)
+            assert d.grid == min(SMS, tiles) and d.tiles == tiles and d.activation == plan.activation_code(unit)
             assert (d.block_ready, d.tile_count, d.token_count) == (
                 p.slots, p.slots * p.gate_up.tiling.num_m, T * p.down.tiling.num_m)
             assert p.workspace_elements == R * F + p.down.splits * R * H

@@ -42,11 +42,18 @@ host's "raised" count is a word of its own). A layout too large for the layout k
 memory) is built with torch ops and checked on the host, as before. Layouts, and so checked calls, must not run
 concurrently on two streams of one device (one ``first_bad`` word, one layout ticket per device).
 
+Decode: up to ``plan.DECODE_MAX_ROWS`` (token, slot) rows, when both projections' weights are read the same way
+(both dense, both Block N:M, or both joint panels), the layout is followed by one persistent kernel
+(``csrc/decode.cuh``) instead of two GEMMs and their combines: gate/up tiles, then down tiles that wait on counters
+for their rows of h while their weights already stream in, the K-split and top-k sums done by the last tile to
+arrive (notes/decode.md). Its counters are per device, like the layout ticket.
+
 Determinism: ``fused_moe(..., deterministic=True)`` (the default) writes every (token, slot) row of the down
 GEMM to a buffer and sums the top-k rows in slot order in a separate pass, so results are bitwise identical from
 run to run and independent of scheduling. ``deterministic=False`` accumulates the rows with fp32 vector atomics
 instead (order-dependent rounding). The default is deterministic because reproducible serving and tests matter
-more than the small difference measured in notes/kernels.md.
+more than the small difference measured in notes/kernels.md. The fused decode kernel is always deterministic:
+its sums are the unfused deterministic path's, in the same order, bit for bit.
 """
 
 from __future__ import annotations
@@ -464,7 +471,7 @@ def _build_program(mod, T, k, E, H, F, gu_parts, dn_parts, activation, determini
         block_ready = counters + 4
         dp = dict(h=h, out=_Ptr(_OUT), block_ready=block_ready, tile_count=block_ready + 4 * dec.block_ready,
                   token_count=block_ready + 4 * (dec.block_ready + dec.tile_count), exit_ticket=counters,
-                  activation=dec.activation)
+                  activation=dec.activation, trace=0 if decode_trace is None else decode_trace(dec.tiles))
         args = (pack(GEMM_PARAMS, gu_values), pack(GEMM_PARAMS, d_values), pack(DECODE_PARAMS, dp))
         launches.append(_KernelLaunch(dec.kernel, dec.grid, GEMM_THREADS, dec.smem, (*gu_args[0], *d_args[0]), args))
         return _Program(plan, launches, plan.programmatic_launch, b"".join(structs), patches, max(at, _ALIGN),
@@ -492,6 +499,9 @@ def _build_program(mod, T, k, E, H, F, gu_parts, dn_parts, activation, determini
                     not lay.on_device)
 
 
+# scripts/profile_layer.py --timeline: a function giving the address of a (tiles, 4) int64 buffer for the fused
+# decode kernel's marks (csrc/decode.cuh), set while it builds its programs; None for every other call
+decode_trace = None
 _programs: dict[tuple, _Program] = {}
 _PROGRAMS_MAX = 8192
 

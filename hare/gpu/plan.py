@@ -263,6 +263,8 @@ class DecodeLaunch:
     tile_count: int
     token_count: int
 
+    tiles: int  # gate/up then down tiles over every row-block slot (the most a call runs)
+
     @property
     def counters(self) -> int:
         return 1 + self.block_ready + self.tile_count + self.token_count
@@ -395,7 +397,7 @@ def plan_moe(tokens: int, top_k: int, experts: int, hidden: int, ffn: int, gate_
         kind = gate_up.kind("gateup")
         tiles = slots * (gu_tiling.num_m * gs + dn_tiling.num_m * ds)
         decode = DecodeLaunch(decode_kernel(kind, n), max(1, min(num_sms, tiles)), gemm_smem_bytes(n, kind),
-                              activation_code(unit), slots, slots * gu_tiling.num_m, T * dn_tiling.num_m)
+                              activation_code(unit), slots, slots * gu_tiling.num_m, T * dn_tiling.num_m, tiles)
         glu = combine = None
     return MoePlan(T, k, E, H, F, n, slots, layout_plan(R, E, slots), gu_launch, (alpha, limit), glu, dn_launch,
                    combine, deterministic, config.programmatic_launch, decode)
@@ -524,6 +526,7 @@ DECODE_PARAMS = ParamStruct("DecodeParams", (
     ("int*", "tile_count", "(B, gate/up num_m) splits of each gate/up tile done"),
     ("int*", "token_count", "(T, down num_m) rows of each (token, down M tile) in Y"),
     ("unsigned int*", "exit_ticket", "(1,) CTAs done"),
+    ("long long*", "trace", "null, or (tiles, 4) global-timer marks per tile (csrc/decode.cuh TraceMark)"),
     ("int", "activation", "the gated unit (Activation)"),
 ))
 PARAM_STRUCTS = (GEMM_PARAMS, LAYOUT_PARAMS, COMBINE_PARAMS, GLU_COMBINE_PARAMS, DECODE_PARAMS)

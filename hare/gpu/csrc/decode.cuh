@@ -44,10 +44,33 @@ __device__ __forceinline__ void with_activation(int act, F&& f) {
   }
 }
 
+// Counter arrivals at gpu scope. Release: every write this CTA made before the barrier that precedes the call is
+// visible to whoever acquires the counter; acq_rel also acquires the writes released by the earlier arrivals (so the
+// last arriver reads them after its next barrier). No fence.sc: arriving costs one L2 round trip, or none (red).
+__device__ __forceinline__ int arrive_acq_rel(int* p) {
+  int old;
+  asm volatile("atom.add.acq_rel.gpu.global.s32 %0, [%1], 1;\n" : "=r"(old) : "l"(p) : "memory");
+  return old;
+}
+__device__ __forceinline__ void arrive_release(int* p) {
+  asm volatile("red.add.release.gpu.global.s32 [%0], 1;\n" ::"l"(p) : "memory");
+}
+
 __device__ __forceinline__ int load_acquire(const int* p) {
   int v;
   asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
   return v;
+}
+
+// The timeline of one call (DecodeParams::trace, scripts/profile_layer.py --timeline): per tile, the global timer
+// (ns) when its consumers start it, when its MMAs are done, when it is finished, and when its producer may gather
+// its token rows (down: the wait for h is over).
+enum TraceMark { kTraceStart = 0, kTraceMma = 1, kTraceEnd = 2, kTraceReady = 3 };
+__device__ __forceinline__ void trace(const DecodeParams& dp, int tile, int mark) {
+  if (dp.trace == nullptr) return;
+  long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+  dp.trace[tile * 4 + mark] = t;
 }
 
 // The 256 consumer threads of the CTA (named barrier 4; 1 + cw are the warpgroups', 3 the producer's).
@@ -137,15 +160,22 @@ __device__ __forceinline__ void decode_body(const CUtensorMap* gu_a, const CUten
       prefetch_tensor_maps(dn_a, dn_meta);
     }
     int it = 0;
+    auto tile_at = [&](int i, auto f) {
+      if (i < sa.total) f(gu, Tile(sa, gu, i), ProjectionTag<kGateUp>{});
+      else f(dn, Tile(sb, dn, i - sa.total), ProjectionTag<kDown>{});
+    };
     for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+      prefetch_ahead<SPARSE>(tile, total, tid, tile_at);
       if (tile < sa.total) {
         produce_tile<BN, kGateUp, SPARSE, SHARED_B>(gu_a, gu_meta, gu, Tile(sa, gu, tile), it, sm, tid, 0, [] {});
       } else {
         const Tile t(sb, dn, tile - sa.total);
         produce_tile<BN, kDown, SPARSE, SHARED_B>(dn_a, dn_meta, dn, t, it, sm, tid, Cfg::kStages, [&] {
-          if (tid == 0)
+          if (tid == 0) {
             while (load_acquire(dp.block_ready + t.b) < gu.num_m) {
             }
+            trace(dp, tile, kTraceReady);
+          }
           named_barrier(3, kProducerThreads);  // h of the row block is written (acquired by thread 0)
         });
       }
@@ -163,23 +193,21 @@ __device__ __forceinline__ void decode_body(const CUtensorMap* gu_a, const CUten
     float acc0[BN / 2], acc1[BN / 2];
     int it = 0;
     for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+      if (ctid == 0) trace(dp, tile, kTraceStart);
       if (tile < sa.total) {  // gate/up
         const Tile t(sa, gu, tile);
         mainloop<BN, SPARSE, SHARED_B>(acc0, acc1, gu, t, it, cw, lane, meta_word, sm);
+        if (ctid == 0) trace(dp, tile, kTraceMma);
         const RowBlock rb(gu, t.b);
         named_barrier(1 + cw, 128);  // the previous tile's staging reads are done
         bool done = true;
         if (gu.splits > 1) {
           epilogue_gate_up_partials<BN>(gu, t, rb.e, rb.start, rb.height, acc0, acc1, cw, warp, lane);
           consumers_barrier();
-          if (ctid == 0) {
-            __threadfence();
+          if (ctid == 0) {  // the last split acquires the others' partials, for every consumer thread after the barrier
             int* c = dp.tile_count + t.b * gu.num_m + t.m;
-            const bool last = atomicAdd(c, 1) == gu.splits - 1;
-            if (last) {
-              *c = 0;
-              __threadfence();  // the other splits' partials, for every consumer thread after the barrier
-            }
+            const bool last = arrive_acq_rel(c) == gu.splits - 1;
+            if (last) *c = 0;
             flags[0] = last;
           }
           consumers_barrier();
@@ -197,28 +225,24 @@ __device__ __forceinline__ void decode_body(const CUtensorMap* gu_a, const CUten
         }
         if (done) {
           consumers_barrier();  // every h store of the tile issued
-          if (ctid == 0) {
-            __threadfence();
-            atomicAdd(dp.block_ready + t.b, 1);
-          }
+          if (ctid == 0) arrive_release(dp.block_ready + t.b);
         }
       } else {  // down
         const Tile t(sb, dn, tile - sa.total);
         const RowBlock rb(dn, t.b);
         const int ra = load_row_assignment<BN>(dn, rb.start, rb.height, tid);
         mainloop<BN, SPARSE, SHARED_B>(acc0, acc1, dn, t, it, cw, lane, meta_word, sm);
+        if (ctid == 0) trace(dp, tile, kTraceMma);
         named_barrier(1 + cw, 128);
         epilogue_down<BN, kDet>(dn, t, rb.e, rb.height, ra, acc0, acc1, epi, sm.row_weight(cw), sm.row_dest(cw),
                                 cw, tid, warp, lane);
         consumers_barrier();  // every Y store of the tile issued; row_dest(0) free for the token list
         int* tokens = sm.row_dest(0);
-        if (cw == 0 && ra >= 0) {
-          __threadfence();
+        if (cw == 0 && ra >= 0) {  // the last row of a token acquires its other rows, as above
           const int token = ra / dn.top_k;
           int* c = dp.token_count + token * dn.num_m + t.m;
-          if (atomicAdd(c, 1) == dn.top_k * dn.splits - 1) {
+          if (arrive_acq_rel(c) == dn.top_k * dn.splits - 1) {
             *c = 0;
-            __threadfence();  // the token's other rows, for every consumer thread after the barrier
             tokens[atomicAdd(&flags[1], 1)] = token;
           }
         }
@@ -230,6 +254,7 @@ __device__ __forceinline__ void decode_body(const CUtensorMap* gu_a, const CUten
         consumers_barrier();  // the list is read
         if (ctid == 0) flags[1] = 0;
       }
+      if (ctid == 0) trace(dp, tile, kTraceEnd);
     }
   }
   __syncthreads();
