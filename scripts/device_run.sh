@@ -79,7 +79,7 @@ t1=$(date +%s)
 if [ $DO_SAN = 1 ]; then
   # memcheck on the small cases and a fixed-seed fuzz subset (dirty memory, graphs on side streams); initcheck on
   # eager fuzz cases with every allocation fresh from cudaMalloc (so a read of anything unwritten is reported);
-  # racecheck (shared memory) on a few small fuzz cases
+  # racecheck (shared memory) on a few small fuzz cases and the fused decode kernel's cases
   sanitize() {
     local name=$1; shift
     timeout ${SAN_TIMEOUT:-300} compute-sanitizer --report-api-errors no --error-exitcode 9 "$@" > "$OUT/sanitizer_$name.log" 2>&1
@@ -90,6 +90,7 @@ if [ $DO_SAN = 1 ]; then
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 sanitize initcheck_fuzz --tool initcheck $PY -m tests.gpu.fuzz --seed 8 --cases 10 \
     --small --max-tokens 300 --modes eager --no-garbage
   sanitize racecheck_fuzz --tool racecheck $PY -m tests.gpu.fuzz --seed 9 --cases 3 --small --max-tokens 17 --modes eager
+  sanitize racecheck_decode --tool racecheck $PY tests/gpu/sanitize_case.py --decode
 fi
 t2=$(date +%s)
 if [ $DO_BENCH = 1 ]; then

@@ -101,6 +101,9 @@ CASES = [  # (T, H, F, E, k, gate_up ratio or None, down ratio or None, determin
     (50, 512, 320, 8, 2, (1, 2), (1, 5), True, None, "silu", False, True),
     # decode sizes on the unfused kernels, and the fused decode kernel with K splits, a set tile and no determinism
     (4, 512, 256, 16, 2, (1, 2), (1, 2), True, hg.LaunchConfig(fused_decode=False)),
+    (20, 512, 256, 16, 3, None, None, True, None),  # dense, 60 rows: the fused decode kernel by default
+    (9, 320, 320, 8, 4, (1, 2), (1, 5), True, hg.LaunchConfig(fused_decode=True), "gpt-oss:alpha=1.5,limit=3", True),
+    (7, 512, 320, 8, 2, (1, 2), (1, 5), True, hg.LaunchConfig(fused_decode=True), "silu", False, True),
     (6, 512, 256, 16, 2, None, None, False, hg.LaunchConfig(fused_decode=True, tile_n=32, gateup_splits=4,
                                                             down_splits=2), "gelu"),
 ]
@@ -140,9 +143,9 @@ def test_launches_follow_the_plan_and_stay_inside_the_call_tensors(device, case)
         expected = [p.layout.count, p.layout.scatter] + (
             [p.decode] if p.decode else [p.gate_up, p.glu_combine, p.down, p.combine])
         expected = [e for e in expected if e is not None]
-        if config is None:  # the fused decode kernel takes small calls whose two weights are read the same way
-            same = fmt(gu, H).kind("gateup") == fmt(dn, F).kind("down")
-            assert (p.decode is not None) == (T * k <= plan.DECODE_MAX_ROWS and same)
+        if config is None:  # by default the fused decode kernel takes dense weights at a measured range of rows
+            dense = fmt(gu, H).kind("gateup") == fmt(dn, F).kind("down") == "dense"
+            assert (p.decode is not None) == (dense and plan.DECODE_MIN_ROWS <= T * k <= plan.DECODE_MAX_ROWS)
         assert [name for name, *_ in device.launches] == [e.kernel for e in expected]
         inputs = [x, ids, w, device.ticket, device.first_bad, device.status_words, device.counters,
                   *(b for b in (bgu, bd) if b is not None)] + [t for wt in (gu, dn) for t in (

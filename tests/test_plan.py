@@ -56,7 +56,8 @@ def test_plans_keep_the_kernels_contract():
         assert p.down.kernel.startswith("hare_down_det" if det else "hare_down_fast")
         assert p.partial_elements == (p.gate_up.splits * R * 2 * F if p.gate_up.splits > 1 else 0)
         kind = gu.kind("gateup")
-        fused = R <= plan.DECODE_MAX_ROWS and kind == dn.kind("down") and p.tile_n in plan.DECODE_TILE_NS
+        fused = kind == dn.kind("down") == "dense" and plan.DECODE_MIN_ROWS <= R <= plan.DECODE_MAX_ROWS and \
+            p.tile_n in plan.DECODE_TILE_NS
         assert (p.decode is not None) == fused and p.accumulates == (not det and not fused)
         if fused:  # one kernel after the layout: it splits, combines and sums the top-k rows itself (always in Y)
             d = p.decode
@@ -119,14 +120,17 @@ def test_k_is_split_only_below_a_wave_of_tiles():
     assert mixtral.gate_up.splits == 1 < mixtral.down.splits  # 2 x 112 gate/up tiles fill a wave already
 
 
-def test_the_fused_decode_kernel_takes_small_calls_whose_weights_read_alike():
+def test_the_fused_decode_kernel_takes_the_calls_it_measured_faster_on_or_as_told():
     dense, qgu, qdn = WeightFormat.of(2048), WeightFormat.of(2048), WeightFormat.of(768)
     sgu = WeightFormat(True, 8, kept=32, bw_log2=4, panels=12)  # Block N:M 1:2 gate/up (a tile: two panels)
     sdn = WeightFormat(True, 3, kept=12, bw_log2=4, panels=16)
     rows = plan.DECODE_MAX_ROWS // 8
     assert plan_moe(rows, 8, 128, 2048, 768, qgu, qdn, "silu", True, SMS).decode.kernel == "hare_decode_bn16"
     assert plan_moe(rows + 1, 8, 128, 2048, 768, qgu, qdn, "silu", True, SMS).decode is None
-    assert plan_moe(16, 8, 128, 2048, 768, sgu, sdn, "silu", False, SMS).decode.kernel == "hare_decode_sp_bn16"
+    assert plan_moe(1, 8, 128, 2048, 768, qgu, qdn, "silu", True, SMS).decode is None  # below DECODE_MIN_ROWS
+    assert plan_moe(16, 8, 128, 2048, 768, sgu, sdn, "silu", False, SMS).decode is None  # sparse: when told
+    told = plan_moe(16, 8, 128, 2048, 768, sgu, sdn, "silu", False, SMS, LaunchConfig(fused_decode=True))
+    assert told.decode.kernel == "hare_decode_sp_bn16"
     mixed = plan_moe(16, 8, 128, 2048, 768, sgu, qdn, "silu", True, SMS)  # sparse gate/up, dense down: unfused
     assert mixed.decode is None and mixed.combine is not None
     with pytest.raises(InvalidArgumentError, match="reads both projections' weights the same way"):

@@ -40,7 +40,10 @@ WEIGHT_KINDS = {"dense": ("", "false", "false"), "sparse": ("_sp", "true", "fals
 # The fused decode kernel (csrc/decode.cuh): one per weight kind read the same by both projections and tile width;
 # its gated unit is an argument.
 DECODE_TILE_NS = (16, 32, 64)
-DECODE_MAX_ROWS = 1024  # T·k up to which the fused decode kernel runs (notes/decode.md: the H200 measurement)
+# The plan runs it for dense weights at DECODE_MIN_ROWS <= T·k <= DECODE_MAX_ROWS, where the H200 measured it
+# faster than the unfused kernels; elsewhere it was as fast or slower (notes/decode.md), so it runs only when
+# LaunchConfig.fused_decode asks (any weight kind, any T·k).
+DECODE_MIN_ROWS, DECODE_MAX_ROWS = 32, 128
 SMALL_KERNELS = ("hare_layout_count", "hare_layout_scatter", "hare_combine",
                  *(f"hare_glu_combine_{name}" for name, _ in GATE_UP_UNITS.values()))
 K_ALIGN = 64  # hidden and ffn must be multiples of this: the K step of a pipeline stage
@@ -152,7 +155,7 @@ class LaunchConfig:
     down_splits: int | None = None  # K splits of the down GEMM
     raster: int | None = None  # tile order of both GEMMs: > 0 M-grouped, < 0 block-grouped (scheduler.cuh)
     programmatic_launch: bool = True  # programmatic dependent launch (common.cuh); False launches plainly
-    fused_decode: bool | None = None  # the one-launch decode kernel (csrc/decode.cuh); None: up to DECODE_MAX_ROWS
+    fused_decode: bool | None = None  # the one-launch decode kernel (csrc/decode.cuh); None: where it measured faster
 
     def __post_init__(self):
         if self.tile_n is not None and self.tile_n not in TILE_NS:
@@ -353,15 +356,16 @@ def plan_moe(tokens: int, top_k: int, experts: int, hidden: int, ffn: int, gate_
              down: WeightFormat, activation: str, deterministic: bool, num_sms: int,
              config: LaunchConfig = DEFAULT_CONFIG) -> MoePlan:
     """The launches of hare.gpu.fused_moe for these shapes (tokens >= 1) on a GPU of num_sms SMs: the layout, then
-    the fused decode kernel (up to DECODE_MAX_ROWS rows, both projections' weights of one kind) or the GEMMs and
-    their combines."""
+    the fused decode kernel (dense weights at DECODE_MIN_ROWS..DECODE_MAX_ROWS rows, or as the config says; both
+    projections' weights must be read alike) or the GEMMs and their combines."""
     T, k, E, H, F = tokens, top_k, experts, hidden, ffn
     R = T * k
     n = config.tile_n or choose_block_n(R, E, gate_up.sparse or down.sparse)
     same_kind = gate_up.kind("gateup") == down.kind("down")
     fused = config.fused_decode
     if fused is None:
-        fused = R <= DECODE_MAX_ROWS and same_kind and n in DECODE_TILE_NS
+        dense = not gate_up.sparse and not down.sparse
+        fused = dense and DECODE_MIN_ROWS <= R <= DECODE_MAX_ROWS and n in DECODE_TILE_NS
     elif fused and not same_kind:
         raise InvalidArgumentError(f"LaunchConfig.fused_decode: the fused decode kernel reads both projections' "
                                    f"weights the same way, here {gate_up.kind('gateup')} and {down.kind('down')}")

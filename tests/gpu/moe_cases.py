@@ -55,7 +55,7 @@ def poison_allocator(nbytes: int, device):
     del junk
 
 
-def check_graph_replay(T, E, k, w_gate_up, w_down, tol):
+def check_graph_replay(T, E, k, w_gate_up, w_down, tol, config=None):
     """hare.gpu.fused_moe captured as a CUDA graph replays to the eager result; after new inputs are copied into the
     captured buffers and the output is poisoned, the replay follows them (fp32 reference on the dense equivalent of
     the weights, and bitwise the eager call). Returns the new inputs."""
@@ -65,11 +65,11 @@ def check_graph_replay(T, E, k, w_gate_up, w_down, tol):
     H = w_gate_up.shape[2]
     dense = [t.to_dense() if isinstance(t, hare.BlockNM) else t for t in (w_gate_up, w_down)]
     x, (ids, w) = make_x(T, H, "cuda"), make_routing(T, E, k, "cuda")
-    eager = hg.fused_moe(x, ids, w, w_gate_up, w_down)  # also loads the kernels before capture
+    eager = hg.fused_moe(x, ids, w, w_gate_up, w_down, config=config)  # also loads the kernels before capture
     sx, sids, sw = x.clone(), ids.clone(), w.clone()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = hg.fused_moe(sx, sids, sw, w_gate_up, w_down)
+        out = hg.fused_moe(sx, sids, sw, w_gate_up, w_down, config=config)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
@@ -79,5 +79,5 @@ def check_graph_replay(T, E, k, w_gate_up, w_down, tol):
     graph.replay()
     torch.cuda.synchronize()
     assert rel_err(out, reference(x2, ids2, w2, *dense)) < tol
-    assert torch.equal(out, hg.fused_moe(x2, ids2, w2, w_gate_up, w_down))
+    assert torch.equal(out, hg.fused_moe(x2, ids2, w2, w_gate_up, w_down, config=config))
     return x2, ids2, w2

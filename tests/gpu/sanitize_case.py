@@ -1,12 +1,14 @@
-"""Small fused_moe + layout cases, dense and Block N:M, for compute-sanitizer (run by scripts/device_run.sh)."""
+"""Small fused_moe + layout cases, dense and Block N:M, for compute-sanitizer (run by scripts/device_run.sh).
+With --decode only the fused decode kernel's cases run (racecheck's, which is slow)."""
 
+import sys
 from dataclasses import replace
 
 import torch
 
 import hare
 import hare.gpu as hg
-from hare.gpu.plan import TILE_NS
+from hare.gpu.plan import DECODE_TILE_NS, TILE_NS
 from tests.gpu.moe_cases import make_routing, make_weights, make_x, reference, rel_err
 
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -16,8 +18,10 @@ torch.manual_seed(0)
 def check(label, x, ids, w, w_gate_up, w_down, config, activation="silu", biases=(None, None)):
     """Both combine modes of fused_moe against the float32 reference on the dense equivalent of the weights."""
     dense = [t.to_dense() if isinstance(t, hare.BlockNM) else t for t in (w_gate_up, w_down)]
-    # the plan's choice (the fused decode kernel up to DECODE_MAX_ROWS rows), the unfused kernels, fast sums
-    for det, fused in ((True, None), (True, False), (False, None)):
+    # the fused decode kernel (where it takes the tile), the unfused kernels, the plan's choice with fast sums
+    runs = ((True, True), (True, False), (False, None)) if (config.tile_n or 16) in DECODE_TILE_NS else \
+        ((True, False), (False, None))
+    for det, fused in runs:
         out = hg.fused_moe(x, ids, w, w_gate_up, w_down, activation, det, replace(config, fused_decode=fused),
                            *biases)
         torch.cuda.synchronize()
@@ -25,6 +29,25 @@ def check(label, x, ids, w, w_gate_up, w_down, config, activation="silu", biases
         print(f"sanitize {label} det={det} fused_decode={fused}: rel err {err:.2e}")
         assert err < 1e-2
 
+
+if "--decode" in sys.argv:  # the fused decode kernel: dense split and unsplit, Block N:M, joint panels
+    wgu, wd = make_weights(6, 320, 192, "cuda")
+    for T, weights, config in (
+            (3, (wgu, wd), hg.LaunchConfig(gateup_splits=2, down_splits=2)),
+            (20, (wgu, wd), hg.LaunchConfig()),
+            (5, (hare.sparsify(wgu, bn=1, bm=2, bw=16, halves=True), hare.sparsify(wd, bn=1, bm=5, bw=32)),
+             hg.LaunchConfig(tile_n=32)),
+            (4, (hare.sparsify(wgu, bn=1, bm=2, bw=16, halves=True, joint="halves"),
+                 hare.sparsify(wd, bn=1, bm=5, bw=16, joint="adjacent")), hg.LaunchConfig(gateup_splits=2))):
+        x, (ids, w) = make_x(T, 320, "cuda"), make_routing(T, 6, 2, "cuda")
+        out = hg.fused_moe(x, ids, w, *weights, config=replace(config, fused_decode=True))
+        torch.cuda.synchronize()
+        dense = [t.to_dense() if isinstance(t, hare.BlockNM) else t for t in weights]
+        err = rel_err(out, reference(x, ids, w, *dense))
+        print(f"sanitize decode T={T}: rel err {err:.2e}")
+        assert err < 1e-2
+    print("SANITIZE_CASE_OK")
+    sys.exit(0)
 
 for bn, (T, H, F, E, k) in zip(TILE_NS, [(3, 320, 192, 8, 2), (37, 256, 128, 6, 3), (150, 320, 192, 4, 2),
                                         (300, 256, 256, 3, 2)]):

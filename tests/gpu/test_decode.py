@@ -115,4 +115,11 @@ def test_repeated_calls_leave_the_counters_at_rest():
 @pytest.mark.parametrize("kind", ["dense", "sparse"])
 @pytest.mark.parametrize("T", [1, 64])
 def test_cuda_graph_replay(kind, T):
-    check_graph_replay(T, 32, 4, *weights(kind, 32, 2048, 768), TOL)
+    check_graph_replay(T, 32, 4, *weights(kind, 32, 2048, 768), TOL, hg.LaunchConfig(fused_decode=True))
+
+
+def test_the_default_plan_runs_it_on_dense_weights_at_its_rows():
+    T, k = 16, 4  # 64 rows: in [DECODE_MIN_ROWS, DECODE_MAX_ROWS]
+    w_pair = weights("dense", 32, 1024, 512)
+    assert _plan(T, k, 32, 1024, 512, w_pair, "silu", hg.LaunchConfig()).decode is not None
+    check_graph_replay(T, 32, k, *w_pair, TOL)

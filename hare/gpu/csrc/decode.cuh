@@ -160,12 +160,7 @@ __device__ __forceinline__ void decode_body(const CUtensorMap* gu_a, const CUten
       prefetch_tensor_maps(dn_a, dn_meta);
     }
     int it = 0;
-    auto tile_at = [&](int i, auto f) {
-      if (i < sa.total) f(gu, Tile(sa, gu, i), ProjectionTag<kGateUp>{});
-      else f(dn, Tile(sb, dn, i - sa.total), ProjectionTag<kDown>{});
-    };
     for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
-      prefetch_ahead<SPARSE>(tile, total, tid, tile_at);
       if (tile < sa.total) {
         produce_tile<BN, kGateUp, SPARSE, SHARED_B>(gu_a, gu_meta, gu, Tile(sa, gu, tile), it, sm, tid, 0, [] {});
       } else {

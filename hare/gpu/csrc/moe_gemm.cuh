@@ -221,66 +221,6 @@ __device__ __forceinline__ void produce_tile(const CUtensorMap* tmap_a, const CU
   it += n;
 }
 
-// ---------------------------------------------------------------------------------------------- tile prefetch
-// A short tile (decode: a few stages) is bound by its chain of dependent small reads, not by its bytes: the row
-// block (expert, start, height), then its token indices (gate/up) or row assignments (down), then the panels' kept
-// block indices, each an L2 round trip, for the producer and again for the consumers. The producer takes them out
-// of that chain two tiles ahead: at tile i it prefetches into L1 the row block of tile i + 2 (its address is known
-// from the scheduler alone), and reads the row block of tile i + 1 (prefetched one tile earlier) to prefetch the
-// lines those rows and panels need. prefetch.global.L1 never faults, and the reads that follow check nothing less.
-template <int P>
-struct ProjectionTag {
-  static constexpr int value = P;
-};
-
-__device__ __forceinline__ void prefetch_l1(const void* p) {
-  asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p));
-}
-
-__device__ __forceinline__ void prefetch_row_block(const GemmParams& p, int b, int tid) {
-  if (tid == 0) prefetch_l1(p.block_expert + b);
-  if (tid == 1) prefetch_l1(p.block_start + b);
-  if (tid == 2) prefetch_l1(p.block_height + b);
-}
-
-template <int PROJ, bool SPARSE>
-__device__ __forceinline__ void prefetch_tile_inputs(const GemmParams& p, const Tile& t, int tid) {
-  const RowBlock rb(p, t.b);
-  if (rb.height <= 0) return;
-  const int* rows = (PROJ == kGateUp ? p.gather_index : p.row_assignment) + rb.start;
-  const int lines = (rb.height * 4 + 127) / 128 + 1;  // the range may straddle one more line
-  const int row_line = (reinterpret_cast<uintptr_t>(rows) & 127) / 4;
-  if (tid < lines) prefetch_l1(rows - row_line + tid * 32);
-  if constexpr (SPARSE) {
-    if (tid >= 32 && tid < 34 && !p.all_kept) {
-      const int e = min(max(rb.e, 0), p.num_experts - 1);
-      const int panel = min(t.m * (p.m_tile >> 7) + (tid == 33 ? p.box1_panel_offset : 0), p.panels - 1);
-      const int q = min((t.kb0 * 64) >> p.bw_log2, p.kept - 1);
-      prefetch_l1(p.block_idx + (static_cast<long long>(e) * p.panels + panel) * p.kept + q);
-    }
-  }
-}
-
-// The producer's prefetches at tile `tile` of a loop with stride gridDim.x over `total` tiles: tile_at(i, f) calls
-// f(params, Tile, ProjectionTag) for tile index i. At the CTA's first tile the next row block was not prefetched
-// yet, so only row blocks are (reading it would delay the first tile by a round trip).
-template <bool SPARSE, class TileAt>
-__device__ __forceinline__ void prefetch_ahead(int tile, int total, int tid, TileAt tile_at) {
-  const int t1 = tile + gridDim.x, t2 = tile + 2 * gridDim.x;
-  const bool first = tile == static_cast<int>(blockIdx.x);
-  auto row_block = [&](const GemmParams& p, const Tile& t, auto) { prefetch_row_block(p, t.b, tid); };
-  if (t2 < total) tile_at(t2, row_block);
-  if (t1 < total) {
-    if (first) {
-      tile_at(t1, row_block);
-    } else {
-      tile_at(t1, [&](const GemmParams& p, const Tile& t, auto proj) {
-        prefetch_tile_inputs<decltype(proj)::value, SPARSE>(p, t, tid);
-      });
-    }
-  }
-}
-
 __device__ __forceinline__ void prefetch_tensor_maps(const CUtensorMap* a, const CUtensorMap* meta) {
   tma_prefetch_desc(a);
   if (meta != nullptr) tma_prefetch_desc(meta);
@@ -489,9 +429,7 @@ __device__ __forceinline__ void moe_gemm_body(const CUtensorMap* tmap_a, const C
     const int tid = threadIdx.x - 256;
     if (tid == 0) prefetch_tensor_maps(tmap_a, tmap_meta);
     int it = 0;
-    auto tile_at = [&](int i, auto f) { f(p, Tile(sched, p, i), ProjectionTag<PROJ>{}); };
     for (int tile = blockIdx.x; tile < sched.total; tile += gridDim.x) {
-      prefetch_ahead<SPARSE>(tile, sched.total, tid, tile_at);
       produce_tile<BN, PROJ, SPARSE, SHARED_B>(tmap_a, tmap_meta, p, Tile(sched, p, tile), it, sm, tid, 0, [] {});
     }
     cp_async_wait_all();  // leave no copy in flight behind an exiting thread
