@@ -42,7 +42,8 @@ host's "raised" count is a word of its own). A layout too large for the layout k
 memory) is built with torch ops and checked on the host, as before. Layouts, and so checked calls, must not run
 concurrently on two streams of one device (one ``first_bad`` word, one layout ticket per device).
 
-Decode: up to ``plan.DECODE_MAX_ROWS`` (token, slot) rows, when both projections' weights are read the same way
+Decode: for dense weights at ``plan.DECODE_MIN_ROWS``..``plan.DECODE_MAX_ROWS`` (token, slot) rows (where it measured
+faster), or whenever ``LaunchConfig(fused_decode=True)`` asks and both projections' weights are read the same way
 (both dense, both Block N:M, or both joint panels), the layout is followed by one persistent kernel
 (``csrc/decode.cuh``) instead of two GEMMs and their combines: gate/up tiles, then down tiles that wait on counters
 for their rows of h while their weights already stream in, the K-split and top-k sums done by the last tile to
@@ -68,8 +69,8 @@ import torch
 from ..blocknm import PANEL, BlockNM
 from ..errors import InvalidArgumentError
 from ..routing import DEFAULT_BLOCK, RoutingLayout, max_blocks, route
-from .plan import (COMBINE_PARAMS, DECODE_PARAMS, DEFAULT_CONFIG, FUSED_ACTIVATIONS, GEMM_PARAMS, GLU_COMBINE_PARAMS, K_ALIGN,
-                   LAYOUT_PARAMS, LAYOUT_TILE_ITEMS, SMALL_THREADS, GEMM_THREADS, LaunchConfig, LayoutPlan,
+from .plan import (COMBINE_PARAMS, DECODE_PARAMS, DEFAULT_CONFIG, FUSED_ACTIVATIONS, GEMM_PARAMS, GLU_COMBINE_PARAMS,
+                   K_ALIGN, LAYOUT_PARAMS, LAYOUT_TILE_ITEMS, SMALL_THREADS, GEMM_THREADS, LaunchConfig, LayoutPlan,
                    WeightFormat, choose_block_n, gated_unit, layout_plan, plan_moe)
 
 __all__ = ["availability", "unsupported", "build_layout", "fused_moe", "check_errors", "LaunchConfig", "choose_block_n",

@@ -265,7 +265,6 @@ class DecodeLaunch:
     block_ready: int
     tile_count: int
     token_count: int
-
     tiles: int  # gate/up then down tiles over every row-block slot (the most a call runs)
 
     @property
@@ -328,7 +327,7 @@ class MoePlan:
     @property
     def workspace_elements(self) -> int:
         """bf16 workspace: the hidden rows h (R, F), then the down GEMM's per-(token, slot) rows Y (splits, R, H)
-        when they are summed by hare_combine."""
+        when they are summed afterwards (by hare_combine, or inside the fused decode kernel)."""
         y = self.down.splits * self.rows * self.hidden if self.combine is not None or self.decode else 0
         return self.rows * self.ffn + y
 

@@ -1,5 +1,5 @@
 // decode.cuh: the fused decode kernel, one persistent launch for a whole MoE layer after the layout:
-// gate/up GEMM + gated unit, down GEMM, top-k (and K-split) sum (hare/gpu/plan.py DECODE_MAX_ROWS says when).
+// gate/up GEMM + gated unit, down GEMM, top-k (and K-split) sum (hare/gpu/plan.py plan_moe says when).
 //
 // At decode a layer moves megabytes of weights in tens of microseconds, so the gaps between kernels (each one's
 // pipeline fill, the tail of the one before, the split and top-k combines) cost as much as the bytes. Here one
