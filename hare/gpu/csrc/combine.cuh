@@ -31,24 +31,10 @@ __device__ __forceinline__ void combine(const CombineParams& p) {
       }
 #pragma unroll
       for (int u = 0; u < 8; ++u) {
-        if (q0 + u < nq) {
-          const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v[u]);
-#pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            const float2 f = __bfloat1622float2(h[r]);
-            acc[2 * r] += f.x;
-            acc[2 * r + 1] += f.y;
-          }
-        }
+        if (q0 + u < nq) add_bf16x8(acc, v[u]);
       }
     }
-    uint4 o;
-    uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      __nv_bfloat162 v = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
-      ow[q] = *reinterpret_cast<uint32_t*>(&v);
-    }
+    const uint4 o = pack_bf16x8(acc);
     *reinterpret_cast<uint4*>(p.out + t * p.hidden + c * 8) = o;
   }
 }

@@ -59,10 +59,23 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 __device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 __device__ __forceinline__ void allow_dependents_launch() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
 
-// __fdividef (reciprocal approximation + multiply, ~2 ulp) instead of an IEEE division (a ~20-instruction
-// subroutine): 64 of them per thread per gate/up tile were most of the epilogue (notes/pipeline.md). The result is
-// rounded to bf16. For very negative g the denominator overflows to inf and the result is -0, as silu's.
-__device__ __forceinline__ float silu(float g) { return __fdividef(g, 1.0f + __expf(-g)); }
+// The sigmoid of the gated units as MUFU.EX2 and MUFU.RCP alone: the .ftz forms skip the denormal fix-ups that
+// __expf / __fdividef wrap around each (a compare and two predicated multiplies per op), which made the gate/up
+// epilogue issue-bound (notes/pipeline.md). They differ from those only where a result is below 2^-126, which
+// the bf16 rounding of the output cannot tell from 0. For very negative x, ex2 overflows to inf and the sigmoid
+// is 0 (silu -0), as it should be.
+__device__ __forceinline__ float ex2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float rcp_ftz(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float sigmoid(float x) { return rcp_ftz(1.0f + ex2_ftz(x * -1.4426950408889634f)); }
+__device__ __forceinline__ float silu(float g) { return g * sigmoid(g); }
 __device__ __forceinline__ float gelu_tanh(float g) {
   const float k0 = 0.7978845608028654f, k1 = 0.044715f;
   return 0.5f * g * (1.0f + tanhf(k0 * (g + k1 * g * g * g)));

@@ -115,22 +115,10 @@ __device__ __forceinline__ void finish_tokens(const GemmParams& dn, const Decode
       for (int j = 0; j < k; ++j) {
         const uint4 v = __ldcg(reinterpret_cast<const uint4*>(
             y + s * dn.out_split_stride + (static_cast<long long>(token) * k + j) * H + col));
-        const __nv_bfloat162* h2 = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const float2 f = __bfloat1622float2(h2[r]);
-          acc[2 * r] += f.x;
-          acc[2 * r + 1] += f.y;
-        }
+        add_bf16x8(acc, v);
       }
     }
-    uint4 o;
-    uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      __nv_bfloat162 v = __floats2bfloat162_rn(acc[2 * r], acc[2 * r + 1]);
-      ow[r] = *reinterpret_cast<uint32_t*>(&v);
-    }
+    const uint4 o = pack_bf16x8(acc);
     *reinterpret_cast<uint4*>(dp.out + static_cast<long long>(token) * H + col) = o;
   }
 }
