@@ -242,13 +242,12 @@ __device__ __forceinline__ void decode_body(const CUtensorMap* gu_a, const CUten
   }
   __syncthreads();
   allow_dependents_launch();  // no CTA of this grid waits any more (the header says why not earlier)
-  int* flags = sm.flags();
+  bool last = false;
   if (threadIdx.x == 0) {
     __threadfence();
-    flags[0] = atomicAdd(dp.exit_ticket, 1u) == gridDim.x - 1;
+    last = atomicAdd(dp.exit_ticket, 1u) == gridDim.x - 1;
   }
-  __syncthreads();
-  if (flags[0]) {  // the last CTA: every counter back to rest for the next call
+  if (__syncthreads_or(last)) {  // the last CTA: every counter back to rest for the next call
     for (int i = threadIdx.x; i < gu.num_slots; i += blockDim.x) dp.block_ready[i] = 0;
     if (threadIdx.x == 0) *dp.exit_ticket = 0u;
   }
