@@ -60,8 +60,8 @@ __device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepco
 __device__ __forceinline__ void allow_dependents_launch() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
 
 // The sigmoid of the gated units as MUFU.EX2 and MUFU.RCP alone: the .ftz forms skip the denormal fix-ups that
-// __expf / __fdividef wrap around each (a compare and two predicated multiplies per op), which made the gate/up
-// epilogue issue-bound (notes/pipeline.md). They differ from those only where a result is below 2^-126, which
+// __expf / __fdividef wrap around each (a compare and two predicated multiplies per op; notes/pipeline.md section 5
+// counts what they cost the epilogues). They differ from those only where a result is below 2^-126, which
 // the bf16 rounding of the output cannot tell from 0. For very negative x, ex2 overflows to inf and the sigmoid
 // is 0 (silu -0), as it should be.
 __device__ __forceinline__ float ex2_ftz(float x) {
