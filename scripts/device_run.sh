@@ -86,6 +86,8 @@ if [ $DO_SAN = 1 ]; then
     local rc=$?; tail -3 "$OUT/sanitizer_$name.log"; echo "$name exit code: $rc"; [ $rc = 0 ] || STATUS=1
   }
   sanitize memcheck_cases --tool memcheck $PY tests/gpu/sanitize_case.py
+  sanitize memcheck_gemv --tool memcheck $PY tests/gpu/sanitize_case.py --gemv
+  sanitize racecheck_gemv --tool racecheck $PY tests/gpu/sanitize_case.py --gemv
   sanitize memcheck_fuzz --tool memcheck $PY -m tests.gpu.fuzz --seed 7 --cases 16 --small --max-tokens 300
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 sanitize initcheck_fuzz --tool initcheck $PY -m tests.gpu.fuzz --seed 8 --cases 10 \
     --small --max-tokens 300 --modes eager --no-garbage

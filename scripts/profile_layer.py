@@ -102,6 +102,8 @@ def main(argv=None):
     ap.add_argument("--densities", nargs="*", type=float, default=[1.0, 0.25, 0.05])
     ap.add_argument("--fused-decode", nargs="*", default=["auto"], choices=["auto", "off", "on"],
                     help="LaunchConfig.fused_decode of each run (auto: the plan's choice)")
+    ap.add_argument("--gemv", nargs="*", default=["auto"], choices=["auto", "off", "on"],
+                    help="LaunchConfig.gemv of each run (auto: the plan's choice)")
     ap.add_argument("--timeline", action="store_true", help="also the fused decode kernel's per-tile marks")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -115,8 +117,9 @@ def main(argv=None):
         for density in args.densities:
             ratio = RATIOS[density]
             wgu, wd = dense if ratio is None else [sparsify_experts(m, *ratio, bw=16) for m in dense]
-            for T, fused in itertools.product(args.tokens, args.fused_decode):
-                config = hg.LaunchConfig(fused_decode={"auto": None, "off": False, "on": True}[fused])
+            for T, fused, gemv in itertools.product(args.tokens, args.fused_decode, args.gemv):
+                choice = {"auto": None, "off": False, "on": True}
+                config = hg.LaunchConfig(fused_decode=choice[fused], gemv=choice[gemv])
                 x, ids, w = make_case(T, H, E, k, "uniform", dev, gen)
                 hg.fused_moe(x, ids, w, wgu, wd, config=config)
                 torch.cuda.synchronize()
@@ -127,11 +130,11 @@ def main(argv=None):
                 kernels, span = profile_case(graph.replay, timer.flush)
                 marks = timeline(lambda: hg.fused_moe(x, ids, w, wgu, wd, config=config), timer.flush, dev) \
                     if args.timeline else None
-                records.append({"shape": shape, "tokens": T, "density": density, "fused_decode": fused,
+                records.append({"shape": shape, "tokens": T, "density": density, "fused_decode": fused, "gemv": gemv,
                                 "replay_us": replay_us,
                                 "span_us": span, "kernel_sum_us": sum(kernels.values()), "kernels_us": kernels,
                                 "timeline": marks})
-                print(f"{shape:18s} T={T:4d} d={density:4.2f} {fused:4s} replay {replay_us:7.1f} span {span:7.1f} "
+                print(f"{shape:18s} T={T:4d} d={density:4.2f} {fused:4s} {gemv:4s} replay {replay_us:7.1f} span {span:7.1f} "
                       f"kernels {sum(kernels.values()):7.1f} | "
                       + " ".join(f"{n.removeprefix('hare_')} {t:.1f}" for n, t in kernels.items()), flush=True)
                 if marks:

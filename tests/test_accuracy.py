@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from hare.bench.corpus import build, rst_to_text, split_of
@@ -73,8 +74,10 @@ def test_train_sparsify_eval_pipeline(tmp_path):
     by = {(r["method"], r.get("score"), r["density"]): r for r in records}
     for d in (0.5, 0.25):  # reconstruct minimises exactly this error
         assert by[("reconstruct", None, d)]["layer_rel_err"] < by[("activation", None, d)]["layer_rel_err"]
-    # Block 1:1 with 2:4 inside is plain 2:4: the reference takes another code path to the same mask
-    assert abs(by[("2:4", None, 0.5)]["layer_rel_err"] - by[("activation", None, 0.5)]["layer_rel_err"]) < 1e-9
+    # Block 1:1 with 2:4 inside is plain 2:4: the reference takes another code path to the same mask (the same error
+    # up to float32 rounding of the two paths' sums: ~1e-6 relative, seen when the repository's prose, the corpus, changed)
+    assert by[("2:4", None, 0.5)]["layer_rel_err"] == pytest.approx(by[("activation", None, 0.5)]["layer_rel_err"],
+                                                                     rel=1e-5)
     assert result["reconstruct_timing"]["layer_seconds"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
     assert "| reconstruct bw16 |" in out.with_suffix(".md").read_text()

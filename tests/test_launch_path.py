@@ -100,13 +100,43 @@ CASES = [  # (T, H, F, E, k, gate_up ratio or None, down ratio or None, determin
     # joint panels: gate/up paired as halves, down (H % 256 == 0) as halves: its tiles pair panels m and m + P/2
     (50, 512, 320, 8, 2, (1, 2), (1, 5), True, None, "silu", False, True),
     # decode sizes on the unfused kernels, and the fused decode kernel with K splits, a set tile and no determinism
-    (4, 512, 256, 16, 2, (1, 2), (1, 2), True, hg.LaunchConfig(fused_decode=False)),
+    (4, 512, 256, 16, 2, (1, 2), (1, 2), True, hg.LaunchConfig(fused_decode=False, gemv=False)),
     (20, 512, 256, 16, 3, None, None, True, None),  # dense, 60 rows: the fused decode kernel by default
     (9, 320, 320, 8, 4, (1, 2), (1, 5), True, hg.LaunchConfig(fused_decode=True), "gpt-oss:alpha=1.5,limit=3", True),
     (7, 512, 320, 8, 2, (1, 2), (1, 5), True, hg.LaunchConfig(fused_decode=True), "silu", False, True),
     (6, 512, 256, 16, 2, None, None, False, hg.LaunchConfig(fused_decode=True, tile_n=32, gateup_splits=4,
                                                             down_splits=2), "gelu"),
+    # the few-token path (case 0 too): Block N:M in the halves layout, a mixed pair with biases, forced at 40 rows
+    (2, 320, 256, 6, 3, (1, 2), (1, 5), True, None),
+    (1, 320, 320, 8, 4, (1, 5), None, False, None, "gpt-oss:alpha=1.5,limit=3", True),
+    (10, 256, 128, 8, 4, None, (1, 2), True, hg.LaunchConfig(gemv=True)),
 ]
+
+
+def _check_gemv_launch(name, block, params, e, p, inside, x, out, weight_bias, unit):
+    """A few-token launch: its GemvParams (the plan's grid split, the weights' storage, the gated unit) and the
+    LayoutParams it shares (ids, routing weights, the id check's record), every pointer inside the call's tensors."""
+    wt, bias = weight_bias
+    assert block == plan.GEMV_THREADS and len(params) == 2
+    s, f = _fields(name, params[0], plan.GEMV_PARAMS)
+    ls, lf = _fields(name, params[1], plan.LAYOUT_PARAMS)
+    for struct, fields, nullable in ((s, f, ("meta", "block_idx", "bias")),
+                                     (ls, lf, (*plan.LayoutPlan.FIELDS, "ticket", "first_bad"))):
+        for t, field, _ in struct.fields:
+            if t not in ("int", "long long", "float") and not (field in nullable and fields[field] == 0):
+                assert inside(fields[field]), f"{name}.{field} points outside every tensor of the call"
+    assert (f["lanes_log2"], f["segments"], f["units_per_cta"], f["ctas_per_row"]) == (
+        e.lanes_log2, e.segments, e.units_per_cta, e.ctas_per_row)
+    assert f["bias"] == (0 if bias is None else bias.data_ptr())
+    sparse = isinstance(wt, hare.BlockNM)
+    assert ("_sp" in name) == sparse and f["w"] == (wt.values if sparse else wt).data_ptr()
+    assert f["width"] == (wt.values.shape[2] if sparse else wt.shape[2])
+    if "gateup" in name:
+        assert f["src"] == x.data_ptr() and f["activation"] == plan.activation_code(plan.gated_unit(unit)[0])
+        assert (f["act_alpha"], f["act_limit"]) == p.glu_args and f["half_rows"] == p.ffn
+    else:
+        assert f["dst"] == out.data_ptr() and f["M"] == p.hidden
+    assert lf["num_rows"] == p.rows and lf["top_k"] == p.top_k and lf["weights_out"] != 0
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -140,7 +170,7 @@ def test_launches_follow_the_plan_and_stay_inside_the_call_tensors(device, case)
             else plan.WeightFormat.of(K)  # noqa: E731
         p = plan.plan_moe(T, k, E, H, F, fmt(gu, H), fmt(dn, F), unit, det, device.num_sms,
                           config or hg.LaunchConfig())
-        expected = [p.layout.count, p.layout.scatter] + (
+        expected = list(p.gemv) if p.gemv else [p.layout.count, p.layout.scatter] + (
             [p.decode] if p.decode else [p.gate_up, p.glu_combine, p.down, p.combine])
         expected = [e for e in expected if e is not None]
         if config is None:  # by default the fused decode kernel takes dense weights at a measured range of rows
@@ -154,6 +184,10 @@ def test_launches_follow_the_plan_and_stay_inside_the_call_tensors(device, case)
         inside = lambda v: any(a <= v < a + n for a, n in ranges)  # noqa: E731
         for (name, grid, block, smem, pdl, params), e in zip(device.launches, expected):
             assert grid == e.grid and smem == e.smem and pdl == p.programmatic_launch
+            if isinstance(e, plan.GemvLaunch):
+                _check_gemv_launch(name, block, params, e, p, inside, x, out, (gu, bgu) if "gateup" in name else (dn, bd),
+                                   unit)
+                continue
             decode = isinstance(e, plan.DecodeLaunch)
             assert block == (plan.GEMM_THREADS if isinstance(e, (plan.GemmLaunch, plan.DecodeLaunch))
                              else plan.SMALL_THREADS)

@@ -37,6 +37,23 @@ def _random_plans(n, seed=0):
         yield (T, k, E, H, F, gu, dn, act, det), plan_moe(T, k, E, H, F, gu, dn, act, det, SMS)
 
 
+def _check_gemv(p, T, k, H, F, gu, dn, names):
+    """The few-token path's launches cover every unit with one group of lanes per item, in the shared memory of their
+    partial sums."""
+    assert p.decode is None and p.glu_combine is None and p.combine is None and not p.accumulates and not p.direct
+    assert p.workspace_elements == T * k * F and p.partial_elements == 0
+    for g, fmt, K, rows, units, per_unit, proj in ((p.gemv[0], gu, H, T * k, F, 2, "gateup"),
+                                                   (p.gemv[1], dn, F, T, H, k, "down")):
+        assert g.kernel == f"hare_gemv_{proj}{'_sp' if fmt.sparse else ''}" and g.kernel in names
+        lanes, chunks = 1 << g.lanes_log2, plan.gemv_chunks(fmt, K)
+        assert lanes <= 32 and (lanes == 32 or lanes * plan.GEMV_CHUNKS_PER_LANE >= chunks)
+        assert g.segments == -(-chunks // (lanes * plan.GEMV_CHUNKS_PER_LANE))
+        assert g.ctas_per_row * g.units_per_cta >= units > (g.ctas_per_row - 1) * g.units_per_cta
+        staged = 2 * (K if proj == "gateup" else k * F) if fmt.sparse else 0  # Block N:M: the activations
+        assert g.grid == rows * g.ctas_per_row and g.smem == staged + 4 * g.units_per_cta * per_unit * g.segments
+        assert g.smem <= plan.SMEM_LIMIT
+
+
 def test_plans_keep_the_kernels_contract():
     names = set(plan.kernel_names())
     for (T, k, E, H, F, gu, dn, act, det), p in _random_plans(400):
@@ -54,8 +71,18 @@ def test_plans_keep_the_kernels_contract():
         assert p.gate_up.kernel.startswith(f"hare_gateup_{unit}") and p.glu_args == (alpha, limit)
         assert p.glu_combine is None or p.glu_combine.kernel == f"hare_glu_combine_{unit}"
         assert p.down.kernel.startswith("hare_down_det" if det else "hare_down_fast")
-        assert p.partial_elements == (p.gate_up.splits * R * 2 * F if p.gate_up.splits > 1 else 0)
         kind = gu.kind("gateup")
+        try:
+            fits = plan.plan_gemv(T, k, H, F, gu, dn, SMS, LaunchConfig(gemv=True)) is not None
+        except InvalidArgumentError:  # Block N:M down: top-k rows of h past the shared memory
+            fits = False
+        gemv = fits and R <= plan.GEMV_MAX_ROWS and 3 * H * F <= plan.GEMV_MAX_EXPERT and \
+            not (gu.all_kept or dn.all_kept)
+        assert (p.gemv is not None) == gemv
+        if gemv:  # two launches, no layout: h is all the workspace holds, nothing accumulates or is combined
+            _check_gemv(p, T, k, H, F, gu, dn, names)
+            continue
+        assert p.partial_elements == (p.gate_up.splits * R * 2 * F if p.gate_up.splits > 1 else 0)
         fused = kind == dn.kind("down") == "dense" and plan.DECODE_MIN_ROWS <= R <= plan.DECODE_MAX_ROWS and \
             p.tile_n in plan.DECODE_TILE_NS
         assert (p.decode is not None) == fused and p.accumulates == (not det and not fused)
@@ -112,11 +139,12 @@ def test_sparse_weights_take_64_row_tiles_up_to_wide_experts():
 
 def test_k_is_split_only_below_a_wave_of_tiles():
     gu, dn = WeightFormat.of(2048), WeightFormat.of(768)  # Qwen3-30B-A3B: one token touches 8 experts
-    decode = plan_moe(1, 8, 128, 2048, 768, gu, dn, "silu", True, SMS)  # 8 x 6 gate/up, 8 x 8 down tiles
+    gemm = LaunchConfig(gemv=False)  # the GEMM path at one token
+    decode = plan_moe(1, 8, 128, 2048, 768, gu, dn, "silu", True, SMS, gemm)  # 8 x 6 gate/up, 8 x 8 down tiles
     assert decode.gate_up.splits > 1 and decode.down.splits > 1 and decode.partial_elements > 0
     prefill = plan_moe(4096, 8, 128, 2048, 768, gu, dn, "silu", True, SMS)
     assert prefill.gate_up.splits == prefill.down.splits == 1 and prefill.glu_combine is None
-    mixtral = plan_moe(1, 2, 8, 4096, 14336, WeightFormat.of(4096), WeightFormat.of(14336), "silu", True, SMS)
+    mixtral = plan_moe(1, 2, 8, 4096, 14336, WeightFormat.of(4096), WeightFormat.of(14336), "silu", True, SMS, gemm)
     assert mixtral.gate_up.splits == 1 < mixtral.down.splits  # 2 x 112 gate/up tiles fill a wave already
 
 
@@ -127,7 +155,7 @@ def test_the_fused_decode_kernel_takes_the_calls_it_measured_faster_on_or_as_tol
     rows = plan.DECODE_MAX_ROWS // 8
     assert plan_moe(rows, 8, 128, 2048, 768, qgu, qdn, "silu", True, SMS).decode.kernel == "hare_decode_bn16"
     assert plan_moe(rows + 1, 8, 128, 2048, 768, qgu, qdn, "silu", True, SMS).decode is None
-    assert plan_moe(1, 8, 128, 2048, 768, qgu, qdn, "silu", True, SMS).decode is None  # below DECODE_MIN_ROWS
+    assert plan_moe(2, 8, 128, 2048, 768, qgu, qdn, "silu", True, SMS).decode is None  # below DECODE_MIN_ROWS
     assert plan_moe(16, 8, 128, 2048, 768, sgu, sdn, "silu", False, SMS).decode is None  # sparse: when told
     told = plan_moe(16, 8, 128, 2048, 768, sgu, sdn, "silu", False, SMS, LaunchConfig(fused_decode=True))
     assert told.decode.kernel == "hare_decode_sp_bn16"
@@ -137,7 +165,7 @@ def test_the_fused_decode_kernel_takes_the_calls_it_measured_faster_on_or_as_tol
         plan_moe(16, 8, 128, 2048, 768, sgu, qdn, "silu", True, SMS, LaunchConfig(fused_decode=True))
     forced = plan_moe(8192, 2, 8, 2048, 768, dense, qdn, "silu", True, SMS, LaunchConfig(fused_decode=True))
     assert forced.decode is not None and forced.tile_n == 64  # the widest tile it takes
-    off = plan_moe(1, 8, 128, 2048, 768, qgu, qdn, "silu", True, SMS, LaunchConfig(fused_decode=False))
+    off = plan_moe(1, 8, 128, 2048, 768, qgu, qdn, "silu", True, SMS, LaunchConfig(fused_decode=False, gemv=False))
     assert off.decode is None and off.glu_combine is not None
     for bad in (dict(fused_decode=1), dict(fused_decode=True, tile_n=128)):
         with pytest.raises(InvalidArgumentError, match="LaunchConfig"):
@@ -211,7 +239,7 @@ def test_one_variant_table_names_every_kernel_and_entry_point():
     names = plan.kernel_names()
     gemms = sum(len(epis) for _, epis in plan.GEMM_VARIANTS.values()) * len(plan.WEIGHT_KINDS) * len(plan.TILE_NS)
     decodes = len(plan.WEIGHT_KINDS) * len(plan.DECODE_TILE_NS)
-    assert len(names) == len(set(names)) == len(plan.SMALL_KERNELS) + gemms + decodes
+    assert len(names) == len(set(names)) == len(plan.SMALL_KERNELS) + len(plan.GEMV_KERNELS) + gemms + decodes
     entries = plan.generated_sources()["hare_entry_points.cuh"]
     for kind, (_, sparse, shared_b) in plan.WEIGHT_KINDS.items():  # the fused decode kernels: 2 or 4 tensor maps
         for n in plan.DECODE_TILE_NS:
@@ -256,3 +284,27 @@ def test_param_structs_pack_to_their_c_layout():
     header = plan.generated_sources()["hare_params.cuh"]
     for s in plan.PARAM_STRUCTS:
         assert f"struct {s.name} {{" in header and all(f" {name};" in header for _, name, _ in s.fields)
+
+
+def test_the_few_token_path_runs_where_it_measured_faster_or_as_told():
+    qgu, qdn = WeightFormat.of(2048), WeightFormat.of(768)  # Qwen3-30B-A3B
+    sgu = WeightFormat(True, 8, kept=32, bw_log2=4, panels=12)  # Block N:M 1:4 of 2048 columns (25%)
+    sdn = WeightFormat(True, 3, kept=12, bw_log2=4, panels=16)
+    one = plan_moe(1, 8, 128, 2048, 768, qgu, qdn, "silu", True, SMS)
+    assert [g.kernel for g in one.gemv] == ["hare_gemv_gateup", "hare_gemv_down"]
+    assert plan_moe(1, 8, 128, 2048, 768, sgu, sdn, "silu", True, SMS).gemv[1].kernel == "hare_gemv_down_sp"
+    assert plan_moe(2, 8, 128, 2048, 768, qgu, qdn, "silu", True, SMS).gemv is None  # 16 rows
+    mixtral = WeightFormat.of(4096), WeightFormat.of(14336)
+    assert plan_moe(1, 2, 8, 4096, 14336, *mixtral, "silu", True, SMS).gemv is None  # large experts
+    all_kept = WeightFormat(True, 32, kept=128, bw_log2=4, panels=12, all_kept=True)  # 1:1 (50%)
+    assert plan_moe(1, 8, 128, 2048, 768, all_kept, qdn, "silu", True, SMS).gemv is None
+    assert plan_moe(1, 8, 128, 2048, 768, qgu, qdn, "silu", True, SMS, LaunchConfig(tile_n=16)).gemv is None
+    forced = plan_moe(64, 8, 128, 2048, 768, qgu, qdn, "silu", True, SMS, LaunchConfig(gemv=True))
+    assert forced.gemv is not None and forced.workspace_elements == 64 * 8 * 768
+    with pytest.raises(InvalidArgumentError, match="gemv=True runs no GEMM"):
+        LaunchConfig(gemv=True, tile_n=32)
+    with pytest.raises(InvalidArgumentError, match="top_k <= 64"):
+        plan_moe(1, 65, 128, 2048, 768, qgu, qdn, "silu", True, SMS, LaunchConfig(gemv=True))
+    big_h = WeightFormat(True, 112, kept=448, bw_log2=4, panels=32)  # Block N:M down over ffn 14336, top-9
+    with pytest.raises(InvalidArgumentError, match="rows of h in shared memory"):
+        plan_moe(1, 9, 16, 4096, 14336, WeightFormat.of(4096), big_h, "silu", True, SMS, LaunchConfig(gemv=True))

@@ -69,9 +69,10 @@ import torch
 from ..blocknm import PANEL, BlockNM
 from ..errors import InvalidArgumentError
 from ..routing import DEFAULT_BLOCK, RoutingLayout, max_blocks, route
-from .plan import (COMBINE_PARAMS, DECODE_PARAMS, DEFAULT_CONFIG, FUSED_ACTIVATIONS, GEMM_PARAMS, GLU_COMBINE_PARAMS,
-                   K_ALIGN, LAYOUT_PARAMS, LAYOUT_TILE_ITEMS, SMALL_THREADS, GEMM_THREADS, LaunchConfig, LayoutPlan,
-                   WeightFormat, choose_block_n, gated_unit, layout_plan, plan_moe)
+from .plan import (COMBINE_PARAMS, DECODE_PARAMS, DEFAULT_CONFIG, FUSED_ACTIVATIONS, GEMM_PARAMS, GEMV_PARAMS,
+                   GEMV_THREADS, GLU_COMBINE_PARAMS, K_ALIGN, LAYOUT_PARAMS, LAYOUT_TILE_ITEMS, SMALL_THREADS,
+                   GEMM_THREADS, LaunchConfig, LayoutPlan, WeightFormat, activation_code, choose_block_n, gated_unit,
+                   layout_plan, plan_moe)
 
 __all__ = ["availability", "unsupported", "build_layout", "fused_moe", "check_errors", "LaunchConfig", "choose_block_n",
            "FUSED_ACTIVATIONS", "K_ALIGN"]
@@ -301,10 +302,11 @@ def _op_args(x, topk_ids, topk_weights, w_gate_up, w_down, activation, determini
     c = config or DEFAULT_CONFIG
     return (x, topk_ids, topk_weights, *_weight_parts(w_gate_up), *_weight_parts(w_down), _fp32(gate_up_bias),
             _fp32(down_bias), activation, bool(deterministic), c.tile_n or 0, c.gateup_splits or 0,
-            c.down_splits or 0, c.raster or 0, c.programmatic_launch, _FUSED_CODES[c.fused_decode], bool(check_ids))
+            c.down_splits or 0, c.raster or 0, c.programmatic_launch, _FUSED_CODES[c.fused_decode],
+            _FUSED_CODES[c.gemv], bool(check_ids))
 
 
-_FUSED_CODES = {None: -1, False: 0, True: 1}  # LaunchConfig.fused_decode as the custom op's int
+_FUSED_CODES = {None: -1, False: 0, True: 1}  # LaunchConfig.fused_decode and .gemv as the custom op's ints
 _plan = functools.lru_cache(maxsize=4096)(plan_moe)  # a plan is a pure function of its (hashable) arguments
 
 # ---- the prepared call ("program") ----
@@ -421,6 +423,12 @@ def _build_program(mod, T, k, E, H, F, gu_parts, dn_parts, activation, determini
         launches.append(_KernelLaunch(kernel, grid, block, smem, tuple(maps), (where,)))
         return where
 
+    if plan.gemv is not None:  # the few-token path: two launches, no layout
+        _gemv_launches(plan, pack, launches, activation, H, F, gu_parts, dn_parts, has_gu_bias, has_d_bias,
+                       _layout_values(mod, _Ptr(_IDS), ids_is_64, R, k, E, n, slots, lay, lambda f: 0, _Ptr(_WEIGHTS),
+                                      wts, weights_code, check_ids), h)
+        return _Program(plan, launches, plan.programmatic_launch, b"".join(structs), patches, max(at, _ALIGN),
+                        regions, False)
     if lay.on_device:
         layout_values = _layout_values(mod, _Ptr(_IDS), ids_is_64, R, k, E, n, slots, lay, field, _Ptr(_WEIGHTS), wts,
                                        weights_code, check_ids)
@@ -500,6 +508,30 @@ def _build_program(mod, T, k, E, H, F, gu_parts, dn_parts, activation, determini
                     not lay.on_device)
 
 
+def _gemv_launches(plan, pack, launches, activation, H, F, gu_parts, dn_parts, has_gu_bias, has_d_bias,
+                   layout_values, h) -> None:
+    """The few-token path's two launches (csrc/gemv.cuh), each taking its GemvParams and the one LayoutParams (ids,
+    routing weights, the id check)."""
+    at_layout = pack(LAYOUT_PARAMS, layout_values)
+    alpha, limit = plan.glu_args
+    code = activation_code(gated_unit(activation)[0])
+    for launch, (w, meta, block_idx, bw, _), src, dst, bias, K, M, rows, half_rows in (
+            (plan.gemv[0], gu_parts, _Ptr(_X), h, _Ptr(_GU_BIAS) if has_gu_bias else 0, H, F, 2 * F, F),
+            (plan.gemv[1], dn_parts, h, _Ptr(_OUT), _Ptr(_D_BIAS) if has_d_bias else 0, F, H, H, H)):
+        sparse = meta is not None
+        values = dict(src=src, dst=dst, w=w.data_ptr(), meta=meta.data_ptr() if sparse else 0,
+                      block_idx=block_idx.data_ptr() if sparse else 0, bias=bias, K=K, M=M, rows=rows,
+                      width=w.shape[2], meta_stride=meta.shape[2] if sparse else 0,
+                      kept=block_idx.shape[2] if sparse else 0, bw_log2=bw.bit_length() - 1 if sparse else 0,
+                      panels=block_idx.shape[1] if sparse else 0, half_rows=half_rows,
+                      half_panel=block_idx.shape[1] // 2 if sparse else 0, lanes_log2=launch.lanes_log2,
+                      segments=launch.segments,
+                      units_per_cta=launch.units_per_cta, ctas_per_row=launch.ctas_per_row, activation=code,
+                      act_alpha=alpha, act_limit=limit)
+        launches.append(_KernelLaunch(launch.kernel, launch.grid, GEMV_THREADS, launch.smem, (),
+                                      (pack(GEMV_PARAMS, values), at_layout)))
+
+
 # scripts/profile_layer.py --timeline: a function giving the address of a (tiles, 4) int64 buffer for the fused
 # decode kernel's marks (csrc/decode.cuh), set while it builds its programs; None for every other call
 decode_trace = None
@@ -511,7 +543,7 @@ def _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx,
                     d_block_idx, d_bw, d_joint, gate_up_bias, down_bias, activation: str, deterministic: bool,
                     tile_n: int,
                     gateup_splits: int, down_splits: int, raster: int, programmatic_launch: bool, fused_decode: int,
-                    check_ids: bool = False):
+                    gemv: int = -1, check_ids: bool = False):
     """Program -> allocate -> patch -> launch. Each projection dense (meta None) or Block N:M (values, meta,
     block_idx, bw, joint: "" or its panel pairing); biases fp32 contiguous or None."""
     from . import _launch
@@ -542,12 +574,13 @@ def _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx,
                                          gu_joint),
            None if d_meta is None else (d_meta.data_ptr(), d_block_idx.data_ptr(), d_block_idx.shape, d_bw, d_joint),
            activation, deterministic, tile_n, gateup_splits, down_splits, raster, programmatic_launch, fused_decode,
-           ids_is_64,
+           gemv, ids_is_64,
            weights_code, gate_up_bias is None, down_bias is None, check_ids)
     prog = _programs.get(key)
     if prog is None:
         config = LaunchConfig(tile_n or None, gateup_splits or None, down_splits or None, raster or None,
-                              programmatic_launch, None if fused_decode < 0 else bool(fused_decode))
+                              programmatic_launch, None if fused_decode < 0 else bool(fused_decode),
+                              None if gemv < 0 else bool(gemv))
         prog = _build_program(mod, T, k, E, H, F2 // 2, (w_gate_up, gu_meta, gu_block_idx, gu_bw, gu_joint),
                               (w_down, d_meta, d_block_idx, d_bw, d_joint), activation, deterministic, config,
                               ids_is_64,
@@ -670,14 +703,15 @@ def _fused_moe_op(
     d_meta: torch.Tensor | None, d_block_idx: torch.Tensor | None, d_bw: int, d_joint: str,
     gate_up_bias: torch.Tensor | None,
     down_bias: torch.Tensor | None, activation: str, deterministic: bool, tile_n: int, gateup_splits: int,
-    down_splits: int, raster: int, programmatic_launch: bool, fused_decode: int, check_ids: bool,
+    down_splits: int, raster: int, programmatic_launch: bool, fused_decode: int, gemv: int, check_ids: bool,
 ) -> torch.Tensor:
     """Dense weights: meta and block_idx None; Block N:M weights: their values, meta, block_idx, bw and joint ("" for
-    none); biases fp32 or None. The launch overrides are LaunchConfig's fields, 0 for None (fused_decode: -1);
+    none); biases fp32 or None. The launch overrides are LaunchConfig's fields, 0 for None (fused_decode, gemv: -1);
     check_ids: the device-side id check."""
     return _fused_moe_impl(x, topk_ids, topk_weights, w_gate_up, gu_meta, gu_block_idx, gu_bw, gu_joint, w_down,
                            d_meta, d_block_idx, d_bw, d_joint, gate_up_bias, down_bias, activation, deterministic,
-                           tile_n, gateup_splits, down_splits, raster, programmatic_launch, fused_decode, check_ids)
+                           tile_n, gateup_splits, down_splits, raster, programmatic_launch, fused_decode, gemv,
+                           check_ids)
 
 
 @_fused_moe_op.register_fake

@@ -44,6 +44,18 @@ DECODE_TILE_NS = (16, 32, 64)
 # faster than the unfused kernels; elsewhere it was as fast or slower (notes/decode.md), so it runs only when
 # LaunchConfig.fused_decode asks (any weight kind, any T·k).
 DECODE_MIN_ROWS, DECODE_MAX_ROWS = 32, 128
+# The few-token path (csrc/gemv.cuh): two launches, no layout, dot products on the CUDA cores; one kernel per
+# projection and weight storage (dense, Block N:M), the gated unit an argument. The plan takes it where the H200
+# measured it faster than the layout + GEMM path (notes/decode.md, bench/results/decode/gemv_h200.json): up to
+# GEMV_MAX_ROWS (token, slot) rows, experts of up to GEMV_MAX_EXPERT weights (3·H·F; Mixtral-8x7B's 176M ran
+# slower, its GEMMs split K over few large experts), not on 1:1 Block N:M (50%: the sparse tensor cores' two
+# values per four cost the CUDA cores a byte permute each); elsewhere when LaunchConfig.gemv asks.
+GEMV_KERNELS = tuple(f"hare_gemv_{proj}{sfx}" for proj in ("gateup", "down") for sfx in ("", "_sp"))
+GEMV_THREADS = 256
+GEMV_CHUNKS_PER_LANE = 8  # 16-byte chunks of a weight row per lane (kGemvBatch), before more lanes share it
+GEMV_WAVES, GEMV_MAX_ITEMS = 16, 8  # above GEMV_WAVES CTAs per SM, a group takes up to GEMV_MAX_ITEMS items
+GEMV_MAX_TOP_K = 64  # kGemvMaxTopK
+GEMV_MAX_ROWS, GEMV_MAX_EXPERT = 8, 32 << 20
 SMALL_KERNELS = ("hare_layout_count", "hare_layout_scatter", "hare_combine",
                  *(f"hare_glu_combine_{name}" for name, _ in GATE_UP_UNITS.values()))
 K_ALIGN = 64  # hidden and ffn must be multiples of this: the K step of a pipeline stage
@@ -79,7 +91,7 @@ def gemm_variants():
 
 def kernel_names() -> tuple[str, ...]:
     """Every kernel entry point of the cubin."""
-    return (*SMALL_KERNELS, *(gemm_kernel(*v) for v in gemm_variants()),
+    return (*SMALL_KERNELS, *GEMV_KERNELS, *(gemm_kernel(*v) for v in gemm_variants()),
             *(decode_kernel(kind, n) for kind in WEIGHT_KINDS for n in DECODE_TILE_NS))
 
 
@@ -156,6 +168,13 @@ class LaunchConfig:
     raster: int | None = None  # tile order of both GEMMs: > 0 M-grouped, < 0 block-grouped (scheduler.cuh)
     programmatic_launch: bool = True  # programmatic dependent launch (common.cuh); False launches plainly
     fused_decode: bool | None = None  # the one-launch decode kernel (csrc/decode.cuh); None: where it measured faster
+    gemv: bool | None = None  # the few-token path (csrc/gemv.cuh); None: where it measured faster, without overrides
+
+    @property
+    def gemm_overrides(self) -> bool:
+        """Whether any GEMM-path choice is overridden (then the plan never picks the few-token path itself)."""
+        return any(v is not None for v in (self.tile_n, self.gateup_splits, self.down_splits, self.raster)) or \
+            bool(self.fused_decode)
 
     def __post_init__(self):
         if self.tile_n is not None and self.tile_n not in TILE_NS:
@@ -173,6 +192,11 @@ class LaunchConfig:
         if self.fused_decode and self.tile_n is not None and self.tile_n not in DECODE_TILE_NS:
             raise InvalidArgumentError(f"LaunchConfig: the fused decode kernel takes tile_n in {DECODE_TILE_NS}, "
                                        f"got {self.tile_n}")
+        if self.gemv is not None and not isinstance(self.gemv, bool):
+            raise InvalidArgumentError(f"LaunchConfig.gemv: expected a bool or None, got {self.gemv!r}")
+        if self.gemv and self.gemm_overrides:
+            raise InvalidArgumentError("LaunchConfig: gemv=True runs no GEMM, so it takes no tile_n, splits, raster "
+                                       "or fused_decode override")
         if not isinstance(self.programmatic_launch, bool):
             raise InvalidArgumentError(f"LaunchConfig.programmatic_launch: expected a bool, got "
                                        f"{self.programmatic_launch!r}")
@@ -273,6 +297,45 @@ class DecodeLaunch:
 
 
 @dataclass(frozen=True)
+class GemvLaunch:
+    """One launch of the few-token path: CTA c takes units [(c % ctas_per_row)·units_per_cta, +units_per_cta) of
+    row c / ctas_per_row (gate/up: ffn columns of a (token, slot) pair; down: hidden columns of a token); each of a
+    unit's weight rows is cut into `segments` runs of chunks, one per group of 2^lanes_log2 lanes."""
+
+    kernel: str
+    grid: int
+    smem: int
+    lanes_log2: int
+    segments: int
+    units_per_cta: int
+    ctas_per_row: int
+
+
+def gemv_launch(kernel: str, rows: int, units: int, rows_per_unit: int, chunks_per_row: int, staged: int,
+                num_sms: int) -> GemvLaunch:
+    """`rows` x `units` units of `rows_per_unit` weight rows of `chunks_per_row` 16-byte chunks, each CTA first
+    staging `staged` bytes of activations (Block N:M): lanes per group and segments per row so that a lane reads
+    about GEMV_CHUNKS_PER_LANE chunks (one batch of loads), units per CTA so that each group takes one item, more
+    (items per group) where the grid would be many waves or a CTA would stage more than it reads of weights."""
+    lanes = 1
+    while lanes < 32 and lanes * GEMV_CHUNKS_PER_LANE < chunks_per_row:
+        lanes *= 2
+    segments = -(-chunks_per_row // (lanes * GEMV_CHUNKS_PER_LANE))
+    groups = GEMV_THREADS // lanes
+    per_cta = max(1, groups // (rows_per_unit * segments))
+    per_cta *= max(1, min(GEMV_MAX_ITEMS, rows * -(-units // per_cta) // (GEMV_WAVES * num_sms)))
+    per_cta = min(units, max(per_cta, -(-staged // (16 * rows_per_unit * chunks_per_row))))
+    ctas = -(-units // per_cta)
+    return GemvLaunch(kernel, rows * ctas, staged + 4 * per_cta * rows_per_unit * segments, lanes.bit_length() - 1,
+                      segments, per_cta, ctas)
+
+
+def gemv_chunks(fmt: "WeightFormat", K: int) -> int:
+    """16-byte chunks of one weight row: K values dense; kept·bw / 2 values Block N:M."""
+    return (fmt.kept << fmt.bw_log2) // 16 if fmt.sparse else K // 8
+
+
+@dataclass(frozen=True)
 class LayoutPlan:
     """The layout kernels' launch and the int32 buffer they fill (offsets of its fields, in FIELDS order)."""
 
@@ -309,6 +372,7 @@ class MoePlan:
     deterministic: bool
     programmatic_launch: bool
     decode: DecodeLaunch | None = None  # set: the layout, then this one kernel (gate_up/down give its GEMMs' shapes)
+    gemv: tuple[GemvLaunch, GemvLaunch] | None = None  # set: these two launches (gate/up, down) and nothing else
 
     @property
     def rows(self) -> int:
@@ -317,24 +381,25 @@ class MoePlan:
     @property
     def direct(self) -> bool:
         """The down GEMM writes the output rows itself (deterministic, top-1, unsplit)."""
-        return self.deterministic and self.combine is None and self.decode is None
+        return self.deterministic and self.combine is None and self.decode is None and self.gemv is None
 
     @property
     def accumulates(self) -> bool:
         """The down GEMM adds fp32 rows atomically into an accumulator (deterministic=False, unfused)."""
-        return not self.deterministic and self.decode is None
+        return not self.deterministic and self.decode is None and self.gemv is None
 
     @property
     def workspace_elements(self) -> int:
         """bf16 workspace: the hidden rows h (R, F), then the down GEMM's per-(token, slot) rows Y (splits, R, H)
         when they are summed afterwards (by hare_combine, or inside the fused decode kernel)."""
-        y = self.down.splits * self.rows * self.hidden if self.combine is not None or self.decode else 0
+        y = self.down.splits * self.rows * self.hidden if (self.combine is not None or self.decode) and \
+            self.gemv is None else 0
         return self.rows * self.ffn + y
 
     @property
     def partial_elements(self) -> int:
         """fp32 gate/up partial sums (splits, R, 2F) of a split gate/up GEMM."""
-        return self.gate_up.splits * self.rows * 2 * self.ffn if self.gate_up.splits > 1 else 0
+        return self.gate_up.splits * self.rows * 2 * self.ffn if self.gate_up.splits > 1 and self.gemv is None else 0
 
 
 def layout_plan(R: int, E: int, slots: int) -> LayoutPlan:
@@ -402,8 +467,32 @@ def plan_moe(tokens: int, top_k: int, experts: int, hidden: int, ffn: int, gate_
         decode = DecodeLaunch(decode_kernel(kind, n), max(1, min(num_sms, tiles)), gemm_smem_bytes(n, kind),
                               activation_code(unit), slots, slots * gu_tiling.num_m, T * dn_tiling.num_m, tiles)
         glu = combine = None
+    gemv = plan_gemv(T, k, H, F, gate_up, down, num_sms, config)
+    if gemv is not None:
+        glu = combine = decode = None
     return MoePlan(T, k, E, H, F, n, slots, layout_plan(R, E, slots), gu_launch, (alpha, limit), glu, dn_launch,
-                   combine, deterministic, config.programmatic_launch, decode)
+                   combine, deterministic, config.programmatic_launch, decode, gemv)
+
+
+def plan_gemv(T: int, k: int, H: int, F: int, gate_up: "WeightFormat", down: "WeightFormat", num_sms: int,
+              config: LaunchConfig = DEFAULT_CONFIG) -> tuple[GemvLaunch, GemvLaunch] | None:
+    """The few-token path's two launches, or None where the plan runs the layout and GEMMs: where it measured faster
+    (GEMV_MAX_ROWS above) unless the config overrides a GEMM choice, or when LaunchConfig.gemv says; top-k up to
+    GEMV_MAX_TOP_K, and on Block N:M weights the activations a CTA stages must fit its shared memory."""
+    sfx = lambda fmt: "_sp" if fmt.sparse else ""  # noqa: E731
+    staged = lambda fmt, n: 2 * n if fmt.sparse else 0  # noqa: E731 (bf16 activations in shared memory)
+    launches = (gemv_launch(f"hare_gemv_gateup{sfx(gate_up)}", T * k, F, 2, gemv_chunks(gate_up, H),
+                            staged(gate_up, H), num_sms),
+                gemv_launch(f"hare_gemv_down{sfx(down)}", T, H, k, gemv_chunks(down, F), staged(down, k * F), num_sms))
+    fits = k <= GEMV_MAX_TOP_K and max(g.smem for g in launches) <= SMEM_LIMIT
+    want = config.gemv
+    if want is None:
+        want = fits and not config.gemm_overrides and T * k <= GEMV_MAX_ROWS and 3 * H * F <= GEMV_MAX_EXPERT and \
+            not (gate_up.all_kept or down.all_kept)
+    elif want and not fits:
+        raise InvalidArgumentError(f"LaunchConfig.gemv: the few-token path takes top_k <= {GEMV_MAX_TOP_K} and, on "
+                                   f"Block N:M weights, top_k x ffn (here {k} x {F}) rows of h in shared memory")
+    return launches if want else None
 
 
 # ------------------------------------------------------------------------------------------- kernel ABI
@@ -532,7 +621,32 @@ DECODE_PARAMS = ParamStruct("DecodeParams", (
     ("long long*", "trace", "null, or (tiles, 4) global-timer marks per tile (csrc/decode.cuh TraceMark)"),
     ("int", "activation", "the gated unit (Activation)"),
 ))
-PARAM_STRUCTS = (GEMM_PARAMS, LAYOUT_PARAMS, COMBINE_PARAMS, GLU_COMBINE_PARAMS, DECODE_PARAMS)
+GEMV_PARAMS = ParamStruct("GemvParams", (
+    ("const __nv_bfloat16*", "src", "gate/up: x (T, H); down: h (R, F)"),
+    ("__nv_bfloat16*", "dst", "gate/up: h (R, F); down: out (T, H)"),
+    ("const __nv_bfloat16*", "w", "dense weights (E, rows, K), or Block N:M values (E, rows, width)"),
+    ("const unsigned char*", "meta", "Block N:M: 2:4 metadata (E, ceil(rows / 16), meta_stride)"),
+    ("const int*", "block_idx", "Block N:M: (E, panels, kept) kept K blocks"),
+    ("const float*", "bias", "fp32 (E, rows) expert bias or null"),
+    ("int", "K", "input length: H (gate/up) or F (down)"),
+    ("int", "M", "units per row: F (gate/up) or H (down)"),
+    ("int", "rows", "weight rows per expert: 2F (gate/up) or H (down)"),
+    ("int", "width", "stored values per weight row: K (dense) or kept * bw / 2 (Block N:M)"),
+    ("int", "meta_stride", "Block N:M: metadata bytes per 16-row group"),
+    ("int", "kept", "Block N:M: kept K blocks per panel"),
+    ("int", "bw_log2", "Block N:M: log2 of the block width"),
+    ("int", "panels", "Block N:M: panels per expert"),
+    ("int", "half_rows", "Block N:M: rows from which panels count from half_panel (gate/up: F, the up rows)"),
+    ("int", "half_panel", "Block N:M: P/2"),
+    ("int", "lanes_log2", "GemvLaunch"),
+    ("int", "segments", "GemvLaunch"),
+    ("int", "units_per_cta", "GemvLaunch"),
+    ("int", "ctas_per_row", "GemvLaunch"),
+    ("int", "activation", "gate/up: the gated unit (Activation)"),
+    ("float", "act_alpha", "gate/up: the gated unit's alpha"),
+    ("float", "act_limit", "gate/up: the gated unit's clamp limit"),
+))
+PARAM_STRUCTS = (GEMM_PARAMS, LAYOUT_PARAMS, COMBINE_PARAMS, GLU_COMBINE_PARAMS, DECODE_PARAMS, GEMV_PARAMS)
 
 
 def generated_sources() -> dict[str, str]:

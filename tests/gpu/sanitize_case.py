@@ -1,5 +1,6 @@
 """Small fused_moe + layout cases, dense and Block N:M, for compute-sanitizer (run by scripts/device_run.sh).
-With --decode only the fused decode kernel's cases run (racecheck's, which is slow)."""
+With --decode only the fused decode kernel's cases run (racecheck's, which is slow); with --gemv only the few-token
+path's."""
 
 import sys
 from dataclasses import replace
@@ -8,6 +9,7 @@ import torch
 
 import hare
 import hare.gpu as hg
+from hare.errors import InvalidArgumentError
 from hare.gpu.plan import DECODE_TILE_NS, TILE_NS
 from tests.gpu.moe_cases import make_routing, make_weights, make_x, reference, rel_err
 
@@ -29,6 +31,32 @@ def check(label, x, ids, w, w_gate_up, w_down, config, activation="silu", biases
         print(f"sanitize {label} det={det} fused_decode={fused}: rel err {err:.2e}")
         assert err < 1e-2
 
+
+if "--gemv" in sys.argv:  # the few-token path: dense, Block N:M (halves gate/up, bw 32 down), biases, a bad id
+    E, H, F = 6, 320, 192
+    wgu, wd = make_weights(E, H, F, "cuda")
+    sparse = (hare.sparsify(wgu, bn=1, bm=2, bw=16, halves=True), hare.sparsify(wd, bn=1, bm=5, bw=32))
+    biases = (torch.randn(E, 2 * F, device="cuda"), torch.randn(E, H, device="cuda"))
+    for T, k, weights, activation, b in ((1, 2, (wgu, wd), "silu", (None, None)), (3, 4, sparse, "silu", biases),
+                                         (5, 1, (sparse[0], wd), "gpt-oss:alpha=1.702,limit=0.75", biases)):
+        x, (ids, w) = make_x(T, H, "cuda"), make_routing(T, E, k, "cuda")
+        out = hg.fused_moe(x, ids, w, *weights, activation, config=hg.LaunchConfig(gemv=True), gate_up_bias=b[0],
+                           down_bias=b[1], check_ids=True)
+        torch.cuda.synchronize()
+        dense = [t.to_dense() if isinstance(t, hare.BlockNM) else t for t in weights]
+        err = rel_err(out, reference(x, ids, w, *dense, activation, *b))
+        print(f"sanitize gemv T={T} k={k}: rel err {err:.2e}")
+        assert err < 1e-2
+    bad = torch.tensor([[0, 7]], device="cuda")
+    out = hg.fused_moe(make_x(1, H, "cuda"), bad, torch.ones(1, 2, device="cuda"), wgu, wd,
+                       config=hg.LaunchConfig(gemv=True), check_ids=True)
+    try:
+        hg.check_errors()
+        raise AssertionError("a bad id was not reported")
+    except InvalidArgumentError:
+        assert torch.isnan(out).all()
+    print("SANITIZE_CASE_OK")
+    sys.exit(0)
 
 if "--decode" in sys.argv:  # the fused decode kernel: dense split and unsplit, Block N:M, joint panels
     wgu, wd = make_weights(6, 320, 192, "cuda")

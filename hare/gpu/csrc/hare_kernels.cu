@@ -5,6 +5,7 @@
 #include "layout.cuh"
 #include "combine.cuh"
 #include "decode.cuh"
+#include "gemv.cuh"
 
 using namespace hare;
 
@@ -18,6 +19,18 @@ using namespace hare;
 HARE_SMALL_KERNEL(hare_layout_count, kLayoutThreads, LayoutParams, layout_count)
 HARE_SMALL_KERNEL(hare_layout_scatter, kLayoutThreads, LayoutParams, layout_scatter)
 HARE_SMALL_KERNEL(hare_combine, 256, CombineParams, combine)
+
+// The few-token path (gemv.cuh): dense or Block N:M weights per projection; each kernel places its own grid
+// dependency wait (the down kernel reads its ids and prefetches its weights before it). Three CTAs per SM (<= 85
+// registers): 24 warps with 8 loads in flight each.
+#define HARE_GEMV_KERNEL(NAME, BODY, SPARSE)                                                          \
+  extern "C" __global__ void __launch_bounds__(kGemvThreads, 3) NAME(const GemvParams p, const LayoutParams lp) { \
+    BODY<SPARSE>(p, lp);                                                                               \
+  }
+HARE_GEMV_KERNEL(hare_gemv_gateup, gemv_gate_up, false)
+HARE_GEMV_KERNEL(hare_gemv_gateup_sp, gemv_gate_up, true)
+HARE_GEMV_KERNEL(hare_gemv_down, gemv_down, false)
+HARE_GEMV_KERNEL(hare_gemv_down_sp, gemv_down, true)
 
 // Generated from the variant table of hare/gpu/plan.py: the GEMM entry points hare_<projection>_<epilogue>[_sp]
 // _bn<BN> (dense: the weights' tensor map; sparse: values and metadata tensor maps) and the split gate/up combine
