@@ -391,9 +391,9 @@ class MoePlan:
     @property
     def workspace_elements(self) -> int:
         """bf16 workspace: the hidden rows h (R, F), then the down GEMM's per-(token, slot) rows Y (splits, R, H)
-        when they are summed afterwards (by hare_combine, or inside the fused decode kernel)."""
-        y = self.down.splits * self.rows * self.hidden if (self.combine is not None or self.decode) and \
-            self.gemv is None else 0
+        when they are summed afterwards (by hare_combine, or inside the fused decode kernel; the few-token path has
+        neither: its down kernel sums the slots itself)."""
+        y = self.down.splits * self.rows * self.hidden if self.combine is not None or self.decode else 0
         return self.rows * self.ffn + y
 
     @property

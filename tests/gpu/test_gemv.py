@@ -26,13 +26,9 @@ def sparse_pair(wgu, wd, ratio, bw, halves=False, joint=False):
             hare.sparsify(wd, bn=bn, bm=bm, bw=bw, joint="adjacent" if joint else None))
 
 
-def check(T, H, F, E, k, w_pair, activation="silu", skew=0.0, only_expert=None, biases=(None, None), config=GEMV,
-          ids=None):
+def check(T, H, F, E, k, w_pair, activation="silu", skew=0.0, only_expert=None, biases=(None, None), config=GEMV):
     x = make_x(T, H, "cuda")
-    if ids is None:
-        ids, w = make_routing(T, E, k, "cuda", skew=skew, only_expert=only_expert)
-    else:
-        w = torch.softmax(torch.randn(T, k, device="cuda"), dim=-1)
+    ids, w = make_routing(T, E, k, "cuda", skew=skew, only_expert=only_expert)
     poison_allocator(8 * T * k * max(H, F) * 4 + (1 << 22), "cuda")
     out = hg.fused_moe(x, ids, w, *w_pair, activation, True, config, *biases)
     torch.cuda.synchronize()

@@ -59,7 +59,8 @@ __device__ __forceinline__ float glu_runtime(int act, float g, float u, const Gl
 }
 
 // One weight row of an expert: where its values, 2:4 metadata and kept block indices are, and the activation row
-// (global memory, read through L1: every group of the CTA reads the same one) it is multiplied with.
+// it is multiplied with (dense: global memory, read through L1, every group of the CTA reads the same one; Block
+// N:M: the CTA's shared-memory copy).
 struct GemvRow {
   const uint4* w;        // the row's 16-byte chunks
   const uint8_t* meta;   // Block N:M: the row's metadata bytes of chunk 0
