@@ -76,8 +76,9 @@ def test_plans_keep_the_kernels_contract():
             fits = plan.plan_gemv(T, k, H, F, gu, dn, SMS, LaunchConfig(gemv=True)) is not None
         except InvalidArgumentError:  # Block N:M down: top-k rows of h past the shared memory
             fits = False
-        gemv = fits and R <= plan.GEMV_MAX_ROWS and 3 * H * F <= plan.GEMV_MAX_EXPERT and \
-            not (gu.all_kept or dn.all_kept)
+        thin = all(f.sparse and f.kept * (1 << f.bw_log2) * 8 <= K for f, K in ((gu, H), (dn, F)))  # <= 1/8 kept
+        gemv = fits and (R <= plan.GEMV_MAX_ROWS or (thin and R <= plan.GEMV_SPARSE_ROWS)) and \
+            3 * H * F <= plan.GEMV_MAX_EXPERT and not (gu.all_kept or dn.all_kept)
         assert (p.gemv is not None) == gemv
         if gemv:  # two launches, no layout: h is all the workspace holds, nothing accumulates or is combined
             _check_gemv(p, T, k, H, F, gu, dn, names)
@@ -294,6 +295,11 @@ def test_the_few_token_path_runs_where_it_measured_faster_or_as_told():
     assert [g.kernel for g in one.gemv] == ["hare_gemv_gateup", "hare_gemv_down"]
     assert plan_moe(1, 8, 128, 2048, 768, sgu, sdn, "silu", True, SMS).gemv[1].kernel == "hare_gemv_down_sp"
     assert plan_moe(2, 8, 128, 2048, 768, qgu, qdn, "silu", True, SMS).gemv is None  # 16 rows
+    thin_gu = WeightFormat(True, 4, kept=13, bw_log2=4, panels=12)  # 1:10 of 2048 columns (5%): 13 of 128 blocks
+    thin_dn = WeightFormat(True, 2, kept=5, bw_log2=4, panels=16)  # of 768: 5 of 48
+    for T, gu, dn, few in ((4, thin_gu, thin_dn, True), (5, thin_gu, thin_dn, False),  # 32 rows, 40 rows
+                           (4, thin_gu, sdn, False), (4, sgu, thin_dn, False), (4, thin_gu, qdn, False)):
+        assert (plan_moe(T, 8, 128, 2048, 768, gu, dn, "silu", True, SMS).gemv is not None) == few
     mixtral = WeightFormat.of(4096), WeightFormat.of(14336)
     assert plan_moe(1, 2, 8, 4096, 14336, *mixtral, "silu", True, SMS).gemv is None  # large experts
     all_kept = WeightFormat(True, 32, kept=128, bw_log2=4, panels=12, all_kept=True)  # 1:1 (50%)

@@ -47,15 +47,18 @@ DECODE_MIN_ROWS, DECODE_MAX_ROWS = 32, 128
 # The few-token path (csrc/gemv.cuh): two launches, no layout, dot products on the CUDA cores; one kernel per
 # projection and weight storage (dense, Block N:M), the gated unit an argument. The plan takes it where the H200
 # measured it faster than the layout + GEMM path (notes/decode.md, bench/results/decode/gemv_h200.json): up to
-# GEMV_MAX_ROWS (token, slot) rows, experts of up to GEMV_MAX_EXPERT weights (3·H·F; Mixtral-8x7B's 176M ran
-# slower, its GEMMs split K over few large experts), not on 1:1 Block N:M (50%: the sparse tensor cores' two
-# values per four cost the CUDA cores a byte permute each); elsewhere when LaunchConfig.gemv asks.
+# GEMV_MAX_ROWS (token, slot) rows, and up to GEMV_SPARSE_ROWS where both projections keep at most GEMV_SPARSE_KEPT
+# of their K columns (5% density: 4 tokens of Qwen3-30B-A3B, DeepSeek-V2-Lite, Qwen1.5-MoE ran 1.09-1.21x faster,
+# 10% lost or tied), on experts of up to GEMV_MAX_EXPERT weights (3·H·F; Mixtral-8x7B's 176M ran slower, its GEMMs
+# split K over few large experts), not on 1:1 Block N:M (50%: the sparse tensor cores' two values per four cost
+# the CUDA cores a byte permute each); elsewhere when LaunchConfig.gemv asks.
 GEMV_KERNELS = tuple(f"hare_gemv_{proj}{sfx}" for proj in ("gateup", "down") for sfx in ("", "_sp"))
 GEMV_THREADS = 256
 GEMV_CHUNKS_PER_LANE = 8  # 16-byte chunks of a weight row per lane (kGemvBatch), before more lanes share it
 GEMV_WAVES, GEMV_MAX_ITEMS = 16, 8  # above GEMV_WAVES CTAs per SM, a group takes up to GEMV_MAX_ITEMS items
 GEMV_MAX_TOP_K = 64  # kGemvMaxTopK
 GEMV_MAX_ROWS, GEMV_MAX_EXPERT = 8, 32 << 20
+GEMV_SPARSE_ROWS, GEMV_SPARSE_KEPT = 32, 1 / 8
 SMALL_KERNELS = ("hare_layout_count", "hare_layout_scatter", "hare_combine",
                  *(f"hare_glu_combine_{name}" for name, _ in GATE_UP_UNITS.values()))
 K_ALIGN = 64  # hidden and ffn must be multiples of this: the K step of a pipeline stage
@@ -474,6 +477,13 @@ def plan_moe(tokens: int, top_k: int, experts: int, hidden: int, ffn: int, gate_
                    combine, deterministic, config.programmatic_launch, decode, gemv)
 
 
+def gemv_rows(R: int, H: int, F: int, gate_up: "WeightFormat", down: "WeightFormat") -> bool:
+    """Whether R (token, slot) rows are few enough for the few-token path by default: GEMV_MAX_ROWS, or
+    GEMV_SPARSE_ROWS where both projections keep at most GEMV_SPARSE_KEPT of their K columns."""
+    thin = all(f.sparse and (f.kept << f.bw_log2) <= GEMV_SPARSE_KEPT * K for f, K in ((gate_up, H), (down, F)))
+    return R <= GEMV_MAX_ROWS or (thin and R <= GEMV_SPARSE_ROWS)
+
+
 def plan_gemv(T: int, k: int, H: int, F: int, gate_up: "WeightFormat", down: "WeightFormat", num_sms: int,
               config: LaunchConfig = DEFAULT_CONFIG) -> tuple[GemvLaunch, GemvLaunch] | None:
     """The few-token path's two launches, or None where the plan runs the layout and GEMMs: where it measured faster
@@ -487,8 +497,8 @@ def plan_gemv(T: int, k: int, H: int, F: int, gate_up: "WeightFormat", down: "We
     fits = k <= GEMV_MAX_TOP_K and max(g.smem for g in launches) <= SMEM_LIMIT
     want = config.gemv
     if want is None:
-        want = fits and not config.gemm_overrides and T * k <= GEMV_MAX_ROWS and 3 * H * F <= GEMV_MAX_EXPERT and \
-            not (gate_up.all_kept or down.all_kept)
+        want = fits and not config.gemm_overrides and gemv_rows(T * k, H, F, gate_up, down) and \
+            3 * H * F <= GEMV_MAX_EXPERT and not (gate_up.all_kept or down.all_kept)
     elif want and not fits:
         raise InvalidArgumentError(f"LaunchConfig.gemv: the few-token path takes top_k <= {GEMV_MAX_TOP_K} and, on "
                                    f"Block N:M weights, top_k x ffn (here {k} x {F}) rows of h in shared memory")

@@ -9,7 +9,7 @@ import torch
 import hare
 import hare.gpu as hg
 from hare.errors import InvalidArgumentError
-from hare.gpu.plan import GEMV_MAX_ROWS
+from hare.gpu.plan import GEMV_MAX_ROWS, GEMV_SPARSE_ROWS
 
 from .moe_cases import check_graph_replay, make_routing, make_weights, make_x, poison_allocator, reference, rel_err
 
@@ -129,10 +129,14 @@ def test_the_id_check_reports_bad_ids_and_poisons_the_output():
 
 
 def test_the_plan_takes_it_at_few_rows():
+    """Dense and 1:4 weights up to GEMV_MAX_ROWS rows, 1:10 (5%) weights up to GEMV_SPARSE_ROWS: the default call is
+    the few-token path's, bit for bit, and agrees with the GEMM path."""
     wgu, wd = make_weights(16, 512, 256, "cuda")
-    for T, k in ((1, 2), (GEMV_MAX_ROWS // 2, 2)):
+    thin = sparse_pair(wgu, wd, (1, 10), 16)
+    for pair, T, k in (((wgu, wd), 1, 2), ((wgu, wd), GEMV_MAX_ROWS // 2, 2),
+                       (sparse_pair(wgu, wd, (1, 4), 16), GEMV_MAX_ROWS // 4, 4), (thin, GEMV_SPARSE_ROWS // 4, 4)):
         x, (ids, w) = make_x(T, 512, "cuda"), make_routing(T, 16, k, "cuda")
-        auto = hg.fused_moe(x, ids, w, wgu, wd)
-        off = hg.fused_moe(x, ids, w, wgu, wd, config=hg.LaunchConfig(gemv=False))
+        auto = hg.fused_moe(x, ids, w, *pair)
+        off = hg.fused_moe(x, ids, w, *pair, config=hg.LaunchConfig(gemv=False))
         assert rel_err(auto, off) < TOL
-        assert torch.equal(auto, hg.fused_moe(x, ids, w, wgu, wd, config=GEMV))
+        assert torch.equal(auto, hg.fused_moe(x, ids, w, *pair, config=GEMV))
