@@ -51,6 +51,8 @@ def _check_gemv(p, T, k, H, F, gu, dn, names):
         assert g.ctas_per_row * g.units_per_cta >= units > (g.ctas_per_row - 1) * g.units_per_cta
         staged = 2 * (K if proj == "gateup" else k * F) if fmt.sparse else 0  # Block N:M: the activations
         assert g.grid == rows * g.ctas_per_row and g.smem == staged + 4 * g.units_per_cta * per_unit * g.segments
+        if proj == "down" and chunks >= plan.GEMV_DOWN_CAP_CHUNKS:  # long rows: at most the resident CTAs
+            assert g.grid <= max(T, plan.GEMV_DOWN_CTAS_PER_SM * SMS)
         assert g.smem <= plan.SMEM_LIMIT
 
 
@@ -293,6 +295,13 @@ def test_the_few_token_path_runs_where_it_measured_faster_or_as_told():
     sdn = WeightFormat(True, 3, kept=12, bw_log2=4, panels=16)
     one = plan_moe(1, 8, 128, 2048, 768, qgu, qdn, "silu", True, SMS)
     assert [g.kernel for g in one.gemv] == ["hare_gemv_gateup", "hare_gemv_down"]
+    # the dense down rows (96 chunks) take at most the resident CTAs; 1:10 rows (5 chunks) keep the waves
+    assert one.gemv[1].grid <= plan.GEMV_DOWN_CTAS_PER_SM * SMS < plan.gemv_launch(
+        "d", 1, 2048, 8, plan.gemv_chunks(qdn, 768), 0, SMS).grid
+    thin = WeightFormat(True, 2, kept=5, bw_log2=4, panels=16)
+    assert plan.gemv_chunks(thin, 768) < plan.GEMV_DOWN_CAP_CHUNKS
+    assert plan_moe(1, 8, 128, 2048, 768, qgu, thin, "silu", True, SMS, LaunchConfig(gemv=True)).gemv[1] == \
+        plan.gemv_launch("hare_gemv_down_sp", 1, 2048, 8, 5, 2 * 8 * 768, SMS)
     assert plan_moe(1, 8, 128, 2048, 768, sgu, sdn, "silu", True, SMS).gemv[1].kernel == "hare_gemv_down_sp"
     assert plan_moe(2, 8, 128, 2048, 768, qgu, qdn, "silu", True, SMS).gemv is None  # 16 rows
     thin_gu = WeightFormat(True, 4, kept=13, bw_log2=4, panels=12)  # 1:10 of 2048 columns (5%): 13 of 128 blocks

@@ -57,6 +57,11 @@ GEMV_THREADS = 256
 GEMV_CHUNKS_PER_LANE = 8  # 16-byte chunks of a weight row per lane (kGemvBatch), before more lanes share it
 GEMV_WAVES, GEMV_MAX_ITEMS = 16, 8  # above GEMV_WAVES CTAs per SM, a group takes up to GEMV_MAX_ITEMS items
 GEMV_MAX_TOP_K = 64  # kGemvMaxTopK
+# The down kernel's grid is at most GEMV_DOWN_CTAS_PER_SM resident CTAs an SM (its launch bounds) where its weight
+# rows are at least GEMV_DOWN_CAP_CHUNKS 16-byte chunks, the rest of its units taken by more items per group: one
+# wave then pays the chain after the grid dependency wait once (dense down at one token 1.07-1.09x faster; on
+# shorter Block N:M rows it measured 2-5% slower: bench/results/decode/gemv_down_grid_ab_h200/).
+GEMV_DOWN_CTAS_PER_SM, GEMV_DOWN_CAP_CHUNKS = 3, 32
 GEMV_MAX_ROWS, GEMV_MAX_EXPERT = 8, 32 << 20
 GEMV_SPARSE_ROWS, GEMV_SPARSE_KEPT = 32, 1 / 8
 SMALL_KERNELS = ("hare_layout_count", "hare_layout_scatter", "hare_combine",
@@ -315,11 +320,12 @@ class GemvLaunch:
 
 
 def gemv_launch(kernel: str, rows: int, units: int, rows_per_unit: int, chunks_per_row: int, staged: int,
-                num_sms: int) -> GemvLaunch:
+                num_sms: int, max_ctas: int | None = None) -> GemvLaunch:
     """`rows` x `units` units of `rows_per_unit` weight rows of `chunks_per_row` 16-byte chunks, each CTA first
     staging `staged` bytes of activations (Block N:M): lanes per group and segments per row so that a lane reads
     about GEMV_CHUNKS_PER_LANE chunks (one batch of loads), units per CTA so that each group takes one item, more
-    (items per group) where the grid would be many waves or a CTA would stage more than it reads of weights."""
+    (items per group) where the grid would be many waves, past max_ctas, or a CTA would stage more than it reads
+    of weights."""
     lanes = 1
     while lanes < 32 and lanes * GEMV_CHUNKS_PER_LANE < chunks_per_row:
         lanes *= 2
@@ -328,6 +334,8 @@ def gemv_launch(kernel: str, rows: int, units: int, rows_per_unit: int, chunks_p
     per_cta = max(1, groups // (rows_per_unit * segments))
     per_cta *= max(1, min(GEMV_MAX_ITEMS, rows * -(-units // per_cta) // (GEMV_WAVES * num_sms)))
     per_cta = min(units, max(per_cta, -(-staged // (16 * rows_per_unit * chunks_per_row))))
+    if max_ctas is not None and rows * -(-units // per_cta) > max_ctas:
+        per_cta = min(units, max(per_cta, -(-units // max(1, max_ctas // rows))))
     ctas = -(-units // per_cta)
     return GemvLaunch(kernel, rows * ctas, staged + 4 * per_cta * rows_per_unit * segments, lanes.bit_length() - 1,
                       segments, per_cta, ctas)
@@ -493,7 +501,8 @@ def plan_gemv(T: int, k: int, H: int, F: int, gate_up: "WeightFormat", down: "We
     staged = lambda fmt, n: 2 * n if fmt.sparse else 0  # noqa: E731 (bf16 activations in shared memory)
     launches = (gemv_launch(f"hare_gemv_gateup{sfx(gate_up)}", T * k, F, 2, gemv_chunks(gate_up, H),
                             staged(gate_up, H), num_sms),
-                gemv_launch(f"hare_gemv_down{sfx(down)}", T, H, k, gemv_chunks(down, F), staged(down, k * F), num_sms))
+                gemv_launch(f"hare_gemv_down{sfx(down)}", T, H, k, gemv_chunks(down, F), staged(down, k * F), num_sms,
+                            GEMV_DOWN_CTAS_PER_SM * num_sms if gemv_chunks(down, F) >= GEMV_DOWN_CAP_CHUNKS else None))
     fits = k <= GEMV_MAX_TOP_K and max(g.smem for g in launches) <= SMEM_LIMIT
     want = config.gemv
     if want is None:
