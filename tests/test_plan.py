@@ -287,6 +287,9 @@ def test_param_structs_pack_to_their_c_layout():
     header = plan.generated_sources()["hare_params.cuh"]
     for s in plan.PARAM_STRUCTS:
         assert f"struct {s.name} {{" in header and all(f" {name};" in header for _, name, _ in s.fields)
+    for name, value in (("kGemvThreads", plan.GEMV_THREADS), ("kGemvBatch", plan.GEMV_CHUNKS_PER_LANE),
+                        ("kGemvMaxTopK", plan.GEMV_MAX_TOP_K)):  # the few-token kernels' sizes, from the plan
+        assert f"constexpr int {name} = {value};" in header
 
 
 def test_the_few_token_path_runs_where_it_measured_faster_or_as_told():

@@ -54,9 +54,9 @@ DECODE_MIN_ROWS, DECODE_MAX_ROWS = 32, 128
 # the CUDA cores a byte permute each); elsewhere when LaunchConfig.gemv asks.
 GEMV_KERNELS = tuple(f"hare_gemv_{proj}{sfx}" for proj in ("gateup", "down") for sfx in ("", "_sp"))
 GEMV_THREADS = 256
-GEMV_CHUNKS_PER_LANE = 8  # 16-byte chunks of a weight row per lane (kGemvBatch), before more lanes share it
+GEMV_CHUNKS_PER_LANE = 8  # 16-byte chunks of a weight row per lane (kGemvBatch, generated), before more lanes share it
 GEMV_WAVES, GEMV_MAX_ITEMS = 16, 8  # above GEMV_WAVES CTAs per SM, a group takes up to GEMV_MAX_ITEMS items
-GEMV_MAX_TOP_K = 64  # kGemvMaxTopK
+GEMV_MAX_TOP_K = 64  # the down kernel's slots in shared memory (kGemvMaxTopK, generated)
 # The down kernel's grid is at most GEMV_DOWN_CTAS_PER_SM resident CTAs an SM (its launch bounds) where its weight
 # rows are at least GEMV_DOWN_CAP_CHUNKS 16-byte chunks, the rest of its units taken by more items per group: one
 # wave then pays the chain after the grid dependency wait once (dense down at one token 1.07-1.09x faster; on
@@ -672,7 +672,11 @@ def generated_sources() -> dict[str, str]:
     """The C++ that _build generates from the tables above: the argument structs, every GEMM entry point and the
     split gate/up combine of every gated unit (HARE_SMALL_KERNEL: hare_kernels.cu)."""
     enum = ", ".join(f"{e} = {i}" for i, (_, e) in enumerate(GATE_UP_UNITS.values()))
-    params = f"enum Activation : int {{ {enum} }};\n\n" + "\n\n".join(s.cpp() for s in PARAM_STRUCTS)
+    consts = (f"// the few-token path's (csrc/gemv.cuh), as the plan sizes its launches\n"
+              f"constexpr int kGemvThreads = {GEMV_THREADS};\nconstexpr int kGemvBatch = {GEMV_CHUNKS_PER_LANE};  "
+              f"// chunks in flight per lane\nconstexpr int kGemvMaxTopK = {GEMV_MAX_TOP_K};  // the down kernel's "
+              f"shared slots\n\n")
+    params = f"enum Activation : int {{ {enum} }};\n\n" + consts + "\n\n".join(s.cpp() for s in PARAM_STRUCTS)
     entries = []
     for proj, epi, kind, n in gemm_variants():
         proj_enum, epi_enums = GEMM_VARIANTS[proj]

@@ -28,9 +28,7 @@
 
 namespace hare {
 
-constexpr int kGemvThreads = 256;
-constexpr int kGemvBatch = 8;  // chunks in flight per lane
-constexpr int kGemvMaxTopK = 64;  // top-k of the down kernel's shared slots (the plan checks)
+// kGemvThreads, kGemvBatch and kGemvMaxTopK come with the plan (hare_params.cuh).
 
 __device__ __forceinline__ uint4 ld_stream_16(const void* p) {  // read once: do not keep in L1
   uint4 v;
