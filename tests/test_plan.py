@@ -298,17 +298,16 @@ def test_the_few_token_path_runs_where_it_measured_faster_or_as_told():
     sdn = WeightFormat(True, 3, kept=12, bw_log2=4, panels=16)
     one = plan_moe(1, 8, 128, 2048, 768, qgu, qdn, "silu", True, SMS)
     assert [g.kernel for g in one.gemv] == ["hare_gemv_gateup", "hare_gemv_down"]
-    # the dense down rows (96 chunks) take at most the resident CTAs; 1:10 rows (5 chunks) keep the waves
+    thin_gu = WeightFormat(True, 4, kept=13, bw_log2=4, panels=12)  # 1:10 of 2048 columns (5%): 13 of 128 blocks
+    thin_dn = WeightFormat(True, 2, kept=5, bw_log2=4, panels=16)  # of 768: 5 of 48
+    # the dense down rows (96 chunks) take at most the resident CTAs; 1:10 rows (5 chunks) keep their waves
     assert one.gemv[1].grid <= plan.GEMV_DOWN_CTAS_PER_SM * SMS < plan.gemv_launch(
-        "d", 1, 2048, 8, plan.gemv_chunks(qdn, 768), 0, SMS).grid
-    thin = WeightFormat(True, 2, kept=5, bw_log2=4, panels=16)
-    assert plan.gemv_chunks(thin, 768) < plan.GEMV_DOWN_CAP_CHUNKS
-    assert plan_moe(1, 8, 128, 2048, 768, qgu, thin, "silu", True, SMS, LaunchConfig(gemv=True)).gemv[1] == \
+        "hare_gemv_down", 1, 2048, 8, plan.gemv_chunks(qdn, 768), 0, SMS).grid
+    assert plan.gemv_chunks(thin_dn, 768) < plan.GEMV_DOWN_CAP_CHUNKS
+    assert plan_moe(1, 8, 128, 2048, 768, qgu, thin_dn, "silu", True, SMS, LaunchConfig(gemv=True)).gemv[1] == \
         plan.gemv_launch("hare_gemv_down_sp", 1, 2048, 8, 5, 2 * 8 * 768, SMS)
     assert plan_moe(1, 8, 128, 2048, 768, sgu, sdn, "silu", True, SMS).gemv[1].kernel == "hare_gemv_down_sp"
     assert plan_moe(2, 8, 128, 2048, 768, qgu, qdn, "silu", True, SMS).gemv is None  # 16 rows
-    thin_gu = WeightFormat(True, 4, kept=13, bw_log2=4, panels=12)  # 1:10 of 2048 columns (5%): 13 of 128 blocks
-    thin_dn = WeightFormat(True, 2, kept=5, bw_log2=4, panels=16)  # of 768: 5 of 48
     for T, gu, dn, few in ((4, thin_gu, thin_dn, True), (5, thin_gu, thin_dn, False),  # 32 rows, 40 rows
                            (4, thin_gu, sdn, False), (4, sgu, thin_dn, False), (4, thin_gu, qdn, False)):
         assert (plan_moe(T, 8, 128, 2048, 768, gu, dn, "silu", True, SMS).gemv is not None) == few

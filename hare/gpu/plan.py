@@ -499,10 +499,11 @@ def plan_gemv(T: int, k: int, H: int, F: int, gate_up: "WeightFormat", down: "We
     GEMV_MAX_TOP_K, and on Block N:M weights the activations a CTA stages must fit its shared memory."""
     sfx = lambda fmt: "_sp" if fmt.sparse else ""  # noqa: E731
     staged = lambda fmt, n: 2 * n if fmt.sparse else 0  # noqa: E731 (bf16 activations in shared memory)
+    down_chunks = gemv_chunks(down, F)
     launches = (gemv_launch(f"hare_gemv_gateup{sfx(gate_up)}", T * k, F, 2, gemv_chunks(gate_up, H),
                             staged(gate_up, H), num_sms),
-                gemv_launch(f"hare_gemv_down{sfx(down)}", T, H, k, gemv_chunks(down, F), staged(down, k * F), num_sms,
-                            GEMV_DOWN_CTAS_PER_SM * num_sms if gemv_chunks(down, F) >= GEMV_DOWN_CAP_CHUNKS else None))
+                gemv_launch(f"hare_gemv_down{sfx(down)}", T, H, k, down_chunks, staged(down, k * F), num_sms,
+                            GEMV_DOWN_CTAS_PER_SM * num_sms if down_chunks >= GEMV_DOWN_CAP_CHUNKS else None))
     fits = k <= GEMV_MAX_TOP_K and max(g.smem for g in launches) <= SMEM_LIMIT
     want = config.gemv
     if want is None:
