@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import statistics
+import time
 
 import torch
 
 import hare.gpu as hg
-from hare.bench.common import write_results
+from hare.bench.common import results, save_progress
 from hare.bench.shapes import MODEL_SHAPES
 from hare.bench.toolkit import Timer, make_case, make_weights, sparsify_experts
 
@@ -110,7 +112,8 @@ def main(argv=None):
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     timer = Timer(dev)
-    records = []
+    result = results(dev, {}, [], bench="profile_layer", wall_s=0.0)  # rewritten after each case: a cut run keeps
+    records, t_start = result["records"], time.perf_counter()
     for shape in args.shapes:
         H, F, E, k = MODEL_SHAPES[shape]
         dense = make_weights(E, H, F, dev, gen)
@@ -139,7 +142,8 @@ def main(argv=None):
                       + " ".join(f"{n.removeprefix('hare_')} {t:.1f}" for n, t in kernels.items()), flush=True)
                 if marks:
                     print("    timeline " + " ".join(f"{k.removesuffix('_us')} {v:.1f}" for k, v in marks.items()))
-    write_results(dev, {"cases": len(records)}, records, args.out, bench="profile_layer")
+                save_progress(result, {"cases": len(records)}, t_start, args.out)
+    print(json.dumps({"cases": len(records)}))
 
 
 if __name__ == "__main__":
