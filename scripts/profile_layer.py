@@ -112,7 +112,7 @@ def main(argv=None):
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     timer = Timer(dev)
-    result = results(dev, {}, [], bench="profile_layer", wall_s=0.0)  # rewritten after each case: a cut run keeps
+    result = results(dev, {}, [], bench="profile_layer", wall_s=0.0)  # saved after each case (save_progress)
     records, t_start = result["records"], time.perf_counter()
     for shape in args.shapes:
         H, F, E, k = MODEL_SHAPES[shape]
